@@ -1,0 +1,330 @@
+"""Typed view of params.yaml: one frozen dataclass per section, mirroring the file one to one.
+
+This is the only module that knows the YAML layout. Loading rejects unknown keys and wrong
+types by their dotted name, coerces the numeric strings PyYAML produces for YAML 1.1
+(`lr: 5e-4` reads as the string "5e-4"), and checks ranges and cross-field rules in one place
+(`Params.check`). Every field carries its help text; `python -m pipeline.config --help-params`
+prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import yaml
+
+from pipeline.common import PipelineError, stage_command
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def opt(default: Any, help: str, **bounds: float) -> Any:
+    """A dataclass field with help text and optional numeric bounds (ge, gt, le, lt)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = opt("gpt2", "Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, any causal LM) or a local directory "
+                            "saved with save_pretrained. Ignored for weights when from_scratch is true.")
+    revision: str = opt("main", "Hub revision (branch, tag or commit) of the model and tokenizer; the resolved "
+                                "commit is recorded in models/base/provenance.json.")
+    tokenizer: str | None = opt(None, "Tokenizer Hub id or local directory; null means the same as name.")
+    from_scratch: bool = opt(False, "Build a fresh GPT-2 from GPT2Config() + config_overrides (seeded) instead "
+                                    "of loading pretrained weights, as run_clm's --config_overrides.")
+    config_overrides: dict[str, Any] = opt({}, "GPT2Config fields for from_scratch, e.g. {n_layer: 4, n_embd: 128, "
+                                               "n_head: 4, n_positions: 256}.")
+    trust_remote_code: bool = opt(False, "Allow model code from the Hub to run. Off unless you trust the repo.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = opt("Salesforce/wikitext", "Hub dataset id, or a local .txt/.jsonl/.json/.csv/.parquet file, "
+                                              "directory or glob.")
+    config: str | None = opt("wikitext-2-raw-v1", "Hub dataset config name (null if it has none).")
+    revision: str | None = opt(None, "Hub dataset revision (branch, tag or commit); null means the default branch. "
+                                     "The resolved commit is recorded in data/raw/provenance.json.")
+    train_split: str = opt("train", "Split used for training.")
+    validation_split: str | None = opt("validation", "The dataset's own validation split, used when it exists; "
+                                                     "otherwise preprocess.val_fraction is split off train.")
+    text_column: str = opt("text", "Column holding the text.")
+    txt_sample_by: Literal["document", "paragraph", "line"] = opt(
+        "document", "For local .txt files: one document per file, per blank-line paragraph, or per line.")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    block_size: int = opt(1024, "Tokens per training block; at most the model's n_positions.", ge=2)
+    add_eos: bool = opt(True, "Append the EOS token after every document before concatenating, so the model "
+                              "learns where texts end. Off for corpora whose rows are lines of one stream.")
+    remainder: Literal["drop", "pad"] = opt(
+        "drop", "The tail shorter than block_size: drop it (run_clm) or pad it with EOS, its padding "
+                "excluded from the loss (labels -100).")
+    val_fraction: float = opt(0.05, "Fraction of documents split off (seeded) for validation when the dataset "
+                                    "has no validation split.", gt=0.0, lt=1.0)
+    num_proc: int = opt(1, "Processes for tokenization (datasets.map num_proc).", ge=1)
+    batch_size: int = opt(1000, "Documents per datasets.map batch.", ge=1)
+
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = opt(3.0, "Training epochs (num_train_epochs); may be fractional.", gt=0.0)
+    max_steps: int = opt(-1, "If > 0, train exactly this many optimizer steps and ignore epochs.", ge=-1)
+    per_device_train_batch_size: int = opt(8, "Blocks per device per forward pass.", ge=1)
+    per_device_eval_batch_size: int = opt(8, "Blocks per device per forward pass in in-training evaluation.", ge=1)
+    gradient_accumulation_steps: int = opt(1, "Forward passes per optimizer step. Effective batch = per-device "
+                                              "batch x accumulation x devices.", ge=1)
+    optimizer: Literal[OPTIMIZERS] = opt("adamw_torch", "Trainer optim name.")  # type: ignore[valid-type]
+    lr_scheduler: Literal[SCHEDULERS] = opt("linear", "Learning-rate schedule (Trainer lr_scheduler_type).")  # type: ignore[valid-type]
+    warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0.0)
+    adam_beta1: float = opt(0.9, "Adam beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = opt(0.999, "Adam beta2.", ge=0.0, lt=1.0)
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.", gt=0.0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "auto: bf16 where the device runs it natively (CUDA >= 8.0, CPU with AMX/AVX512-BF16), fp16 "
+                "with loss scaling on older GPUs, else fp32. An explicit choice the device cannot run is an error.")
+    logging_steps: int = opt(10, "Log training loss and learning rate every N optimizer steps.", ge=1)
+    eval_steps: int = opt(200, "Evaluate on the validation blocks every N steps (0: only at the end).", ge=0)
+    save_steps: int = opt(200, "Write a resumable checkpoint every N steps.", ge=1)
+    save_total_limit: int = opt(2, "Checkpoints kept on disk (oldest deleted).", ge=1)
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = opt(8, "Blocks per forward pass when evaluating.", ge=1)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompts: list[str] = opt(["The meaning of life is"], "Prompts to continue.")
+    max_new_tokens: int = opt(64, "Tokens generated per sample.", ge=1)
+    do_sample: bool = opt(True, "Sample (true) or greedy decode (false).")
+    temperature: float = opt(0.8, "Sampling temperature.", gt=0.0)
+    top_k: int = opt(50, "Keep the k most likely tokens (0 disables).", ge=0)
+    top_p: float = opt(0.95, "Nucleus sampling mass.", gt=0.0, le=1.0)
+    num_return_sequences: int = opt(2, "Samples per prompt.", ge=1)
+    seed: int = opt(1234, "Sampling seed; the same seed gives the same samples.", ge=0)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = opt(42, "One seed for model init (from scratch), data split, data order and dropout.", ge=0)
+    lr: float = opt(5e-5, "Peak learning rate (top level so `dvc exp run -S lr=5e-4` works).", gt=0.0)
+    model: ModelConfig = opt(ModelConfig(), "Base model and tokenizer.")
+    data: DataConfig = opt(DataConfig(), "Raw dataset source.")
+    preprocess: PreprocessConfig = opt(PreprocessConfig(), "Tokenize, add EOS, chunk and split.")
+    train: TrainConfig = opt(TrainConfig(), "Fine-tuning hyperparameters (Hugging Face Trainer).")
+    evaluate: EvaluateConfig = opt(EvaluateConfig(), "Base vs fine-tuned evaluation.")
+    generate: GenerateConfig = opt(GenerateConfig(), "Sampling from the fine-tuned model.")
+
+    def check(self) -> None:
+        """Cross-field rules, all in one place."""
+        if self.model.from_scratch and self.model.config_overrides.get("n_head") and self.model.config_overrides.get("n_embd"):
+            n_embd, n_head = self.model.config_overrides["n_embd"], self.model.config_overrides["n_head"]
+            if n_embd % n_head:
+                fail("model.config_overrides", f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        if not self.model.from_scratch and self.model.config_overrides:
+            fail("model.config_overrides", "is only used with model.from_scratch: true; remove it or set from_scratch")
+        n_positions = self.model.config_overrides.get("n_positions")
+        if self.model.from_scratch and n_positions is not None and self.preprocess.block_size > n_positions:
+            fail("preprocess.block_size", f"({self.preprocess.block_size}) exceeds model.config_overrides.n_positions "
+                                          f"({n_positions}); lower block_size or raise n_positions")
+        if self.train.warmup_steps and self.train.max_steps > 0 and self.train.warmup_steps > self.train.max_steps:
+            fail("train.warmup_steps", f"({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})")
+        if not self.generate.do_sample and self.generate.num_return_sequences > 1:
+            fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy decoding gives one answer)")
+
+
+def fail(key: str, problem: str) -> typing.NoReturn:
+    """A params error: names the key and what to change."""
+    raise PipelineError(f"params: {key} {problem} (fix it in params.yaml or your -S override)")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            fail(key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(key, f"must be a mapping of {tp.__name__} keys; got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(key, f"must be a list of strings; got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail(key, f"must be a mapping; got {value!r}")
+        return {str(k): _scalar(v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(key, f"must be true or false; got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            fail(key, f"must be a non-empty string; got {value!r}")
+        return value
+    if tp in (int, float):
+        return _number(value, tp, key)
+    raise TypeError(f"unsupported type {tp} for {key}")  # a bug in this module, not user input
+
+
+def _number(value: Any, tp: type, key: str) -> int | float:
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        fail(key, f"must be a number; got {value!r}")
+    if tp is int:
+        if value != int(value):
+            fail(key, f"must be a whole number; got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _scalar(value: Any, key: str) -> Any:
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        number = _number(value, float, key)
+        return int(number) if value.strip().lstrip("+-").isdigit() else number
+    if not isinstance(value, (str, int, float, bool)):
+        fail(key, f"must be a string, number or boolean; got {value!r}")
+    return value
+
+
+def _check_bounds(value: Any, meta: dict, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for name, ok, word in (("ge", value >= meta.get("ge", -math.inf), ">="), ("gt", value > meta.get("gt", -math.inf), ">"),
+                           ("le", value <= meta.get("le", math.inf), "<="), ("lt", value < meta.get("lt", math.inf), "<")):
+        if name in meta and not ok:
+            fail(key, f"must be {word} {meta[name]}; got {value}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        fail(prefix + str(unknown[0]), f"is not a known parameter; {hint}known keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        values[name] = _coerce(raw[name], hints[name], key)
+        _check_bounds(values[name], dict(f.metadata), key)
+    return cls(**values)
+
+
+def from_dict(raw: dict) -> Params:
+    """Validate a params mapping (as read from YAML) into Params."""
+    if not isinstance(raw, dict):
+        raise PipelineError("params: the file must be a YAML mapping of sections (seed, lr, model, data, ...)")
+    params = _build(Params, raw)
+    params.check()
+    return params
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"params: {path} is not valid YAML{where}; fix the syntax") from None
+    return from_dict(raw or {})
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge an override mapping (e.g. a recipe under examples/) onto a params mapping."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "config_overrides" else v
+    return out
+
+
+def set_args(override: dict, prefix: str = "") -> list[str]:
+    """`-S key=value` arguments for `dvc exp run` equivalent to an override mapping."""
+    args = []
+    for k, v in override.items():
+        if isinstance(v, dict) and v and k != "config_overrides":
+            args += set_args(v, f"{prefix}{k}.")
+        else:
+            args += ["-S", f"{prefix}{k}={yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"]
+    return args
+
+
+def help_lines(cls: type = Params, prefix: str = "") -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            lines += help_lines(type(default), prefix + f.name + ".")
+        else:
+            lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata['help']}")
+    return lines
+
+
+@stage_command
+@click.option("--params", "params_path", default=str(PARAMS_FILE), show_default=True, help="Params file to check.")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), help="Print this override file as `dvc exp run -S` arguments.")
+@click.option("--help-params", is_flag=True, help="Print every parameter with its default and help.")
+def main(params_path: str, recipe: str | None, help_params: bool) -> None:
+    """Validate params.yaml (and an optional recipe override), or describe every parameter."""
+    if help_params:
+        click.echo("\n".join(help_lines()))
+        return
+    raw = yaml.safe_load(Path(params_path).read_text()) if Path(params_path).exists() else None
+    if recipe:
+        override = yaml.safe_load(Path(recipe).read_text()) or {}
+        from_dict(merge(raw or {}, override))
+        click.echo(" ".join(_shell_quote(a) for a in set_args(override)))
+        return
+    load_params(params_path)
+    click.echo(f"{params_path}: ok", err=True)
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+    return shlex.quote(arg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

