@@ -133,6 +133,7 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     import datasets
 
     params = load_params(params_path)
+    datasets.disable_caching()  # map() would otherwise write cache files into data/raw, another stage's output
     if not (raw_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{raw_dir} is not a saved dataset; run the download stage first (dvc repro download)")
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)

@@ -19,11 +19,13 @@ from typing import Any
 import click
 
 from pipeline.common import (keep_freed_memory, PipelineError, atomic_dir, collate_blocks, digest, is_main_process, load_model, load_tokenizer, remove,
-                             resolve_precision, stage_command, write_json)
+                             resolve_precision, stage_command, write_json, write_text)
 from pipeline.config import Params, load_params
 
 log = logging.getLogger("pipeline.train")
 FINGERPRINT = "fingerprint.json"
+NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos",
+               "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
 def training_arguments(params: Params, precision: str, checkpoints: Path) -> Any:
@@ -82,10 +84,15 @@ def dvclive_callback(live_dir: Path, resume: bool) -> Any:
     from transformers.integrations import DVCLiveCallback
 
     class StepCallback(DVCLiveCallback):
-        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            # "loss" is the per-step training loss: plot it as train/loss beside eval/loss; the end-of-run
+            # summary (mean train_loss, runtimes) goes to metrics/train.json instead of the plots
+            logs = {("train_loss" if k == "loss" else k): v for k, v in (logs or {}).items() if k not in NOT_PLOTTED}
+            if not logs:
+                return
             if self.live is not None:
                 self.live.step = state.global_step  # train and eval rows line up on the same x axis
-            super().on_log(args, state, control, **kwargs)
+            super().on_log(args, state, control, logs=logs, **kwargs)
 
     live = Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False) if is_main_process() else None
     return StepCallback(live=live)
@@ -142,6 +149,8 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     if trainer.is_world_process_zero():
         with atomic_dir(out) as tmp:
             trainer.save_model(str(tmp))  # safetensors, with the tokenizer (processing_class)
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; keep the directory pickle-free
+            write_text(tmp / "training_args.json", args.to_json_string())
     return metrics
 
 

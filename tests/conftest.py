@@ -1,0 +1,102 @@
+"""Shared fixtures: everything offline, on a tiny GPT-2 built from a config with GPT-2's real
+vocabulary, and on the small corpus in tests/fixtures/corpus (written for these tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
+                  TOKENIZERS_PARALLELISM="false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+
+# A 2-layer, 32-wide GPT-2 on 32-token blocks: seconds per stage on 2 CPU cores.
+TINY = {
+    "lr": 5.0e-3,
+    "model": {"name": "tiny-gpt2", "tokenizer": "assets/gpt2-tokenizer", "from_scratch": True,
+              "config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}},
+    "data": {"dataset": "assets/corpus", "config": None},
+    "preprocess": {"block_size": 32, "add_eos": True, "val_fraction": 0.25},
+    "train": {"epochs": 1, "max_steps": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+              "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "precision": "fp32"},
+    "evaluate": {"batch_size": 8},
+    "generate": {"prompts": ["The river", "A game of chess"], "max_new_tokens": 8, "num_return_sequences": 2},
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the datasets/transformers cache of the tests out of the user's ~/.cache."""
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.demo import write_gpt2_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer") / "gpt2-tokenizer"
+    write_gpt2_tokenizer(out)
+    return out
+
+
+@pytest.fixture
+def project(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with the tiny params.yaml and the assets it names; the test runs there."""
+    from pipeline.config import merge
+
+    shutil.copytree(tokenizer_dir, tmp_path / "assets/gpt2-tokenizer")
+    shutil.copytree(CORPUS, tmp_path / "assets/corpus")
+    write_params(tmp_path, {})
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(directory: Path, overrides: dict) -> Path:
+    """params.yaml = the project's params.yaml + TINY + overrides."""
+    from pipeline.config import merge
+
+    params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), overrides)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage(stage: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline.<stage> args...` as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A directory where download, preprocess and train have run once on the tiny params (in process)."""
+    from pipeline.config import load_params
+    from pipeline.download import save_base, save_raw
+    from pipeline.preprocess import main as preprocess_main
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("outputs")
+    shutil.copytree(tokenizer_dir, root / "assets/gpt2-tokenizer")
+    shutil.copytree(CORPUS, root / "assets/corpus")
+    write_params(root, {})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = load_params("params.yaml")
+        save_raw(params.data, Path("data/raw"))
+        save_base(params.model, params.seed, Path("models/base"))
+        preprocess_main.main([], standalone_mode=False)
+        train(params, Path("data/processed"), Path("models/base"), Path("models/finetuned"), Path("checkpoints"),
+              Path("dvclive"))
+    finally:
+        os.chdir(cwd)
+    return root

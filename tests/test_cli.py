@@ -1,0 +1,96 @@
+"""Every stage through its CLI: --help, and each bad input as one clear line, exit 2, no traceback,
+no partial output."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_stage, write_params
+
+STAGES = ["download", "preprocess", "train", "evaluate", "generate"]
+OUTPUTS = ["data/raw", "models/base", "data/processed", "metrics", "models/finetuned", "outputs", "checkpoints"]
+
+
+@pytest.mark.parametrize("stage", STAGES + ["config", "demo"])
+def test_help(stage):
+    result = run_stage(stage, "--help")
+    assert result.returncode == 0 and "Usage:" in result.stdout
+    assert ("--workdir" if stage == "demo" else "--params") in result.stdout
+
+
+def assert_clean_failure(result, project: Path, message: str, existing: tuple[str, ...] = ()) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for out in OUTPUTS:
+        assert out in existing or not (project / out).exists(), f"{out} was written"
+    assert not list(project.rglob(".*.tmp-*")), "a temporary output was left behind"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lr": "fast"}, "params: lr must be a number; got 'fast'"),
+    ({"train": {"epochs": -1}}, "params: train.epochs must be > 0.0; got -1"),
+    ({"train": {"lr_scheduler": "exponential"}}, "params: train.lr_scheduler must be one of"),
+    ({"train": {"learning_rate": 1e-3}}, "params: train.learning_rate is not a known parameter"),
+    ({"preprocess": {"block_size": 128}}, "preprocess.block_size (128) exceeds model.config_overrides.n_positions (64)"),
+])
+@pytest.mark.parametrize("stage", ["download", "train"])
+def test_bad_params(project, stage, override, message):
+    write_params(project, override)
+    assert_clean_failure(run_stage(stage, cwd=project), project, message)
+
+
+def test_missing_dataset_path(project):
+    write_params(project, {"data": {"dataset": "assets/no-such-corpus/"}})
+    assert_clean_failure(run_stage("download", cwd=project), project, "data.dataset: no data files at")
+
+
+def test_model_directory_without_weights(project):
+    (project / "empty-model").mkdir()
+    (project / "empty-model/config.json").write_text("{}")
+    write_params(project, {"model": {"name": "empty-model", "tokenizer": "assets/gpt2-tokenizer",
+                                     "from_scratch": False, "config_overrides": {}}})
+    result = run_stage("download", cwd=project)
+    assert_clean_failure(result, project, "empty-model has no model weights (*.safetensors)", ("data/raw",))
+
+
+@pytest.fixture
+def downloaded(project):
+    result = run_stage("download", cwd=project)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return project
+
+
+def test_empty_corpus(downloaded):
+    for f in (downloaded / "assets/corpus").glob("*.txt"):
+        f.write_text("")
+    assert run_stage("download", cwd=downloaded).returncode == 0
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded, "empty corpus: the train split has no text",
+                         ("data/raw", "models/base"))
+
+
+def test_unknown_text_column(downloaded):
+    write_params(downloaded, {"data": {"text_column": "body"}})
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
+                         "data.text_column: 'body' is not a column of the dataset; it has text", ("data/raw", "models/base"))
+
+
+def test_block_size_larger_than_the_models_positions(downloaded):
+    # a pretrained model's n_positions is only known from its config: preprocess checks it
+    shutil.copytree(downloaded / "models/base", downloaded / "pretrained")
+    write_params(downloaded, {"model": {"name": "pretrained", "tokenizer": None, "from_scratch": False,
+                                        "config_overrides": {}}, "preprocess": {"block_size": 128}})
+    assert run_stage("download", cwd=downloaded).returncode == 0
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
+                         "preprocess.block_size (128) exceeds the model's n_positions (64); set block_size to at most 64",
+                         ("data/raw", "models/base"))
+
+
+def test_stage_run_before_its_inputs_exist(project):
+    assert_clean_failure(run_stage("train", cwd=project), project, "data/processed is not a processed dataset; run preprocess")
+    assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a processed dataset")
+    assert_clean_failure(run_stage("generate", cwd=project), project, "models/finetuned has no tokenizer")

@@ -1,0 +1,151 @@
+"""pipeline/config.py: params.yaml mirrored one to one, coercion, rejection by name, recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.common import PipelineError
+from pipeline.config import Params, from_dict, help_lines, load_params, merge, set_args
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "examples/recipes").glob("*.yaml"))
+
+
+def project_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def keys(obj: object, prefix: str = "") -> set[str]:
+    out = set()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out |= keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name}
+    return out
+
+
+def flat(mapping: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in mapping.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "config_overrides" else {prefix + k}
+    return out
+
+
+def test_params_yaml_mirrors_the_config_one_to_one():
+    assert flat(project_params()) == keys(Params())
+
+
+def test_params_yaml_is_the_real_job():
+    params = load_params(ROOT / "params.yaml")
+    assert (params.model.name, params.data.dataset, params.data.config) == ("gpt2", "Salesforce/wikitext",
+                                                                          "wikitext-2-raw-v1")
+    assert not params.model.from_scratch and not params.model.trust_remote_code
+
+
+def test_every_parameter_has_help():
+    lines = help_lines()
+    assert len(lines) == len(keys(Params()))
+    assert all(line.split(": ", 1)[1].strip() for line in lines)
+
+
+@pytest.mark.parametrize("text, expected", [("5e-4", 5e-4), ("1E-3", 1e-3), ("0.001", 1e-3), (2, 2.0)])
+def test_numeric_strings_are_coerced(text, expected):
+    # PyYAML reads `lr: 5e-4` (no dot) as the string "5e-4"
+    assert yaml.safe_load("lr: 5e-4")["lr"] == "5e-4"
+    assert from_dict({"lr": text}).lr == pytest.approx(expected)
+
+
+def test_integer_fields_take_whole_numbers_written_as_floats():
+    assert from_dict({"train": {"warmup_steps": "1e3"}}).train.warmup_steps == 1000
+    with pytest.raises(PipelineError, match=r"train.warmup_steps must be a whole number"):
+        from_dict({"train": {"warmup_steps": 2.5}})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"lr": "fast"}, r"params: lr must be a number; got 'fast'"),
+    ({"lr": -1e-4}, r"params: lr must be > 0.0; got -0.0001"),
+    ({"lr": True}, r"params: lr must be a number"),
+    ({"train": {"epochs": -1}}, r"params: train.epochs must be > 0.0; got -1"),
+    ({"train": {"per_device_train_batch_size": 0}}, r"per_device_train_batch_size must be >= 1; got 0"),
+    ({"train": {"lr_scheduler": "exponential"}}, r"train.lr_scheduler must be one of linear, cosine"),
+    ({"train": {"epochz": 3}}, r"train.epochz is not a known parameter; did you mean train.epochs\?"),
+    ({"learning_rate": 1e-3}, r"learning_rate is not a known parameter"),
+    ({"model": {"from_scratch": "yes"}}, r"model.from_scratch must be true or false"),
+    ({"model": "gpt2"}, r"model must be a mapping"),
+    ({"generate": {"prompts": "hello"}}, r"generate.prompts must be a list of strings"),
+    ({"preprocess": {"val_fraction": 1.5}}, r"preprocess.val_fraction must be < 1.0"),
+    ({"generate": {"top_p": 0}}, r"generate.top_p must be > 0.0"),
+    ({"model": {"config_overrides": {"n_layer": 2}}}, r"model.config_overrides is only used with"),
+    ({"model": {"from_scratch": True, "config_overrides": {"n_positions": 64}}, "preprocess": {"block_size": 128}},
+     r"preprocess.block_size \(128\) exceeds model.config_overrides.n_positions \(64\)"),
+    ({"model": {"from_scratch": True, "config_overrides": {"n_embd": 30, "n_head": 4}}}, r"divisible by n_head"),
+])
+def test_bad_params_are_rejected_by_name(raw, message):
+    with pytest.raises(PipelineError, match=message) as error:
+        from_dict(raw)
+    assert "\n" not in str(error.value) and "params.yaml" in str(error.value)
+
+
+def test_unreadable_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("lr: [1,\n")
+    with pytest.raises(PipelineError, match="not valid YAML at line"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+EXPECTED_RECIPES = {
+    "a-gpt2-medium.yaml": dict(model="gpt2-medium", learning_rate=5e-5, per_device_train_batch_size=64,
+                               gradient_accumulation_steps=2, total=128, lr_scheduler_type="linear",
+                               num_train_epochs=20, optim="adamw_torch", precision="auto"),
+    "b-gpt2-cosine-fp16.yaml": dict(model="gpt2", learning_rate=5e-4, per_device_train_batch_size=64,
+                                    per_device_eval_batch_size=64, gradient_accumulation_steps=8, total=512,
+                                    seed=42, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                                    lr_scheduler_type="cosine", warmup_steps=1000, num_train_epochs=20,
+                                    precision="fp16"),
+    "c-gpt2-xl.yaml": dict(model="gpt2-xl", learning_rate=5e-7, per_device_train_batch_size=4,
+                           per_device_eval_batch_size=4, gradient_accumulation_steps=32, total=128,
+                           num_train_epochs=1),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_published_recipes_map_onto_the_trainer(recipe, tmp_path):
+    from pipeline.train import training_arguments
+
+    expected = dict(EXPECTED_RECIPES[recipe.name])
+    params = from_dict(merge(project_params(), yaml.safe_load(recipe.read_text())))
+    # the Trainer is built in fp32 here (no GPU); the requested precision is checked on the params
+    args = training_arguments(params, "fp32", tmp_path)
+    assert params.model.name == expected.pop("model")
+    assert params.train.precision == expected.pop("precision", "auto")
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == expected.pop("total")
+    if "per_device_eval_batch_size" in expected:
+        assert params.evaluate.batch_size == expected["per_device_eval_batch_size"]
+    for name, value in expected.items():
+        actual = getattr(args, name)
+        assert (actual.value if hasattr(actual, "value") else actual) == pytest.approx(value), name
+
+
+def test_recipes_are_complete():
+    assert {p.name for p in RECIPES} == set(EXPECTED_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_set_args_apply_like_dvc(recipe):
+    """`dvc exp run -S key=value` parses each value as YAML and sets it at its dotted key."""
+    override = yaml.safe_load(recipe.read_text())
+    args = set_args(override)
+    params = project_params()
+    for flag, assignment in zip(args[::2], args[1::2]):
+        assert flag == "-S"
+        key, value = assignment.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    assert from_dict(params) == from_dict(merge(project_params(), override))

@@ -1,0 +1,128 @@
+"""pipeline/download.py: base model (seeded from-scratch, local), raw dataset from local files,
+the Hub-unreachable error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.common import PipelineError
+from pipeline.config import DataConfig, ModelConfig
+from pipeline.download import is_local, local_files, load_raw, save_base, save_raw
+from tests.conftest import CORPUS, ROOT, run_stage
+
+
+def tiny_model_config(tokenizer_dir: Path, **overrides) -> ModelConfig:
+    return ModelConfig(name="tiny", tokenizer=str(tokenizer_dir), from_scratch=True,
+                       config_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, **overrides})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_from_scratch_is_seeded(tmp_path, tokenizer_dir):
+    cfg = tiny_model_config(tokenizer_dir)
+    save_base(cfg, 7, tmp_path / "a")
+    save_base(cfg, 7, tmp_path / "b")
+    save_base(cfg, 8, tmp_path / "c")
+    a, b, c = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    provenance = json.loads((tmp_path / "a/provenance.json").read_text())
+    assert provenance["from_scratch"] and provenance["seed"] == 7 and provenance["parameters"] > 50257 * 16
+
+
+def test_from_scratch_uses_the_tokenizer_vocabulary(tmp_path, tokenizer_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    save_base(tiny_model_config(tokenizer_dir), 0, tmp_path / "m")
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert config.vocab_size == len(tokenizer) == 50257
+    assert config.eos_token_id == tokenizer.eos_token_id == 50256
+    assert tokenizer("Hello world").input_ids == [15496, 995]  # the same ids as the Hub's gpt2 tokenizer
+
+
+def test_unknown_config_override_is_rejected(tmp_path, tokenizer_dir):
+    with pytest.raises(PipelineError, match="n_layers is not a GPT2Config field"):
+        save_base(tiny_model_config(tokenizer_dir, n_layers=3), 0, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_local_model_directory_is_copied(tmp_path, tokenizer_dir):
+    save_base(tiny_model_config(tokenizer_dir), 0, tmp_path / "first")
+    save_base(ModelConfig(name=str(tmp_path / "first")), 0, tmp_path / "second")
+    a, b = weights(tmp_path / "first"), weights(tmp_path / "second")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_directory_without_weights(tmp_path, tokenizer_dir):
+    save_base(tiny_model_config(tokenizer_dir), 0, tmp_path / "m")
+    (tmp_path / "m/model.safetensors").unlink()
+    with pytest.raises(PipelineError, match="has no model weights"):
+        save_base(ModelConfig(name=str(tmp_path / "m")), 0, tmp_path / "out")
+    (tmp_path / "m/pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(PipelineError, match="only pickle weights"):
+        save_base(ModelConfig(name=str(tmp_path / "m")), 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, local", [("gpt2", False), ("Salesforce/wikitext", False), ("openai-community/gpt2", False),
+                                         ("./corpus", True), ("/data/x", True), ("data/*.txt", True),
+                                         ("corpus.jsonl", True), ("a/b/c", True)])
+def test_hub_ids_and_paths_are_told_apart(name, local):
+    assert is_local(name) == local
+
+
+def test_txt_directory_one_document_per_file(tmp_path):
+    raw, provenance = load_raw(DataConfig(dataset=str(CORPUS), config=None))
+    assert raw["train"].num_rows == len(list(CORPUS.glob("*.txt")))
+    assert set(provenance["files"]) == {str(p) for p in sorted(CORPUS.glob("*.txt"))}
+    paragraphs, _ = load_raw(DataConfig(dataset=str(CORPUS), config=None, txt_sample_by="paragraph"))
+    assert paragraphs["train"].num_rows > raw["train"].num_rows
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_structured_local_files(tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ["first document", "second document", "third"], "id": [1, 2, 3]})
+    path = tmp_path / f"docs{suffix}"
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    raw, _ = load_raw(DataConfig(dataset=str(path), config=None))
+    assert raw["train"]["text"] == frame["text"].tolist()
+
+
+def test_missing_or_mixed_local_files(tmp_path):
+    with pytest.raises(PipelineError, match="no data files at"):
+        local_files(str(tmp_path / "nothing/*.txt"))
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.csv").write_text("text\nb\n")
+    with pytest.raises(PipelineError, match="mixes or contains unsupported file types"):
+        local_files(str(tmp_path))
+
+
+def test_raw_dataset_is_saved_with_provenance(tmp_path):
+    import datasets
+
+    save_raw(DataConfig(dataset=str(CORPUS), config=None), tmp_path / "raw")
+    assert datasets.load_from_disk(str(tmp_path / "raw"))["train"].num_rows == 8
+    assert json.loads((tmp_path / "raw/provenance.json").read_text())["splits"] == {"train": 8}
+
+
+def test_hub_unreachable_is_one_clear_line(tmp_path):
+    """The default params need the Hub; offline, download says so and names the demo."""
+    result = run_stage("download", "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach the Hugging Face Hub to fetch dataset 'Salesforce/wikitext'")
+    assert "make demo" in last and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+

@@ -1,0 +1,98 @@
+"""pipeline/preprocess.py: EOS between documents, one remainder per split, the split itself."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.preprocess import build_blocks, chunk, split_documents, tokenize
+
+EOS = 50256
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def docs(*texts: str) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": list(texts)})
+
+
+def test_eos_after_every_nonempty_document(tokenizer):
+    tokens = tokenize(docs("Hello world", "", "Hello"), tokenizer, "text", add_eos=True, num_proc=1, batch_size=2)
+    assert tokens["input_ids"] == [[15496, 995, EOS], [], [15496, EOS]]
+    plain = tokenize(docs("Hello world", "Hello"), tokenizer, "text", add_eos=False, num_proc=1, batch_size=2)
+    assert plain["input_ids"] == [[15496, 995], [15496]]
+
+
+def test_tokenize_in_parallel_gives_the_same_ids(tokenizer):
+    texts = [f"document number {i} has some words" for i in range(40)]
+    one = tokenize(docs(*texts), tokenizer, "text", True, num_proc=1, batch_size=7)
+    two = tokenize(docs(*texts), tokenizer, "text", True, num_proc=2, batch_size=7)
+    assert one["input_ids"] == two["input_ids"]
+
+
+def token_lists(*lists: list[int]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"input_ids": list(lists)})
+
+
+def test_chunk_concatenates_across_documents_and_drops_one_remainder():
+    blocks, stats = chunk(token_lists([1, 2, 3], [4, 5], [6, 7, 8, 9], [10]), block_size=4, remainder="drop", pad_id=0)
+    assert blocks["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert blocks["labels"] == blocks["input_ids"]
+    assert stats == {"documents": 4, "tokens": 10, "blocks": 2, "dropped_tokens": 2, "padding_tokens": 0}
+
+
+def test_chunk_pads_the_remainder_outside_the_loss():
+    blocks, stats = chunk(token_lists([1, 2, 3], [4, 5]), block_size=4, remainder="pad", pad_id=EOS)
+    assert blocks["input_ids"] == [[1, 2, 3, 4], [5, EOS, EOS, EOS]]
+    assert blocks["labels"] == [[1, 2, 3, 4], [5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert stats["padding_tokens"] == 3 and stats["dropped_tokens"] == 0
+
+
+def test_chunk_exact_fit_has_no_remainder():
+    blocks, stats = chunk(token_lists([1, 2], [3, 4]), block_size=2, remainder="pad", pad_id=0)
+    assert blocks["input_ids"] == [[1, 2], [3, 4]] and stats["padding_tokens"] == 0
+
+
+def test_split_off_validation_is_seeded_and_disjoint():
+    raw = datasets.DatasetDict({"train": docs(*[f"doc {i}" for i in range(20)])})
+    data = DataConfig(dataset="x", validation_split="validation")
+    a = split_documents(raw, data, val_fraction=0.25, seed=1)
+    b = split_documents(raw, data, val_fraction=0.25, seed=1)
+    c = split_documents(raw, data, val_fraction=0.25, seed=2)
+    assert a["validation"]["text"] == b["validation"]["text"] != c["validation"]["text"]
+    assert len(a["validation"]) == 5 and not set(a["validation"]["text"]) & set(a["train"]["text"])
+
+
+def test_the_datasets_own_validation_and_test_splits_are_used():
+    raw = datasets.DatasetDict({"train": docs("a", "b"), "validation": docs("v"), "test": docs("t")})
+    splits = split_documents(raw, DataConfig(dataset="x"), val_fraction=0.5, seed=0)
+    assert {k: v["text"] for k, v in splits.items()} == {"train": ["a", "b"], "validation": ["v"], "test": ["t"]}
+
+
+def test_unknown_text_column():
+    raw = datasets.DatasetDict({"train": docs("a", "b")})
+    with pytest.raises(PipelineError, match="data.text_column: 'body' is not a column of the dataset; it has text"):
+        split_documents(raw, DataConfig(dataset="x", text_column="body"), 0.5, 0)
+
+
+def test_build_blocks_counts_and_checks(tokenizer):
+    raw = datasets.DatasetDict({"train": docs(*["a few words of text here"] * 12)})
+    cfg = PreprocessConfig(block_size=8, add_eos=True, val_fraction=0.25)
+    processed, stats = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, seed=0)
+    assert set(processed) == {"train", "validation"}
+    assert stats["train"]["documents"] == 9 and stats["validation"]["documents"] == 3
+    per_doc = len(tokenizer("a few words of text here").input_ids) + 1
+    assert stats["train"]["tokens"] == 9 * per_doc
+    assert stats["train"]["blocks"] * 8 + stats["train"]["dropped_tokens"] == stats["train"]["tokens"]
+    with pytest.raises(PipelineError, match=r"block_size \(8\) exceeds the model's n_positions \(4\)"):
+        build_blocks(raw, tokenizer, 4, DataConfig(dataset="x"), cfg, seed=0)
+    with pytest.raises(PipelineError, match="fewer than one block"):
+        build_blocks(raw, tokenizer, 4096, DataConfig(dataset="x"), PreprocessConfig(block_size=4096), seed=0)
+    empty = datasets.DatasetDict({"train": docs("", "", "")})
+    with pytest.raises(PipelineError, match="empty corpus: the train split"):
+        build_blocks(empty, tokenizer, 64, DataConfig(dataset="x"), PreprocessConfig(block_size=8), seed=0)

@@ -1,0 +1,126 @@
+"""pipeline/train.py: a real Trainer run on the tiny model, its metrics, resume safety, determinism."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import PipelineError
+from pipeline.config import load_params
+from pipeline.train import fingerprint, resume_checkpoint, start_fresh, train
+
+
+def test_training_writes_a_loadable_model_and_plots(pipeline_outputs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = pipeline_outputs
+    model = AutoModelForCausalLM.from_pretrained(out / "models/finetuned")
+    assert (out / "models/finetuned/model.safetensors").exists()
+    assert not list((out / "models/finetuned").glob("*.bin"))
+    assert AutoTokenizer.from_pretrained(out / "models/finetuned").eos_token_id == 50256
+    assert model.config.n_layer == 2
+    loss = (out / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
+    eval_loss = (out / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) > 3
+    # rows are logged at the Trainer's global step, so train and eval share the x axis
+    assert [row.split("\t")[0] for row in eval_loss[1:]] == ["4", "8"]
+
+
+def test_training_reduces_the_loss(pipeline_outputs):
+    rows = [float(r.split("\t")[1]) for r in
+            (pipeline_outputs / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert rows[-1] < rows[0] - 0.5
+
+
+def test_run_metrics(pipeline_outputs, tmp_path):
+    params = load_params(pipeline_outputs / "params.yaml")
+    marker = json.loads((pipeline_outputs / "checkpoints/fingerprint.json").read_text())
+    assert (pipeline_outputs / "checkpoints/checkpoint-8").is_dir()
+    assert marker["fingerprint"] == fingerprint(params, pipeline_outputs / "data/processed",
+                                                pipeline_outputs / "models/base")
+
+
+def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs):
+    params = load_params(pipeline_outputs / "params.yaml")
+    data, base = pipeline_outputs / "data/processed", pipeline_outputs / "models/base"
+    same = fingerprint(params, data, base)
+    assert fingerprint(params, data, base) == same
+    assert fingerprint(replace(params, lr=params.lr * 2), data, base) != same
+    assert fingerprint(replace(params, train=replace(params.train, max_steps=9)), data, base) != same
+    assert fingerprint(params, data, pipeline_outputs / "assets") != same
+
+
+def test_checkpoints_of_other_runs_are_not_resumed(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    start_fresh(ckpt, "run-a")
+    (ckpt / "checkpoint-4").mkdir()
+    (ckpt / "checkpoint-4/trainer_state.json").write_text("{}")
+    assert resume_checkpoint(ckpt, "run-a") == str(ckpt / "checkpoint-4")
+    assert resume_checkpoint(ckpt, "run-b") is None
+    start_fresh(ckpt, "run-b")
+    assert not (ckpt / "checkpoint-4").exists()
+
+
+def test_interrupted_run_resumes_to_the_same_model(pipeline_outputs, tmp_path):
+    """Train 4 steps, stop, then train to 8 from the step-4 checkpoint: the same weights as 8 in one go."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    params = load_params(pipeline_outputs / "params.yaml")
+    data, base = pipeline_outputs / "data/processed", pipeline_outputs / "models/base"
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(pipeline_outputs / "checkpoints", ckpt)
+    shutil.rmtree(ckpt / "checkpoint-8")  # as if killed between step 4 and step 8
+    metrics = train(params, data, base, tmp_path / "model", ckpt, tmp_path / "dvclive")
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
+    resumed = load_file(tmp_path / "model/model.safetensors")
+    straight = load_file(pipeline_outputs / "models/finetuned/model.safetensors")
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
+
+
+def test_unsupported_precision_is_an_error_not_a_downgrade(pipeline_outputs, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    params = load_params(pipeline_outputs / "params.yaml")
+    params = replace(params, train=replace(params.train, precision="fp16"))
+    with pytest.raises(PipelineError, match="fp16 needs a CUDA GPU"):
+        train(params, pipeline_outputs / "data/processed", pipeline_outputs / "models/base", tmp_path / "m",
+              tmp_path / "c", tmp_path / "l")
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_summary_is_written_by_the_cli(project):
+    """The CLI path end to end on a fresh directory: download -> preprocess -> train."""
+    from tests.conftest import run_stage
+
+    for stage in ("download", "preprocess", "train"):
+        result = run_stage(stage, cwd=project)
+        assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["steps"] == 8 and metrics["effective_batch_size"] == 4
+    assert metrics["tokens_seen"] == 8 * 4 * 32 and metrics["precision"] == "fp32"
+    assert metrics["tokens_per_second"] > 0 and metrics["eval_loss"] < metrics["train_loss"] + 5
+    data = json.loads((project / "metrics/data.json").read_text())
+    assert data["train"]["blocks"] > 0 and data["block_size"] == 32 and data["add_eos"] is True
+
+
+def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.evaluate import evaluate
+
+    out = pipeline_outputs
+    params = load_params(out / "params.yaml")
+    train(params, out / "data/processed", out / "models/base", tmp_path / "again", tmp_path / "ckpt", tmp_path / "live")
+    first, second = load_file(out / "models/finetuned/model.safetensors"), load_file(tmp_path / "again/model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    args = (out / "data/processed", 8, False)
+    assert evaluate(out / "models/base", out / "models/finetuned", *args) == evaluate(out / "models/base", tmp_path / "again", *args)
