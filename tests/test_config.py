@@ -149,3 +149,9 @@ def test_recipe_set_args_apply_like_dvc(recipe):
             node = node[part]
         node[leaf] = yaml.safe_load(value)
     assert from_dict(params) == from_dict(merge(project_params(), override))
+
+
+def test_readme_documents_every_parameter():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in sorted(keys(Params())) if f"`{key}`" not in readme]
+    assert not missing, f"README.md lacks: {missing}"
