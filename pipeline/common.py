@@ -12,9 +12,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -50,6 +51,10 @@ def stage_command(fn: Callable) -> click.Command:
             sys.exit(130)
 
     return click.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
+
+
+params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,
+                             help="Params file (see `python -m pipeline.config --help-params`).")
 
 
 def is_main_process() -> bool:
@@ -125,7 +130,7 @@ def check_weights(path: Path) -> None:
         raise PipelineError(f"{path} has no model weights (*.safetensors); re-save the model there or re-run download")
 
 
-def load_model(path: Path | str, trust_remote_code: bool = False, dtype: "torch.dtype | None" = None) -> "PreTrainedModel":
+def load_model(path: Path | str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a causal LM from a local directory, safetensors only."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -136,7 +141,7 @@ def load_model(path: Path | str, trust_remote_code: bool = False, dtype: "torch.
                                                 trust_remote_code=trust_remote_code)
 
 
-def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory; GPT-2 has no pad token, so EOS stands in for it."""
     from transformers import AutoTokenizer
 
@@ -151,7 +156,7 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> "PreTra
     return tokenizer
 
 
-def collate_blocks(rows: list[dict]) -> dict[str, "torch.Tensor"]:
+def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Stack equal-length blocks into int64 `input_ids` and `labels` (the loss needs int64 targets)."""
     import torch
 
@@ -160,7 +165,7 @@ def collate_blocks(rows: list[dict]) -> dict[str, "torch.Tensor"]:
 
 # --- device and precision ------------------------------------------------------------------------
 
-def device() -> "torch.device":
+def device() -> torch.device:
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import operator
 import re
+import shlex
 import sys
 import types
 import typing
@@ -23,7 +25,7 @@ from typing import Any, Literal
 import click
 import yaml
 
-from pipeline.common import PipelineError, stage_command
+from pipeline.common import PipelineError, params_option, stage_command
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -139,20 +141,19 @@ class Params:
 
     def check(self) -> None:
         """Cross-field rules, all in one place."""
-        if self.model.from_scratch and self.model.config_overrides.get("n_head") and self.model.config_overrides.get("n_embd"):
-            n_embd, n_head = self.model.config_overrides["n_embd"], self.model.config_overrides["n_head"]
-            if n_embd % n_head:
-                fail("model.config_overrides", f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        if not self.model.from_scratch and self.model.config_overrides:
+        overrides = self.model.config_overrides
+        if overrides and not self.model.from_scratch:
             fail("model.config_overrides", "is only used with model.from_scratch: true; remove it or set from_scratch")
-        n_positions = self.model.config_overrides.get("n_positions")
-        if self.model.from_scratch and n_positions is not None and self.preprocess.block_size > n_positions:
+        n_embd, n_head, n_positions = (overrides.get(k) for k in ("n_embd", "n_head", "n_positions"))
+        if n_embd and n_head and n_embd % n_head:
+            fail("model.config_overrides", f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        if n_positions is not None and self.preprocess.block_size > n_positions:
             fail("preprocess.block_size", f"({self.preprocess.block_size}) exceeds model.config_overrides.n_positions "
                                           f"({n_positions}); lower block_size or raise n_positions")
         if self.train.warmup_steps and self.train.max_steps > 0 and self.train.warmup_steps > self.train.max_steps:
             fail("train.warmup_steps", f"({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})")
         if not self.generate.do_sample and self.generate.num_return_sequences > 1:
-            fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy decoding gives one answer)")
+            fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
 
 
 def fail(key: str, problem: str) -> typing.NoReturn:
@@ -222,12 +223,12 @@ def _scalar(value: Any, key: str) -> Any:
     return value
 
 
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
 def _check_bounds(value: Any, meta: dict, key: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    for name, ok, word in (("ge", value >= meta.get("ge", -math.inf), ">="), ("gt", value > meta.get("gt", -math.inf), ">"),
-                           ("le", value <= meta.get("le", math.inf), "<="), ("lt", value < meta.get("lt", math.inf), "<")):
-        if name in meta and not ok:
+    for name, (within, word) in _BOUNDS.items():
+        if name in meta and not within(value, meta[name]):
             fail(key, f"must be {word} {meta[name]}; got {value}")
 
 
@@ -258,8 +259,8 @@ def from_dict(raw: dict) -> Params:
     return params
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml."""
+def read_yaml(path: Path | str) -> dict:
+    """A YAML mapping from a file, or a one-line error."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -269,25 +270,33 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise PipelineError(f"params: {path} is not valid YAML{where}; fix the syntax") from None
-    return from_dict(raw or {})
+    return raw or {}
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    return from_dict(read_yaml(path))
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Deep-merge an override mapping (e.g. a recipe under examples/) onto a params mapping."""
+    """Deep-merge an override mapping (e.g. a recipe under examples/) onto a params mapping, as
+    `dvc exp run -S` would; an empty mapping replaces (`config_overrides: {}` clears it)."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "config_overrides" else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
 def set_args(override: dict, prefix: str = "") -> list[str]:
-    """`-S key=value` arguments for `dvc exp run` equivalent to an override mapping."""
+    """`-S key=value` arguments for `dvc exp run` equivalent to an override mapping (DVC parses each
+    value as YAML)."""
     args = []
     for k, v in override.items():
-        if isinstance(v, dict) and v and k != "config_overrides":
+        if isinstance(v, dict) and v:
             args += set_args(v, f"{prefix}{k}.")
         else:
-            args += ["-S", f"{prefix}{k}={yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"]
+            value = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            args += ["-S", f"{prefix}{k}={value}"]
     return args
 
 
@@ -303,27 +312,21 @@ def help_lines(cls: type = Params, prefix: str = "") -> list[str]:
 
 
 @stage_command
-@click.option("--params", "params_path", default=str(PARAMS_FILE), show_default=True, help="Params file to check.")
-@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), help="Print this override file as `dvc exp run -S` arguments.")
+@params_option
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False),
+              help="Check this override file against params and print it as `dvc exp run -S` arguments.")
 @click.option("--help-params", is_flag=True, help="Print every parameter with its default and help.")
 def main(params_path: str, recipe: str | None, help_params: bool) -> None:
     """Validate params.yaml (and an optional recipe override), or describe every parameter."""
     if help_params:
         click.echo("\n".join(help_lines()))
-        return
-    raw = yaml.safe_load(Path(params_path).read_text()) if Path(params_path).exists() else None
-    if recipe:
-        override = yaml.safe_load(Path(recipe).read_text()) or {}
-        from_dict(merge(raw or {}, override))
-        click.echo(" ".join(_shell_quote(a) for a in set_args(override)))
-        return
-    load_params(params_path)
-    click.echo(f"{params_path}: ok", err=True)
-
-
-def _shell_quote(arg: str) -> str:
-    import shlex
-    return shlex.quote(arg)
+    elif recipe:
+        override = read_yaml(recipe)
+        from_dict(merge(read_yaml(params_path), override))
+        click.echo(" ".join(shlex.quote(arg) for arg in set_args(override)))
+    else:
+        load_params(params_path)
+        click.echo(f"{params_path}: ok", err=True)
 
 
 if __name__ == "__main__":

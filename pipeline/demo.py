@@ -139,7 +139,7 @@ def main(workdir: Path, overrides_path: Path) -> None:
     try:
         dvc(workspace, "repro")
     except subprocess.CalledProcessError:
-        raise PipelineError(f"the demo pipeline failed (see the stage output above); its workspace is {workdir}") from None
+        raise PipelineError(f"the demo pipeline failed (see the stage output above) in {workdir}") from None
     click.echo(report(workspace))
     click.echo(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
 

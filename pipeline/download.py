@@ -11,17 +11,19 @@ import glob
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from pipeline.common import PipelineError, atomic_dir, check_weights, stage_command, write_json
+from pipeline.common import PipelineError, atomic_dir, check_weights, params_option, stage_command, write_json
 from pipeline.config import DataConfig, ModelConfig, load_params
 
 log = logging.getLogger("pipeline.download")
 T = TypeVar("T")
 
+OFFLINE_SIGNS = ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service", "resolve host")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -37,8 +39,7 @@ def from_hub(fetch: Callable[[], T], what: str) -> T:
         return fetch()
     except (OSError, ValueError) as e:  # transformers and datasets wrap Hub failures in OSError
         text = str(e)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or any(
-            s in text for s in ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service"))
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or any(s in text for s in OFFLINE_SIGNS)
         if offline:
             raise PipelineError(f"cannot reach the Hugging Face Hub to fetch {what} and it is not in the local cache "
                                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); connect to the internet, "
@@ -55,7 +56,7 @@ def load_base_tokenizer(cfg: ModelConfig) -> Any:
     name = cfg.tokenizer or cfg.name
     if is_local(name):
         if not (Path(name) / "tokenizer_config.json").exists():
-            raise PipelineError(f"model.tokenizer: {name} is not a saved tokenizer directory (no tokenizer_config.json); "
+            raise PipelineError(f"model.tokenizer: {name} is not a saved tokenizer (no tokenizer_config.json); "
                                 "point it at a save_pretrained directory or a Hub id")
         return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     return from_hub(lambda: AutoTokenizer.from_pretrained(name, revision=cfg.revision,
@@ -194,7 +195,7 @@ def save_raw(cfg: DataConfig, out: Path) -> dict:
 
 
 @stage_command
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@params_option
 @click.option("--model-out", default="models/base", show_default=True, type=click.Path(path_type=Path),
               help="Where the base model and tokenizer are saved.")
 @click.option("--data-out", default="data/raw", show_default=True, type=click.Path(path_type=Path),

@@ -15,7 +15,17 @@ from typing import Any
 
 import click
 
-from pipeline.common import keep_freed_memory, IGNORE_INDEX, PipelineError, collate_blocks, device, load_model, stage_command, write_json
+from pipeline.common import (
+    IGNORE_INDEX,
+    PipelineError,
+    collate_blocks,
+    device,
+    keep_freed_memory,
+    load_model,
+    params_option,
+    stage_command,
+    write_json,
+)
 from pipeline.config import load_params
 
 log = logging.getLogger("pipeline.evaluate")
@@ -73,7 +83,7 @@ def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: in
 
 
 @stage_command
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@params_option
 @click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
               help="Blocks from preprocess (the validation split is used).")
 @click.option("--base", "base_dir", default="models/base", show_default=True, type=click.Path(path_type=Path),

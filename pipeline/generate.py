@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pipeline.common import atomic_dir, device, load_model, load_tokenizer, stage_command, write_text
+from pipeline.common import atomic_dir, device, load_model, load_tokenizer, params_option, stage_command, write_text
 from pipeline.config import GenerateConfig, load_params
 
 log = logging.getLogger("pipeline.generate")
@@ -65,7 +65,7 @@ def markdown(records: list[dict], cfg: GenerateConfig, model_dir: Path) -> str:
 
 
 @stage_command
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@params_option
 @click.option("--model", "model_dir", default="models/finetuned", show_default=True, type=click.Path(path_type=Path),
               help="Model to sample from.")
 @click.option("--out", default="outputs", show_default=True, type=click.Path(path_type=Path),

@@ -14,7 +14,15 @@ from typing import Any
 
 import click
 
-from pipeline.common import IGNORE_INDEX, PipelineError, atomic_dir, load_tokenizer, stage_command, write_json
+from pipeline.common import (
+    IGNORE_INDEX,
+    PipelineError,
+    atomic_dir,
+    load_tokenizer,
+    params_option,
+    stage_command,
+    write_json,
+)
 from pipeline.config import DataConfig, PreprocessConfig, load_params
 
 log = logging.getLogger("pipeline.preprocess")
@@ -119,7 +127,7 @@ def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: Data
 
 
 @stage_command
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@params_option
 @click.option("--raw", "raw_dir", default="data/raw", show_default=True, type=click.Path(path_type=Path),
               help="Raw dataset from download.")
 @click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path),

@@ -18,14 +18,28 @@ from typing import Any
 
 import click
 
-from pipeline.common import (keep_freed_memory, PipelineError, atomic_dir, collate_blocks, digest, is_main_process, load_model, load_tokenizer, remove,
-                             resolve_precision, stage_command, write_json, write_text)
+from pipeline.common import (
+    PipelineError,
+    atomic_dir,
+    collate_blocks,
+    digest,
+    is_main_process,
+    keep_freed_memory,
+    load_model,
+    load_tokenizer,
+    params_option,
+    remove,
+    resolve_precision,
+    stage_command,
+    write_json,
+    write_text,
+)
 from pipeline.config import Params, load_params
 
 log = logging.getLogger("pipeline.train")
 FINGERPRINT = "fingerprint.json"
-NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos",
-               "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+               "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
 def training_arguments(params: Params, precision: str, checkpoints: Path) -> Any:
@@ -137,8 +151,8 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     history = trainer.state.log_history
     metrics = {
         "train_loss": result.training_loss,
-        "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        "eval_loss": final_eval.get("eval_loss", next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)),
+        "final_train_loss": last_logged(history, "loss"),
+        "eval_loss": final_eval.get("eval_loss", last_logged(history, "eval_loss")),
         "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * effective_batch * block_size,
         "effective_batch_size": effective_batch, "effective_batch_tokens": effective_batch * block_size,
         "tokens_per_second": tokens_this_run / seconds if seconds else None, "wall_seconds": seconds,
@@ -154,12 +168,16 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     return metrics
 
 
+def last_logged(history: list[dict], key: str) -> float | None:
+    return next((entry[key] for entry in reversed(history) if key in entry), None)
+
+
 def _checkpoint_step(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
 
 
 @stage_command
-@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@params_option
 @click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
               help="Blocks from preprocess.")
 @click.option("--model", "base_dir", default="models/base", show_default=True, type=click.Path(path_type=Path),

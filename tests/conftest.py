@@ -50,7 +50,6 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def project(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with the tiny params.yaml and the assets it names; the test runs there."""
-    from pipeline.config import merge
 
     shutil.copytree(tokenizer_dir, tmp_path / "assets/gpt2-tokenizer")
     shutil.copytree(CORPUS, tmp_path / "assets/corpus")

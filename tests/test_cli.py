@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import run_stage, write_params
 
 STAGES = ["download", "preprocess", "train", "evaluate", "generate"]
+DOWNLOADED = ("data/raw", "models/base")
 OUTPUTS = ["data/raw", "models/base", "data/processed", "metrics", "models/finetuned", "outputs", "checkpoints"]
 
 
@@ -36,7 +37,7 @@ def assert_clean_failure(result, project: Path, message: str, existing: tuple[st
     ({"train": {"epochs": -1}}, "params: train.epochs must be > 0.0; got -1"),
     ({"train": {"lr_scheduler": "exponential"}}, "params: train.lr_scheduler must be one of"),
     ({"train": {"learning_rate": 1e-3}}, "params: train.learning_rate is not a known parameter"),
-    ({"preprocess": {"block_size": 128}}, "preprocess.block_size (128) exceeds model.config_overrides.n_positions (64)"),
+    ({"preprocess": {"block_size": 128}}, "block_size (128) exceeds model.config_overrides.n_positions (64)"),
 ])
 @pytest.mark.parametrize("stage", ["download", "train"])
 def test_bad_params(project, stage, override, message):
@@ -69,14 +70,14 @@ def test_empty_corpus(downloaded):
     for f in (downloaded / "assets/corpus").glob("*.txt"):
         f.write_text("")
     assert run_stage("download", cwd=downloaded).returncode == 0
-    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded, "empty corpus: the train split has no text",
-                         ("data/raw", "models/base"))
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
+                         "empty corpus: the train split has no text", DOWNLOADED)
 
 
 def test_unknown_text_column(downloaded):
     write_params(downloaded, {"data": {"text_column": "body"}})
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
-                         "data.text_column: 'body' is not a column of the dataset; it has text", ("data/raw", "models/base"))
+                         "data.text_column: 'body' is not a column of the dataset; it has text", DOWNLOADED)
 
 
 def test_block_size_larger_than_the_models_positions(downloaded):
@@ -86,11 +87,11 @@ def test_block_size_larger_than_the_models_positions(downloaded):
                                         "config_overrides": {}}, "preprocess": {"block_size": 128}})
     assert run_stage("download", cwd=downloaded).returncode == 0
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
-                         "preprocess.block_size (128) exceeds the model's n_positions (64); set block_size to at most 64",
-                         ("data/raw", "models/base"))
+                         "block_size (128) exceeds the model's n_positions (64); set block_size to at most 64",
+                         DOWNLOADED)
 
 
 def test_stage_run_before_its_inputs_exist(project):
-    assert_clean_failure(run_stage("train", cwd=project), project, "data/processed is not a processed dataset; run preprocess")
+    assert_clean_failure(run_stage("train", cwd=project), project, "data/processed is not a processed dataset; run")
     assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a processed dataset")
     assert_clean_failure(run_stage("generate", cwd=project), project, "models/finetuned has no tokenizer")

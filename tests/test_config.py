@@ -130,6 +130,13 @@ def test_published_recipes_map_onto_the_trainer(recipe, tmp_path):
         assert (actual.value if hasattr(actual, "value") else actual) == pytest.approx(value), name
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_a_recipe_that_changes_the_model_sets_its_revision(recipe):
+    # params.yaml pins gpt2's commit; that commit does not exist in another model's repository
+    model = yaml.safe_load(recipe.read_text()).get("model", {})
+    assert model.get("name", "gpt2") == "gpt2" or "revision" in model
+
+
 def test_recipes_are_complete():
     assert {p.name for p in RECIPES} == set(EXPECTED_RECIPES)
 
@@ -140,7 +147,7 @@ def test_recipe_set_args_apply_like_dvc(recipe):
     override = yaml.safe_load(recipe.read_text())
     args = set_args(override)
     params = project_params()
-    for flag, assignment in zip(args[::2], args[1::2]):
+    for flag, assignment in zip(args[::2], args[1::2], strict=True):
         assert flag == "-S"
         key, value = assignment.split("=", 1)
         *parents, leaf = key.split(".")

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.common import PipelineError
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.download import is_local, local_files, load_raw, save_base, save_raw
+from pipeline.download import is_local, load_raw, local_files, save_base, save_raw
 from tests.conftest import CORPUS, ROOT, run_stage
 
 
@@ -73,9 +73,9 @@ def test_model_directory_without_weights(tmp_path, tokenizer_dir):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name, local", [("gpt2", False), ("Salesforce/wikitext", False), ("openai-community/gpt2", False),
-                                         ("./corpus", True), ("/data/x", True), ("data/*.txt", True),
-                                         ("corpus.jsonl", True), ("a/b/c", True)])
+@pytest.mark.parametrize("name, local", [
+    ("gpt2", False), ("Salesforce/wikitext", False), ("openai-community/gpt2", False),
+    ("./corpus", True), ("/data/x", True), ("data/*.txt", True), ("corpus.jsonl", True), ("a/b/c", True)])
 def test_hub_ids_and_paths_are_told_apart(name, local):
     assert is_local(name) == local
 
@@ -94,8 +94,9 @@ def test_structured_local_files(tmp_path, suffix):
 
     frame = pd.DataFrame({"text": ["first document", "second document", "third"], "id": [1, 2, 3]})
     path = tmp_path / f"docs{suffix}"
-    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
-     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    writers = {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+               ".csv": lambda: frame.to_csv(path, index=False), ".parquet": lambda: frame.to_parquet(path)}
+    writers[suffix]()
     raw, _ = load_raw(DataConfig(dataset=str(path), config=None))
     assert raw["train"]["text"] == frame["text"].tolist()
 

@@ -21,7 +21,7 @@ def reference_nll(model, rows, labels):
     """Straight from the definition: -log p(token | prefix), one token at a time."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, labs in zip(rows, labels):
+        for ids, labs in zip(rows, labels, strict=True):
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
             for t in range(1, len(ids)):
                 if labs[t] != IGNORE_INDEX:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -120,7 +119,9 @@ def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_pat
     out = pipeline_outputs
     params = load_params(out / "params.yaml")
     train(params, out / "data/processed", out / "models/base", tmp_path / "again", tmp_path / "ckpt", tmp_path / "live")
-    first, second = load_file(out / "models/finetuned/model.safetensors"), load_file(tmp_path / "again/model.safetensors")
+    first = load_file(out / "models/finetuned/model.safetensors")
+    second = load_file(tmp_path / "again/model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
     args = (out / "data/processed", 8, False)
-    assert evaluate(out / "models/base", out / "models/finetuned", *args) == evaluate(out / "models/base", tmp_path / "again", *args)
+    base = out / "models/base"
+    assert evaluate(base, out / "models/finetuned", *args) == evaluate(base, tmp_path / "again", *args)
