@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test repro params clean
+.PHONY: help setup demo test lint repro params clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,8 +23,11 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup ## Run the whole pipeline offline on a tiny GPT-2 (about 2 minutes on 2 CPU cores)
 	$(BIN)/python -m pipeline.demo
 
-test: setup ## Run the test suite, offline
+test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: setup ## ruff over pipeline/ and tests/
+	$(BIN)/ruff check pipeline tests
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)
 	$(BIN)/dvc repro

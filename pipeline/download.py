@@ -23,7 +23,8 @@ from pipeline.config import DataConfig, ModelConfig, load_params
 log = logging.getLogger("pipeline.download")
 T = TypeVar("T")
 
-OFFLINE_SIGNS = ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service", "resolve host")
+OFFLINE_SIGNS = ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service",
+                 "resolve host")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -39,8 +40,8 @@ def from_hub(fetch: Callable[[], T], what: str) -> T:
         return fetch()
     except (OSError, ValueError) as e:  # transformers and datasets wrap Hub failures in OSError
         text = str(e)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or any(s in text for s in OFFLINE_SIGNS)
-        if offline:
+        hub_off = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        if hub_off or any(sign in text for sign in OFFLINE_SIGNS):
             raise PipelineError(f"cannot reach the Hugging Face Hub to fetch {what} and it is not in the local cache "
                                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); connect to the internet, "
                                 "or run the offline demo with `make demo`") from None
