@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -168,6 +170,19 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     return metrics
 
 
+def relaunch_under_torchrun() -> None:
+    """With NPROC_PER_NODE=N (N > 1), re-run this stage as `torchrun --nproc_per_node N -m pipeline.train ...`:
+    data-parallel training (DDP through the Trainer; NCCL on GPUs, gloo on CPU) without changing dvc.yaml."""
+    value = os.environ.get("NPROC_PER_NODE", "1") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise PipelineError(f"NPROC_PER_NODE={value!r} is not a process count; set it to the number of GPUs, e.g. 2")
+    if int(value) > 1 and "LOCAL_RANK" not in os.environ:  # torchrun sets LOCAL_RANK in its workers
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={value}",
+                   "-m", "pipeline.train", *sys.argv[1:]]
+        log.info("launching %s", " ".join(command[1:]))
+        os.execv(sys.executable, command)
+
+
 def last_logged(history: list[dict], key: str) -> float | None:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
 
@@ -194,6 +209,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
          metrics_path: Path) -> None:
     """Fine-tune the base model with the Hugging Face Trainer, resuming an interrupted run."""
     params = load_params(params_path)
+    relaunch_under_torchrun()
     keep_freed_memory()
     metrics = train(params, data_dir, base_dir, out, checkpoints, live_dir)
     if is_main_process():

@@ -68,25 +68,22 @@ def write_params(directory: Path, overrides: dict) -> Path:
     return path
 
 
-def run_stage(stage: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m pipeline.<stage> args...` as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_stage(stage: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline.<stage> args...` as a user runs it (with extra environment variables `env`)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=600)
 
 
-@pytest.fixture(scope="session")
-def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A directory where download, preprocess and train have run once on the tiny params (in process)."""
+def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
+    """Assets, params.yaml (TINY + overrides), then download and preprocess run in `root` (in process)."""
     from pipeline.config import load_params
     from pipeline.download import save_base, save_raw
     from pipeline.preprocess import main as preprocess_main
-    from pipeline.train import train
 
-    root = tmp_path_factory.mktemp("outputs")
     shutil.copytree(tokenizer_dir, root / "assets/gpt2-tokenizer")
     shutil.copytree(CORPUS, root / "assets/corpus")
-    write_params(root, {})
+    write_params(root, overrides)
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -94,8 +91,18 @@ def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
         save_raw(params.data, Path("data/raw"))
         save_base(params.model, params.seed, Path("models/base"))
         preprocess_main.main([], standalone_mode=False)
-        train(params, Path("data/processed"), Path("models/base"), Path("models/finetuned"), Path("checkpoints"),
-              Path("dvclive"))
     finally:
         os.chdir(cwd)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A directory where download, preprocess and train have run once on the tiny params (in process)."""
+    from pipeline.config import load_params
+    from pipeline.train import train
+
+    root = prepare(tmp_path_factory.mktemp("outputs"), tokenizer_dir, {})
+    train(load_params(root / "params.yaml"), root / "data/processed", root / "models/base",
+          root / "models/finetuned", root / "checkpoints", root / "dvclive")
     return root

@@ -1,0 +1,63 @@
+"""Data-parallel training: the train stage under torchrun with 2 processes (gloo on CPU) writes one
+model and one metrics file, and trains like 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import prepare, run_stage, write_params
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # dropout masks differ per process
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tokenizer_dir):
+    model = {"config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, **NO_DROPOUT}}
+    return prepare(tmp_path_factory.mktemp("ddp"), tokenizer_dir, {"model": model})
+
+
+def train_once(root, tag: str, per_device: int, processes: int) -> dict:
+    overrides = {"model": {"config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
+                                                **NO_DROPOUT}},
+                 # 5 full global batches of 4 from the 21 training blocks: the epoch's last, partial batch
+                 # would be topped up with repeated blocks under DDP (accelerate's even_batches)
+                 "train": {"per_device_train_batch_size": per_device, "max_steps": 5, "eval_steps": 5,
+                           "save_steps": 3, "logging_steps": 1}}
+    params = write_params(root, overrides).rename(root / f"params-{tag}.yaml")
+    result = run_stage("train", "--params", str(params), "--out", f"{tag}/model", "--checkpoints", f"{tag}/checkpoints",
+                       "--live-dir", f"{tag}/dvclive", "--metrics", f"{tag}/train.json", cwd=root,
+                       env={"NPROC_PER_NODE": str(processes)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((root / tag / "train.json").read_text())
+
+
+def test_two_processes_train_like_one(prepared):
+    single = train_once(prepared, "single", per_device=4, processes=1)
+    ddp = train_once(prepared, "ddp", per_device=2, processes=2)
+    assert (single["world_size"], ddp["world_size"]) == (1, 2)
+    assert single["effective_batch_size"] == ddp["effective_batch_size"] == 4
+    assert single["tokens_seen"] == ddp["tokens_seen"]
+    print(f"final train loss: 1 process {single['final_train_loss']:.6f}, 2 processes {ddp['final_train_loss']:.6f}")
+    assert ddp["final_train_loss"] == pytest.approx(single["final_train_loss"], abs=1e-4)
+    one, two = (load_file(prepared / tag / "model/model.safetensors") for tag in ("single", "ddp"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+    # rank 0 alone wrote: one model, one checkpoint series, one row per logged step, no leftovers
+    run = prepared / "ddp"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "dvclive", "model", "train.json"]
+    assert (run / "model/model.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-5",
+                                                                       "fingerprint.json"]
+    steps = [row.split("\t")[0] for row in (run / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5"]
+    assert not list(prepared.rglob(".*.tmp-*"))
+
+
+def test_bad_process_count(prepared):
+    write_params(prepared, {})
+    result = run_stage("train", cwd=prepared, env={"NPROC_PER_NODE": "two"})
+    assert result.returncode == 2 and "NPROC_PER_NODE='two' is not a process count" in result.stderr
