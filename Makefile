@@ -1,18 +1,20 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each sets itself up (make setup) on a
 # fresh machine. `make help` lists every target.
 PYTHON ?= python3
-VENV   := .venv
+# VENV and SKIP_SETUP=1 are set by the Docker image, whose dependencies are already in /opt/venv:
+# there `make test` uses that venv instead of creating .venv and installing everything again.
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint repro params clean
+.PHONY: help setup check-venv demo test lint repro params clean docker-build docker-train docker-shell docker-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install the pinned dependencies (requirements.lock)
+setup: $(if $(filter 1,$(SKIP_SETUP)),check-venv,$(STAMP)) ## Create .venv and install the pinned dependencies (requirements.lock)
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +22,18 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	touch $@
 
+check-venv:
+	@test -x $(BIN)/python || { echo "error: SKIP_SETUP=1 but $(BIN)/python does not exist: set VENV to a venv with requirements.lock installed, or unset SKIP_SETUP" >&2; exit 2; }
+
 demo: setup ## Run the whole pipeline offline on a tiny GPT-2 (about 2 minutes on 2 CPU cores)
 	$(BIN)/python -m pipeline.demo
 
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
 
-lint: setup ## ruff over pipeline/ and tests/
+lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 	$(BIN)/ruff check pipeline tests
+	$(BIN)/hadolint Dockerfile
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)
 	$(BIN)/dvc repro
@@ -39,3 +45,60 @@ params: setup ## Check params.yaml and print every parameter with its help
 clean: ## Remove the demo workspace and caches (not .venv, not DVC outputs)
 	rm -rf .demo .pytest_cache
 	find . -name __pycache__ -not -path './.venv/*' -exec rm -rf {} +
+
+# --- Docker, for a GPU host (README, "GPU host") -----------------------------------------------------
+# Override any of these on the command line (make docker-train GPUS=2); the environment does not change
+# them. Recursive (=), so the git, sed and id calls run only when a docker target needs them.
+DOCKER          = docker
+IMAGE           = gpt2-pipeline
+VERSION         = $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1)
+GIT_SHA         = $(shell git rev-parse --short HEAD 2>/dev/null)
+# A Docker tag allows [A-Za-z0-9_.-]: a PEP 440 local version's "+" becomes "_".
+TAG             = $(subst +,_,$(VERSION))$(if $(GIT_SHA),-$(GIT_SHA))
+HF_CACHE_VOLUME = gpt2-pipeline-hf-cache
+DOCKER_USER     = $(shell id -u):$(shell id -g)
+# GPUs given to the container; `make docker-test GPU_FLAGS=` runs the image on a host without one.
+GPU_FLAGS       = --gpus all
+# GPUS > 1: the train stage re-launches itself through torchrun with that many processes (NPROC_PER_NODE).
+GPUS            = 1
+# EXP='-S lr=5e-4' runs `dvc exp run -S lr=5e-4` instead of `dvc repro`.
+EXP             =
+TRAIN_CMD       = $(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro)
+
+# `dvc exp run` commits: the container uses your git identity (git config user.name / user.email).
+docker-train docker-shell docker-test: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)
+docker-train docker-shell docker-test: export GIT_COMMITTER_NAME  ?= $(shell git config user.name 2>/dev/null)
+docker-train docker-shell docker-test: export GIT_AUTHOR_EMAIL    ?= $(shell git config user.email 2>/dev/null)
+docker-train docker-shell docker-test: export GIT_COMMITTER_EMAIL ?= $(shell git config user.email 2>/dev/null)
+# Passed by name only (`-e NAME`: docker reads the value from this environment), and only when set, so a
+# value never shows on the command line and HF_TOKEN never enters the image.
+PASS_ENV = $(strip $(foreach v,HF_TOKEN GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COMMITTER_NAME GIT_COMMITTER_EMAIL,$(if $($(v)),-e $(v))))
+
+# The flags every docker target shares. The repo is mounted where the image expects it (DVC needs .git)
+# and the container runs as you, so what it writes there is yours; models and datasets from the Hub
+# go to a named volume and download once per host. --ipc=host: the DataLoader's and NCCL's shared
+# memory; --init: signals reach dvc and torchrun, and their child processes are reaped.
+DOCKER_RUN = $(DOCKER) run --rm --init $(GPU_FLAGS) --ipc=host \
+	-v "$(CURDIR):/repo" -w /repo -v $(HF_CACHE_VOLUME):/cache/huggingface \
+	--user $(DOCKER_USER) -e NPROC_PER_NODE=$(GPUS) $(PASS_ENV)
+
+# A bad GPUS stops make before anything runs (under make -n too): one word, digits only, no leading 0.
+digits-removed = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+GPUS_VALID = $(and $(filter 1,$(words $(GPUS))),$(if $(call digits-removed,$(GPUS)),,yes),$(filter-out 0%,$(GPUS)))
+ifneq ($(filter docker-%,$(MAKECMDGOALS)),)
+  ifeq ($(GPUS_VALID),)
+    $(error GPUS must be a whole number >= 1, the GPUs to train on (e.g. GPUS=2); got '$(GPUS)')
+  endif
+endif
+
+docker-build: ## Build the GPU image, tagged gpt2-pipeline:<version>-<git sha>
+	$(DOCKER) build --tag $(IMAGE):$(TAG) .
+
+docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4': an experiment; GPUS=N: torchrun)
+	$(DOCKER_RUN) $(IMAGE):$(TAG) $(TRAIN_CMD)
+
+docker-shell: docker-build ## An interactive shell in the image, with the same mounts
+	$(DOCKER_RUN) -it $(IMAGE):$(TAG) bash
+
+docker-test: docker-build ## make test inside the image
+	$(DOCKER_RUN) $(IMAGE):$(TAG) make test
