@@ -86,6 +86,24 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
 
 
 @dataclass(frozen=True)
+class FreezeConfig:
+    embeddings: bool = opt(False, "Freeze the token and position embeddings (GPT-2 ties the output layer to them, "
+                                  "so it is frozen too).")
+    layers: int = opt(0, "Freeze the first N transformer blocks.", ge=0)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = opt(False, "Train peft LoRA adapters instead of all weights. models/finetuned/ gets the merged "
+                               "plain model (loads without peft) and adapter/ the adapter alone.")
+    r: int = opt(8, "Adapter rank.", ge=1)
+    alpha: int = opt(16, "Adapter scale numerator (the update is scaled by alpha / r).", ge=1)
+    dropout: float = opt(0.05, "Dropout on the adapter input.", ge=0.0, lt=1.0)
+    target_modules: list[str] = opt(["c_attn", "c_proj", "c_fc"], "Modules that get adapters (GPT-2: c_attn, "
+                                                                  "c_proj, c_fc; other models: e.g. q_proj, v_proj).")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: float = opt(3.0, "Training epochs (num_train_epochs); may be fractional.", gt=0.0)
     max_steps: int = opt(-1, "If > 0, train exactly this many optimizer steps and ignore epochs.", ge=-1)
@@ -93,7 +111,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = opt(8, "Blocks per device per forward pass in in-training evaluation.", ge=1)
     gradient_accumulation_steps: int = opt(1, "Forward passes per optimizer step. Effective batch = per-device "
                                               "batch x accumulation x devices.", ge=1)
-    optimizer: Literal[OPTIMIZERS] = opt("adamw_torch", "Trainer optim name.")  # type: ignore[valid-type]
+    optimizer: Literal[OPTIMIZERS] = opt("adamw_torch_fused", "Trainer optim name; adamw_torch_fused is AdamW "  # type: ignore[valid-type]
+                                                              "with torch's fused kernel (CUDA and CPU).")
     lr_scheduler: Literal[SCHEDULERS] = opt("linear", "Learning-rate schedule (Trainer lr_scheduler_type).")  # type: ignore[valid-type]
     warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0.0)
@@ -104,10 +123,28 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "auto: bf16 where the device runs it natively (CUDA >= 8.0, CPU with AMX/AVX512-BF16), fp16 "
                 "with loss scaling on older GPUs, else fp32. An explicit choice the device cannot run is an error.")
-    logging_steps: int = opt(10, "Log training loss and learning rate every N optimizer steps.", ge=1)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
+        "auto", "auto times a forward+backward of a real batch under each implementation available here and "
+                "keeps the fastest; flash_attention_2 needs CUDA and the flash-attn package.")
+    torch_compile: bool = opt(False, "torch.compile the model (worth it on GPUs for long runs; off on CPU, where "
+                                     "the compile time is not won back in short runs).")
+    pad_vocab_multiple_of: int = opt(0, "Pad the embedding/output matrix to a multiple of this (64: GPT-2's "
+                                        "50257 -> 50304) for faster matmuls; trimmed back before saving. 0: off.",
+                                     ge=0)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, ~30% "
+                                              "more compute.")
+    freeze: FreezeConfig = opt(FreezeConfig(), "Transfer learning: parts of the base model kept fixed.")
+    lora: LoraConfig = opt(LoraConfig(), "Parameter-efficient fine-tuning with peft LoRA.")
+    memory_preflight: bool = opt(True, "Estimate peak memory before training and stop with a suggestion if it "
+                                       "exceeds the free memory.")
+    logging_steps: int = opt(10, "Log training loss, learning rate and throughput every N optimizer steps.", ge=1)
     eval_steps: int = opt(200, "Evaluate on the validation blocks every N steps (0: only at the end).", ge=0)
     save_steps: int = opt(200, "Write a resumable checkpoint every N steps.", ge=1)
     save_total_limit: int = opt(2, "Checkpoints kept on disk (oldest deleted).", ge=1)
+    load_best_model_at_end: bool = opt(False, "Keep the checkpoint with the lowest validation loss instead of the "
+                                              "last (needs eval_steps > 0 and save_steps a multiple of it).")
+    early_stopping_patience: int = opt(0, "Stop after this many evaluations without improvement (0: off; needs "
+                                          "load_best_model_at_end).", ge=0)
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
 
 
@@ -152,6 +189,15 @@ class Params:
                                           f"({n_positions}); lower block_size or raise n_positions")
         if self.train.warmup_steps and self.train.max_steps > 0 and self.train.warmup_steps > self.train.max_steps:
             fail("train.warmup_steps", f"({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})")
+        t = self.train
+        if t.load_best_model_at_end and (t.eval_steps == 0 or t.save_steps % t.eval_steps):
+            fail("train.load_best_model_at_end", f"needs eval_steps > 0 and save_steps ({t.save_steps}) a multiple "
+                                                 f"of eval_steps ({t.eval_steps})")
+        if t.early_stopping_patience and not t.load_best_model_at_end:
+            fail("train.early_stopping_patience", "needs train.load_best_model_at_end: true")
+        if t.lora.enabled and (t.freeze.embeddings or t.freeze.layers):
+            fail("train.freeze", "does nothing with train.lora.enabled (LoRA keeps every base weight fixed); "
+                                 "remove one of them")
         if not self.generate.do_sample and self.generate.num_return_sequences > 1:
             fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
 
@@ -300,15 +346,26 @@ def set_args(override: dict, prefix: str = "") -> list[str]:
     return args
 
 
-def help_lines(cls: type = Params, prefix: str = "") -> list[str]:
-    lines = []
+def documented(cls: type = Params, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every parameter."""
+    rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
-            lines += help_lines(type(default), prefix + f.name + ".")
+            rows += documented(type(default), prefix + f.name + ".")
         else:
-            lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata['help']}")
-    return lines
+            rows.append((prefix + f.name, default, f.metadata["help"]))
+    return rows
+
+
+def help_lines() -> list[str]:
+    return [f"{key} (default {default!r}): {text}" for key, default, text in documented()]
+
+
+def markdown_table() -> str:
+    """The README's parameter table."""
+    rows = [f"| `{key}` | `{default!r}` | {text} |" for key, default, text in documented()]
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows])
 
 
 @stage_command
@@ -316,10 +373,13 @@ def help_lines(cls: type = Params, prefix: str = "") -> list[str]:
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False),
               help="Check this override file against params and print it as `dvc exp run -S` arguments.")
 @click.option("--help-params", is_flag=True, help="Print every parameter with its default and help.")
-def main(params_path: str, recipe: str | None, help_params: bool) -> None:
+@click.option("--markdown", is_flag=True, help="Print the parameter table of the README.")
+def main(params_path: str, recipe: str | None, help_params: bool, markdown: bool) -> None:
     """Validate params.yaml (and an optional recipe override), or describe every parameter."""
     if help_params:
         click.echo("\n".join(help_lines()))
+    elif markdown:
+        click.echo(markdown_table())
     elif recipe:
         override = read_yaml(recipe)
         from_dict(merge(read_yaml(params_path), override))

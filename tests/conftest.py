@@ -26,7 +26,8 @@ TINY = {
     "data": {"dataset": "assets/corpus", "config": None},
     "preprocess": {"block_size": 32, "add_eos": True, "val_fraction": 0.25},
     "train": {"epochs": 1, "max_steps": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
-              "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "precision": "fp32"},
+              "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "precision": "fp32",
+              "attn_implementation": "sdpa"},  # pinned: `auto` measures, and timing must not steer exact tests
     "evaluate": {"batch_size": 8},
     "generate": {"prompts": ["The river", "A game of chess"], "max_new_tokens": 8, "num_return_sequences": 2},
 }

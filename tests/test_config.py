@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.config import Params, from_dict, help_lines, load_params, merge, set_args
+from pipeline.config import Params, from_dict, help_lines, load_params, markdown_table, merge, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples/recipes").glob("*.yaml"))
@@ -82,6 +82,12 @@ def test_integer_fields_take_whole_numbers_written_as_floats():
     ({"model": {"from_scratch": True, "config_overrides": {"n_positions": 64}}, "preprocess": {"block_size": 128}},
      r"preprocess.block_size \(128\) exceeds model.config_overrides.n_positions \(64\)"),
     ({"model": {"from_scratch": True, "config_overrides": {"n_embd": 30, "n_head": 4}}}, r"divisible by n_head"),
+    ({"train": {"load_best_model_at_end": True, "eval_steps": 0}}, r"load_best_model_at_end needs eval_steps > 0"),
+    ({"train": {"load_best_model_at_end": True, "eval_steps": 30, "save_steps": 50}}, r"save_steps \(50\) a multiple"),
+    ({"train": {"early_stopping_patience": 3}}, r"early_stopping_patience needs train.load_best_model_at_end"),
+    ({"train": {"lora": {"enabled": True}, "freeze": {"layers": 2}}}, r"train.freeze does nothing with"),
+    ({"train": {"lora": {"rank": 4}}}, r"train.lora.rank is not a known parameter"),
+    ({"train": {"attn_implementation": "flash"}}, r"train.attn_implementation must be one of auto, sdpa, eager"),
 ])
 def test_bad_params_are_rejected_by_name(raw, message):
     with pytest.raises(PipelineError, match=message) as error:
@@ -160,5 +166,6 @@ def test_recipe_set_args_apply_like_dvc(recipe):
 
 def test_readme_documents_every_parameter():
     readme = (ROOT / "README.md").read_text()
-    missing = [key for key in sorted(keys(Params())) if f"`{key}`" not in readme]
-    assert not missing, f"README.md lacks: {missing}"
+    table = readme.split("--markdown) -->\n")[1].split("\n<!-- params:end")[0]
+    assert table == markdown_table(), "regenerate the README table: python -m pipeline.config --markdown"
+    assert all(f"| `{key}` |" in table for key in keys(Params()))

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.common import PipelineError
 from pipeline.config import load_params
-from pipeline.train import fingerprint, resume_checkpoint, start_fresh, train
+from pipeline.train import COMPLETE, fingerprint, resume_checkpoint, start_fresh, train
 
 
 def test_training_writes_a_loadable_model_and_plots(pipeline_outputs):
@@ -52,15 +52,32 @@ def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs):
     assert fingerprint(params, data, pipeline_outputs / "assets") != same
 
 
+def checkpoint(root, step: int, complete: bool) -> None:
+    (root / f"checkpoint-{step}").mkdir(parents=True)
+    (root / f"checkpoint-{step}/trainer_state.json").write_text("{}")
+    if complete:
+        (root / f"checkpoint-{step}/{COMPLETE}").write_text("{}")
+
+
 def test_checkpoints_of_other_runs_are_not_resumed(tmp_path):
     ckpt = tmp_path / "checkpoints"
-    start_fresh(ckpt, "run-a")
-    (ckpt / "checkpoint-4").mkdir()
-    (ckpt / "checkpoint-4/trainer_state.json").write_text("{}")
+    start_fresh(ckpt, "run-a", "sdpa")
+    checkpoint(ckpt, 4, complete=True)
     assert resume_checkpoint(ckpt, "run-a") == str(ckpt / "checkpoint-4")
     assert resume_checkpoint(ckpt, "run-b") is None
-    start_fresh(ckpt, "run-b")
+    start_fresh(ckpt, "run-b", "sdpa")
     assert not (ckpt / "checkpoint-4").exists()
+
+
+def test_a_partial_last_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    ckpt = tmp_path / "checkpoints"
+    start_fresh(ckpt, "run", "sdpa")
+    checkpoint(ckpt, 4, complete=True)
+    checkpoint(ckpt, 12, complete=False)  # killed while the Trainer was writing it
+    checkpoint(ckpt, 8, complete=True)
+    with caplog.at_level("WARNING"):
+        assert resume_checkpoint(ckpt, "run") == str(ckpt / "checkpoint-8")
+    assert "skipping" in caplog.text and "checkpoint-12: incomplete" in caplog.text
 
 
 def test_interrupted_run_resumes_to_the_same_model(pipeline_outputs, tmp_path):

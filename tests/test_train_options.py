@@ -1,0 +1,130 @@
+"""Train-stage options: LoRA, freezing, vocabulary padding, the NaN guard, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.common import PipelineError
+from pipeline.config import FreezeConfig, LoraConfig, load_params
+from pipeline.train import COMPLETE, train
+from tests.conftest import ROOT, write_params
+
+
+def run(outputs: Path, tmp_path: Path, **train_changes) -> dict:
+    params = load_params(outputs / "params.yaml")
+    params = replace(params, train=replace(params.train, **train_changes))
+    return train(params, outputs / "data/processed", outputs / "models/base", tmp_path / "model",
+                 tmp_path / "checkpoints", tmp_path / "dvclive")
+
+
+def test_nan_loss_stops_training_naming_the_step(pipeline_outputs, tmp_path):
+    params = load_params(pipeline_outputs / "params.yaml")
+    with pytest.raises(PipelineError, match=r"the training loss became nan at step \d+; lower lr"):
+        train(replace(params, lr=1e30), pipeline_outputs / "data/processed", pipeline_outputs / "models/base",
+              tmp_path / "model", tmp_path / "checkpoints", tmp_path / "dvclive")
+    assert not (tmp_path / "model").exists()
+
+
+def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    metrics = run(pipeline_outputs, tmp_path, lora=LoraConfig(enabled=True, r=4, alpha=8))
+    assert 0 < metrics["trainable_parameters"] < 0.05 * metrics["parameters"]
+    saved = load_file(tmp_path / "model/model.safetensors")
+    base = load_file(pipeline_outputs / "models/base/model.safetensors")
+    assert saved.keys() == base.keys()  # no lora_A/lora_B, no base_model.model. prefix
+    assert not torch.equal(saved["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(saved["transformer.wte.weight"], base["transformer.wte.weight"])
+    assert (tmp_path / "model/adapter/adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # plain transformers, no peft
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_freezing_keeps_embeddings_and_first_blocks_fixed(pipeline_outputs, tmp_path):
+    metrics = run(pipeline_outputs, tmp_path, freeze=FreezeConfig(embeddings=True, layers=1))
+    saved = load_file(tmp_path / "model/model.safetensors")
+    base = load_file(pipeline_outputs / "models/base/model.safetensors")
+    frozen = [k for k in base if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
+    assert all(torch.equal(saved[k], base[k]) for k in frozen)
+    assert not torch.equal(saved["transformer.h.1.mlp.c_fc.weight"], base["transformer.h.1.mlp.c_fc.weight"])
+    assert metrics["trainable_parameters"] == metrics["parameters"] - sum(base[k].numel() for k in frozen)
+
+
+def test_freezing_more_layers_than_the_model_has(pipeline_outputs, tmp_path):
+    with pytest.raises(PipelineError, match=r"train.freeze.layers \(5\) exceeds the model's 2 blocks"):
+        run(pipeline_outputs, tmp_path, freeze=FreezeConfig(layers=5))
+
+
+def test_padded_vocabulary_trains_the_same_and_saves_unpadded(pipeline_outputs, tmp_path):
+    plain = run(pipeline_outputs, tmp_path / "plain")
+    padded = run(pipeline_outputs, tmp_path / "padded", pad_vocab_multiple_of=64)
+    assert padded["final_train_loss"] == pytest.approx(plain["final_train_loss"], abs=1e-4)
+    assert load_file(tmp_path / "padded/model/model.safetensors")["transformer.wte.weight"].shape[0] == 50257
+
+
+def test_run_metrics_have_throughput_memory_and_parameters(pipeline_outputs, tmp_path):
+    metrics = run(pipeline_outputs, tmp_path, attn_implementation="auto")
+    assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1
+    assert metrics["peak_memory_gib"] > 0.1 and metrics["peak_memory_kind"] == "peak RSS"
+    assert metrics["trainable_parameters"] == metrics["parameters"] > 50257 * 32
+    assert metrics["attention"] in ("sdpa", "eager") and set(metrics["attention_timings_ms"]) == {"sdpa", "eager"}
+    rows = (tmp_path / "dvclive/plots/metrics/perf/tokens_per_second.tsv").read_text().splitlines()
+    assert rows[0] == "step\ttokens_per_second" and len(rows) > 2
+
+
+def train_command(root: Path, tag: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "--params", "params-long.yaml", "--out", f"{tag}/model",
+            "--checkpoints", f"{tag}/checkpoints", "--live-dir", f"{tag}/dvclive", "--metrics", f"{tag}/train.json"]
+
+
+@pytest.fixture(scope="module")
+def long_run(pipeline_outputs):
+    """A 60-step run of the tiny model, uninterrupted, as the reference."""
+    write_params(pipeline_outputs, {"train": {"max_steps": 60, "save_steps": 5, "eval_steps": 30,
+                                              "logging_steps": 5}}).rename(pipeline_outputs / "params-long.yaml")
+    write_params(pipeline_outputs, {})  # the fixture's own params.yaml as it was
+    done = subprocess.run(train_command(pipeline_outputs, "straight"), cwd=pipeline_outputs, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pipeline_outputs
+
+
+def env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_same_result(long_run, sig):
+    tag = f"killed-{sig.name}"
+    first = subprocess.Popen(train_command(long_run, tag), cwd=long_run, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    marker = long_run / tag / "checkpoints/checkpoint-10" / COMPLETE
+    deadline = time.monotonic() + 300
+    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.send_signal(sig)
+    assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
+    assert not (long_run / tag / "model").exists() and not (long_run / tag / "train.json").exists()
+
+    again = subprocess.run(train_command(long_run, tag), cwd=long_run, env=env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((long_run / tag / "train.json").read_text())
+    straight = json.loads((long_run / "straight/train.json").read_text())
+    assert 10 <= resumed["resumed_from_step"] < 60 and resumed["steps"] == straight["steps"] == 60
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-6)
+    a = load_file(long_run / tag / "model/model.safetensors")
+    b = load_file(long_run / "straight/model/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
