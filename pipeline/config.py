@@ -128,9 +128,12 @@ class TrainConfig:
                 "keeps the fastest; flash_attention_2 needs CUDA and the flash-attn package.")
     torch_compile: bool = opt(False, "torch.compile the model (worth it on GPUs for long runs; off on CPU, where "
                                      "the compile time is not won back in short runs).")
-    pad_vocab_multiple_of: int = opt(0, "Pad the embedding/output matrix to a multiple of this (64: GPT-2's "
-                                        "50257 -> 50304) for faster matmuls; trimmed back before saving. 0: off.",
-                                     ge=0)
+    pad_vocab_multiple_of: int = opt(64, "Pad the embedding/output matrix to a multiple of this (64: GPT-2's "
+                                         "50257 -> 50304) for faster matmuls; the padding takes no part in the "
+                                         "loss and is trimmed before saving. 0: off.", ge=0)
+    loss_chunk_tokens: int = opt(0, "GPT-2: compute the output layer and cross-entropy this many tokens at a "
+                                    "time (e.g. 1024), never holding the B x T x 50257 logits: GBs less at large "
+                                    "batches, ~5-25% slower on CPU. 0: full logits, as Hugging Face does.", ge=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, ~30% "
                                               "more compute.")
     freeze: FreezeConfig = opt(FreezeConfig(), "Transfer learning: parts of the base model kept fixed.")
@@ -151,6 +154,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = opt(8, "Blocks per forward pass when evaluating.", ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "Autocast precision of the forward passes (the loss is summed in fp32); auto as train.precision.")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@ validation blocks, in one metrics file, with the improvement.
 
 The loss is the mean negative log-likelihood over every predicted token (each block predicts
 block_size - 1 tokens; labels -100 are skipped), summed across batches before dividing, so the
-figure does not depend on the batch size.
+figure does not depend on the batch size. It runs without gradients, under autocast in
+`evaluate.precision` (auto: bf16 where the device does it natively), with GPT-2's output layer and
+cross-entropy taken chunk by chunk (pipeline.throughput.next_token_loss).
 """
 
 from __future__ import annotations
@@ -16,37 +18,38 @@ from typing import Any
 import click
 
 from pipeline.common import (
-    IGNORE_INDEX,
     PipelineError,
     collate_blocks,
     device,
     keep_freed_memory,
     load_model,
     params_option,
+    resolve_precision,
     stage_command,
     write_json,
 )
 from pipeline.config import load_params
+from pipeline.throughput import next_token_loss
 
 log = logging.getLogger("pipeline.evaluate")
 
 
-def token_nll(model: Any, blocks: Any, batch_size: int) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) and number of predicted tokens over `blocks`."""
+def token_nll(model: Any, blocks: Any, batch_size: int, precision: str = "fp32") -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of predicted tokens over `blocks`, without
+    gradients, under autocast in `precision` (the loss itself is always accumulated in fp32)."""
     import torch
-    import torch.nn.functional as F
 
     dev = device()
     model.to(dev).eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     total, count = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, len(blocks), batch_size):
             batch = collate_blocks(blocks.select(range(start, min(start + batch_size, len(blocks)))))
-            logits = model(input_ids=batch["input_ids"].to(dev)).logits.float()
-            targets = batch["labels"][:, 1:].to(dev)
-            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((targets != IGNORE_INDEX).sum())
+            nll, n, _ = next_token_loss(model, model, batch["input_ids"].to(dev), batch["labels"].to(dev),
+                                        model.config.vocab_size)
+            total += nll.item()
+            count += int(n)
     return total, count
 
 
@@ -62,7 +65,8 @@ def compare(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, fl
             "loss_reduction": base["loss"] - finetuned["loss"]}
 
 
-def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: int, trust_remote_code: bool) -> dict:
+def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: int, trust_remote_code: bool,
+             precision: str = "fp32") -> dict:
     import datasets
 
     if not (data_dir / "dataset_dict.json").exists():
@@ -70,11 +74,12 @@ def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: in
     blocks = datasets.load_from_disk(str(data_dir))["validation"]
     results: dict[str, Any] = {}
     for name, path in (("base", base_dir), ("finetuned", finetuned_dir)):
-        nll, tokens = token_nll(load_model(path, trust_remote_code), blocks, batch_size)
+        nll, tokens = token_nll(load_model(path, trust_remote_code), blocks, batch_size, precision)
         results[name] = summarize(nll, tokens)
         log.info("%s: loss %.4f, perplexity %.2f over %d tokens", name, results[name]["loss"],
                  results[name]["perplexity"], tokens)
     results["tokens"] = tokens
+    results["precision"] = precision
     results.update(compare(results["base"], results["finetuned"]))
     if results["perplexity_reduction"] < 0:
         log.warning("fine-tuning made validation perplexity worse (%.2f -> %.2f); try a lower lr or fewer epochs",
@@ -96,8 +101,9 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     """Validation loss and perplexity of the base and the fine-tuned model, and the improvement."""
     params = load_params(params_path)
     keep_freed_memory()
+    precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
     write_json(metrics_path, evaluate(base_dir, finetuned_dir, data_dir, params.evaluate.batch_size,
-                                      params.model.trust_remote_code))
+                                      params.model.trust_remote_code, precision))
 
 
 if __name__ == "__main__":

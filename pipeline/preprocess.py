@@ -18,6 +18,7 @@ from pipeline.common import (
     IGNORE_INDEX,
     PipelineError,
     atomic_dir,
+    digest,
     load_tokenizer,
     params_option,
     stage_command,
@@ -52,14 +53,22 @@ def split_documents(raw: Any, data: DataConfig, val_fraction: float, seed: int) 
 def tokenize(docs: Any, tokenizer: Any, text_column: str, add_eos: bool, num_proc: int, batch_size: int) -> Any:
     """A dataset with one `input_ids` list per document, EOS appended to every non-empty one."""
     eos = [tokenizer.eos_token_id] if add_eos else []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)  # Rust, threaded, no character offsets: ~1.5x __call__
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if fast is not None:
+            ids = [e.ids for e in fast(texts, add_special_tokens=False)]
+        else:
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"input_ids": [x + eos if x else x for x in ids]}
 
+    # An explicit fingerprint: otherwise datasets hashes `encode` by pickling the whole tokenizer, which took
+    # 70% of the stage on a 1M-token corpus. The stage writes to a fresh directory and caching is off.
+    fingerprint = digest([docs._fingerprint, text_column, add_eos, len(tokenizer), tokenizer.name_or_path])
     return docs.map(encode, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
-                    remove_columns=docs.column_names, desc="tokenize")
+                    remove_columns=docs.column_names, desc="tokenize", new_fingerprint=fingerprint)
 
 
 def chunk(token_lists: Any, block_size: int, remainder: str, pad_id: int) -> tuple[Any, dict]:

@@ -73,7 +73,7 @@ class MemoryEstimate:
 
 def estimate_memory(n_params: int, n_trainable: int, n_layer: int, n_embd: int, n_head: int, vocab: int,
                     batch: int, block_size: int, precision: str, gradient_checkpointing: bool,
-                    attention: str) -> MemoryEstimate:
+                    attention: str, loss_chunk_tokens: int = 0) -> MemoryEstimate:
     """Peak training memory, the usual accounting (Korthikanti et al. 2022 for activations):
 
     - fp32 master weights 4 bytes/param; trainable ones add a 4-byte gradient and 8 bytes of AdamW
@@ -81,7 +81,8 @@ def estimate_memory(n_params: int, n_trainable: int, n_layer: int, n_embd: int, 
     - activations per layer ≈ B·T·d·34 bytes in 16-bit (x2 in fp32), plus 5·heads·T²·B for eager
       attention's score matrices; gradient checkpointing keeps only each layer's input (B·T·d·2)
       and one layer's full set;
-    - logits: B·T·V in 16-bit, their fp32 copy and its gradient.
+    - logits: B·T·V in 16-bit, their fp32 copy and its gradient; with the chunked loss, one chunk's
+      worth plus an fp32 gradient of the output matrix.
     """
     width = 2 if precision in ("bf16", "fp16") else 4
     static = 4 * n_params + (4 + 8 + (2 if width == 2 else 0)) * n_trainable
@@ -91,6 +92,8 @@ def estimate_memory(n_params: int, n_trainable: int, n_layer: int, n_embd: int, 
         per_layer += 5 * n_head * block_size * block_size * batch * width // 2
     activations = (n_layer * tokens * n_embd * width + per_layer) if gradient_checkpointing else n_layer * per_layer
     logits = tokens * vocab * (width + 4 + 4)
+    if loss_chunk_tokens:
+        logits = min(tokens, loss_chunk_tokens) * vocab * (width + 4 + 4) + 4 * vocab * n_embd
     return MemoryEstimate(static, activations, logits)
 
 
@@ -107,7 +110,7 @@ def free_memory() -> tuple[int, str]:
 
 
 def preflight(estimate: MemoryEstimate, batch: int, accumulation: int, gradient_checkpointing: bool,
-              lora: bool, headroom: float = 0.9) -> None:
+              lora: bool, loss_chunked: bool = True, headroom: float = 0.9) -> None:
     """Fail fast, with what to change, when the estimate exceeds the free memory."""
     free, where = free_memory()
     log.info("memory preflight: estimated peak %.2f GiB (states %.2f, activations %.2f, logits %.2f); %.2f GiB free "
@@ -119,6 +122,8 @@ def preflight(estimate: MemoryEstimate, batch: int, accumulation: int, gradient_
     if batch > 1:
         fixes.append(f"train.per_device_train_batch_size: {max(1, batch // 2)} with gradient_accumulation_steps: "
                      f"{accumulation * 2} (same effective batch)")
+    if not loss_chunked and estimate.logits > 0.1 * estimate.total:
+        fixes.append("train.loss_chunk_tokens: 1024")
     if not gradient_checkpointing:
         fixes.append("train.gradient_checkpointing: true")
     if not lora:
@@ -157,7 +162,7 @@ def check_attention(requested: str) -> None:
                             "(pip install flash-attn); use sdpa, eager or auto")
 
 
-def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -> tuple[str, dict[str, float]]:
+def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 1) -> tuple[str, dict[str, float]]:
     """Time a forward+backward of one real batch under each available attention implementation and
     return the fastest with the timings. Gradients and RNG state are left as they were."""
     import torch
@@ -188,6 +193,35 @@ def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -
 
 
 # --- loss ------------------------------------------------------------------------------------------
+
+LOSS_CHUNK = 1024  # tokens per chunk of the output layer + cross-entropy
+
+
+def next_token_loss(model: Any, unwrapped: Any, input_ids: Any, labels: Any, vocab: int,
+                    chunk: int = LOSS_CHUNK) -> tuple[Any, Any, Any]:
+    """Summed next-token cross-entropy of a causal LM over a batch, the number of predicted tokens, and
+    the model outputs. `model` is what to call (maybe DDP-wrapped), `unwrapped` the model itself, `vocab`
+    the real vocabulary size (the output matrix may be padded beyond it), `chunk` the tokens per chunk
+    (0: the full logits, as Hugging Face computes them).
+
+    GPT-2's logits are a plain product with the (tied) embedding matrix, so for it the loss is taken
+    chunk by chunk from the final hidden states, never holding B x T x V logits (a padded vocabulary's
+    extra rows are left out). Other architectures may shape their logits (scaling, soft-capping): for
+    them the loss is taken from the logits they return."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:].reshape(-1)
+    if chunk and unwrapped.config.model_type == "gpt2":
+        outputs = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+        hidden = outputs.hidden_states[-1][:, :-1]
+        total, count = chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)),
+                                             unwrapped.get_output_embeddings().weight, targets, vocab, chunk)
+        return total, count, outputs
+    outputs = model(input_ids=input_ids)
+    logits = outputs.logits[:, :-1, :vocab].float()
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=-100, reduction="sum")
+    return total, (targets != -100).sum(), outputs
+
 
 def chunked_cross_entropy(hidden: Any, weight: Any, targets: Any, vocab: int, chunk: int) -> tuple[Any, Any]:
     """Summed next-token cross-entropy of `hidden` (N, d) against the output matrix `weight` (V', d),

@@ -42,10 +42,10 @@ from pipeline.common import (
 from pipeline.config import Params, TrainConfig, load_params
 from pipeline.throughput import (
     check_attention,
-    chunked_cross_entropy,
     estimate_memory,
     fastest_attention,
     flops_per_token,
+    next_token_loss,
     peak_flops,
     peak_memory_used,
     preflight,
@@ -56,7 +56,6 @@ FINGERPRINT = "fingerprint.json"
 COMPLETE = "checkpoint-complete.json"  # written once the Trainer has finished a checkpoint
 NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
-LOSS_CHUNK = 1024  # tokens per chunk of the output layer + cross-entropy
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -137,12 +136,22 @@ def prepare_model(model: Any, t: TrainConfig) -> tuple[Any, int]:
         model = add_lora(model, t.lora)
     if t.gradient_checkpointing:
         model.config.use_cache = False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.loss_type is None:
+        # transformers 5 derives loss_type from the class name, and "GPT2LMHeadModel" names none; the Trainer
+        # then counts position 0 of every block as a target (num_items_in_batch) and reports train and eval
+        # losses scaled by (T-1)/T. Every model trained here is a causal LM.
+        base.loss_type = "ForCausalLM"
     return model, vocab
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
+def count_parameters(model: Any, vocab: int) -> tuple[int, int]:
+    """Total and trainable parameters, not counting vocabulary padding rows."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    embeddings = model.get_input_embeddings().weight
+    padding = (embeddings.shape[0] - vocab) * embeddings.shape[1]
+    return total - padding, trainable - (padding if embeddings.requires_grad else 0)
 
 
 def choose_attention(model: Any, requested: str, blocks: Any, batch_size: int, precision: str,
@@ -217,26 +226,18 @@ def _checkpoint_step(checkpoint: str | Path | None) -> int:
 
 # --- the Trainer, its loss and its callbacks -----------------------------------------------------
 
-def make_trainer(model: Any, args: Any, blocks: Any, tokenizer: Any, vocab: int, callbacks: list) -> Any:
+def make_trainer(model: Any, args: Any, blocks: Any, tokenizer: Any, vocab: int, loss_chunk: int,
+                 callbacks: list) -> Any:
     from transformers import Trainer
 
     class PipelineTrainer(Trainer):
-        """The Trainer with a chunked output-layer loss for GPT-2 (no B x T x V logits in memory; padded
-        vocabulary rows ignored) and a stop on a non-finite loss."""
+        """The Trainer with next_token_loss (for GPT-2: no B x T x V logits in memory, padded vocabulary rows
+        ignored) and a stop on a non-finite loss."""
 
         def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            unwrapped = self.accelerator.unwrap_model(model)
-            if unwrapped.config.model_type != "gpt2":  # other architectures: their own loss (e.g. softcapping)
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                check_finite(loss[0] if return_outputs else loss, self.state.global_step + 1)
-                return loss
-            outputs = model(input_ids=inputs["input_ids"], output_hidden_states=True, logits_to_keep=1)
-            hidden = outputs.hidden_states[-1][:, :-1]
-            targets = inputs["labels"][:, 1:]
-            total, count = chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)),
-                                                 unwrapped.get_output_embeddings().weight,
-                                                 targets.reshape(-1), vocab, LOSS_CHUNK)
+            total, count, outputs = next_token_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
+                                                    inputs["labels"], vocab, loss_chunk)
             if num_items_in_batch is not None:  # normalised over the whole accumulated (global) batch
                 loss = total / num_items_in_batch
                 if self.args.average_tokens_across_devices:
@@ -317,7 +318,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     blocks = datasets.load_from_disk(str(data_dir))
     tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
     model, vocab = prepare_model(load_model(base_dir, params.model.trust_remote_code), t)
-    n_params, n_trainable = count_parameters(model)
+    n_params, n_trainable = count_parameters(model, vocab)
     block_size = len(blocks["train"][0]["input_ids"])
 
     args = training_arguments(params, precision, checkpoints)
@@ -326,9 +327,9 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         preflight(estimate_memory(n_params, n_trainable, config.num_hidden_layers, config.hidden_size,
                                   config.num_attention_heads, vocab, t.per_device_train_batch_size, block_size,
                                   precision, t.gradient_checkpointing,
-                                  "eager" if t.attn_implementation == "eager" else "sdpa"),
+                                  "eager" if t.attn_implementation == "eager" else "sdpa", t.loss_chunk_tokens),
                   t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing,
-                  t.lora.enabled)
+                  t.lora.enabled, t.loss_chunk_tokens > 0)
     run_id = fingerprint(params, data_dir, base_dir)
     resume_from = resume_checkpoint(checkpoints, run_id)  # every rank decides before rank 0 writes
     attention = choose_attention(model.to(args.device), t.attn_implementation, blocks["train"],
@@ -348,7 +349,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
              effective_batch, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
              tokens_per_step, f"; resuming from {resume_from}" if resume_from else "")
 
-    trainer = make_trainer(model, args, blocks, tokenizer, vocab,
+    trainer = make_trainer(model, args, blocks, tokenizer, vocab, t.loss_chunk_tokens,
                            callbacks(live_dir, resume_from is not None, tokens_per_step, flops, peak)
                            + early_stopping(t.early_stopping_patience))
     start_step, started = _checkpoint_step(resume_from), time.perf_counter()

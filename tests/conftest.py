@@ -28,7 +28,7 @@ TINY = {
     "train": {"epochs": 1, "max_steps": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
               "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "precision": "fp32",
               "attn_implementation": "sdpa"},  # pinned: `auto` measures, and timing must not steer exact tests
-    "evaluate": {"batch_size": 8},
+    "evaluate": {"batch_size": 8, "precision": "fp32"},
     "generate": {"prompts": ["The river", "A game of chess"], "max_new_tokens": 8, "num_return_sequences": 2},
 }
 

@@ -60,19 +60,25 @@ def test_gpt2_xl_full_fine_tuning_needs_more_than_24_gb_and_fits_40():
     assert 24e9 < estimate.total < 40e9
 
 
-def test_checkpointing_and_lora_shrink_the_estimate():
+def test_checkpointing_lora_and_the_chunked_loss_shrink_the_estimate():
     full = gpt2_xl(batch=8)
     assert gpt2_xl(batch=8, checkpointing=True).activations < full.activations / 10
     assert gpt2_xl(batch=8, trainable=4_000_000).static < full.static / 4
+    chunked = estimate_memory(1_557_611_200, 1_557_611_200, 48, 1600, 25, 50257, 8, 1024, "bf16", False, "sdpa", 1024)
+    assert chunked.logits < full.logits / 4
 
 
 def test_preflight_fails_fast_with_what_to_change(monkeypatch):
     monkeypatch.setattr("pipeline.throughput.free_memory", lambda: (24 * GIB, "NVIDIA A10 (test)"))
     with pytest.raises(PipelineError) as error:
-        preflight(gpt2_xl(batch=4), 4, 32, False, False)
+        preflight(gpt2_xl(batch=4), 4, 32, False, False, False)
     message = str(error.value)
     assert "training needs about" in message and "NVIDIA A10 (test) has 24.0 GiB free" in message
     assert "per_device_train_batch_size: 2 with gradient_accumulation_steps: 64" in message
     assert "gradient_checkpointing: true" in message and "lora.enabled: true" in message
+    # GPT-2 124M at batch 32 x 1024: the logits dominate, so the chunked loss is suggested too
+    gpt2 = estimate_memory(124_439_808, 124_439_808, 12, 768, 12, 50257, 32, 1024, "bf16", False, "sdpa")
+    with pytest.raises(PipelineError, match="loss_chunk_tokens: 1024"):
+        preflight(gpt2, 32, 1, False, False, False)
     monkeypatch.setattr("pipeline.throughput.free_memory", lambda: (80 * GIB, "H100 (test)"))
     preflight(gpt2_xl(batch=1), 1, 128, False, False)  # fits: no error

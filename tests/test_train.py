@@ -142,3 +142,13 @@ def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_pat
     args = (out / "data/processed", 8, False)
     base = out / "models/base"
     assert evaluate(base, out / "models/finetuned", *args) == evaluate(base, tmp_path / "again", *args)
+
+
+def test_in_training_eval_loss_equals_the_evaluate_stage(pipeline_outputs):
+    """The Trainer's eval loss counts the same targets as pipeline.evaluate (block_size - 1 per block)."""
+    from pipeline.evaluate import evaluate
+
+    out = pipeline_outputs
+    logged = float((out / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()[-1].split("\t")[1])
+    exact = evaluate(out / "models/base", out / "models/finetuned", out / "data/processed", 8, False)
+    assert logged == pytest.approx(exact["finetuned"]["loss"], rel=1e-5)
