@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-venv demo test lint repro params clean docker-build docker-train docker-shell docker-test
+.PHONY: help setup check-venv demo test lint bench repro params clean docker-build docker-train docker-shell docker-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: setup lint ## Run the linter and the test suite, offline
 lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/hadolint Dockerfile
+
+bench: setup ## Benchmark the stages against Hugging Face defaults, side by side (about 15 minutes; prints a table)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)
 	$(BIN)/dvc repro

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = {  # name: (GPT2Config overrides, block size, per-device batch, optimizer steps)
-    "gpt2-124M": ({}, 512, 4, int(os.environ.get("BENCH_STEPS_124M", 8))),
+    "gpt2-124M": ({}, 512, 4, int(os.environ.get("BENCH_STEPS_124M", 12))),
     "tiny": ({"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 128}, 128, 8, 60),
 }
 
@@ -90,9 +90,10 @@ def case_train_baseline(work: Path, name: str) -> dict:
     _, block, batch, steps = CONFIGS[name]
     blocks = datasets.load_from_disk(str(work / name / "blocks"))["train"].with_format("torch", dtype=torch.long)
     model = AutoModelForCausalLM.from_pretrained(work / name / "base")
+    # run_clm's defaults, checkpointing included (save_strategy "steps": a checkpoint at the end, as the stage)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work), max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=5e-5, seed=0, data_seed=0, logging_steps=1, save_strategy="no",
-                             report_to="none", use_cpu=True, disable_tqdm=True)
+                             learning_rate=5e-5, seed=0, data_seed=0, logging_steps=1, report_to="none",
+                             use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
     start = time.perf_counter()
     trainer.train()
@@ -217,6 +218,15 @@ def compare(work: Path, what: str, *args: str) -> str:
             f"| **{ratio:.2f}x**{losses} | {baseline['setup']} | {ours['setup']} |")
 
 
+def machine() -> str:
+    """The matmul peaks that bound the train ratio: bf16 vs fp32 on this machine, now."""
+    from pipeline.throughput import measured_matmul_flops
+
+    bf16, fp32 = measured_matmul_flops("bf16", seconds=2), measured_matmul_flops("fp32", seconds=2)
+    return (f"machine now: 2048x2048 matmul bf16 {bf16 / 1e12:.2f} TFLOP/s, fp32 {fp32 / 1e12:.2f} TFLOP/s "
+            f"(ratio {bf16 / fp32:.1f}x)\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="Working directory (default: a temporary one).")
@@ -232,6 +242,7 @@ def main() -> None:
     if not (work / "tokenizer").exists():
         prepare(work)
     only = args.only or ["preprocess", "evaluate", "train"]
+    print(machine())
     print("| case | baseline tokens/s | pipeline tokens/s | ratio | baseline loss | pipeline loss "
           "| baseline | pipeline |")
     print("|---|---|---|---|---|---|---|---|")

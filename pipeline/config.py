@@ -153,21 +153,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = opt(8, "Blocks per forward pass when evaluating.", ge=1)
+    batch_size: int = opt(8, "Blocks (or windows) per forward pass when evaluating.", ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "Autocast precision of the forward passes (the loss is summed in fp32); auto as train.precision.")
+    stride: int | None = opt(None, "Sliding-window perplexity: the window (block_size tokens) moves by this many "
+                                   "tokens, so each token is scored once with at least block_size - stride tokens "
+                                   "of context. null: block_size / 2.", ge=1)
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     prompts: list[str] = opt(["The meaning of life is"], "Prompts to continue.")
+    prompts_file: str | None = opt(None, "More prompts: a text file (one per line) or JSONL (a \"prompt\" field "
+                                         "per line). Add it to the generate stage's deps in dvc.yaml.")
     max_new_tokens: int = opt(64, "Tokens generated per sample.", ge=1)
     do_sample: bool = opt(True, "Sample (true) or greedy decode (false).")
     temperature: float = opt(0.8, "Sampling temperature.", gt=0.0)
     top_k: int = opt(50, "Keep the k most likely tokens (0 disables).", ge=0)
     top_p: float = opt(0.95, "Nucleus sampling mass.", gt=0.0, le=1.0)
+    repetition_penalty: float = opt(1.0, "Penalise tokens already present (1.0: off; 1.2 is common).", gt=0.0)
+    no_repeat_ngram_size: int = opt(0, "Never repeat an n-gram of this size (0: off).", ge=0)
+    stop: list[str] = opt([], "Stop a sample at the first of these strings (it is cut there).")
     num_return_sequences: int = opt(2, "Samples per prompt.", ge=1)
-    seed: int = opt(1234, "Sampling seed; the same seed gives the same samples.", ge=0)
+    batch_size: int = opt(8, "Prompts per generate() call (left-padded, KV cache).", ge=1)
+    compare_base: bool = opt(True, "Also sample the base model, shown side by side in samples.md.")
+    seed: int = opt(1234, "Sampling seed; the same seed and prompts give the same samples.", ge=0)
 
 
 @dataclass(frozen=True)
@@ -203,6 +213,9 @@ class Params:
         if t.lora.enabled and (t.freeze.embeddings or t.freeze.layers):
             fail("train.freeze", "does nothing with train.lora.enabled (LoRA keeps every base weight fixed); "
                                  "remove one of them")
+        if self.evaluate.stride is not None and self.evaluate.stride > self.preprocess.block_size:
+            fail("evaluate.stride", f"({self.evaluate.stride}) exceeds preprocess.block_size "
+                                    f"({self.preprocess.block_size}); windows would skip tokens")
         if not self.generate.do_sample and self.generate.num_return_sequences > 1:
             fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
 
@@ -278,6 +291,8 @@ _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.
 
 
 def _check_bounds(value: Any, meta: dict, key: str) -> None:
+    if value is None:  # an optional value left unset
+        return
     for name, (within, word) in _BOUNDS.items():
         if name in meta and not within(value, meta[name]):
             fail(key, f"must be {word} {meta[name]}; got {value}")

@@ -108,20 +108,29 @@ def dvc(workspace: Path, *args: str, capture: bool = False) -> subprocess.Comple
 
 
 def report(workspace: Path) -> str:
-    """The base-vs-fine-tuned table, the first samples, and where the files are."""
+    """The base-vs-fine-tuned table, samples side by side, and where the files are."""
     ev = json.loads((workspace / "metrics/eval.json").read_text())
+    val = ev["validation"]
     tr = json.loads((workspace / "metrics/train.json").read_text())
+    gen = json.loads((workspace / "metrics/generate.json").read_text())
     samples = [json.loads(line) for line in (workspace / "outputs/samples.jsonl").read_text().splitlines()]
-    lines = ["", f"{'validation (' + str(ev['tokens']) + ' tokens)':<32}{'loss':>8}{'perplexity':>14}",
-             f"{'base (untrained tiny GPT-2)':<32}{ev['base']['loss']:>8.3f}{ev['base']['perplexity']:>14,.1f}",
-             f"{'fine-tuned':<32}{ev['finetuned']['loss']:>8.3f}{ev['finetuned']['perplexity']:>14,.1f}",
-             f"perplexity ratio fine-tuned/base: {ev['perplexity_ratio']:.4f}",
+    rows = [("base (untrained tiny GPT-2)", val["base"]), ("fine-tuned", val["finetuned"])]
+    header = f"validation: {val['tokens']:,} tokens"
+    lines = ["", f"{header:<36}{'loss':>8}{'perplexity':>12}{'sliding':>10}{'bits/byte':>11}",
+             *[f"{name:<36}{m['loss']:>8.3f}{m['perplexity']:>12,.1f}{m['sliding_perplexity']:>10,.1f}"
+               f"{m['bits_per_byte']:>11.3f}" for name, m in rows],
+             f"perplexity {val['perplexity_relative_reduction']:.1%} lower after fine-tuning "
+             f"(sliding window: stride {ev['stride']} of {ev['block_size']})",
              f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s, "
-             f"{tr['precision']}", "", "samples:"]
-    for s in samples[:4]:
-        lines.append(f"  [{s['prompt']}]{s['text']!r}")
-    lines += ["", f"files in {workspace}/: models/base, models/finetuned, data/processed, metrics/*.json, "
-                  "outputs/samples.md, dvclive/",
+             f"{tr['precision']}, {tr['attention']} attention, MFU {tr['mfu']:.1%}, peak memory "
+             f"{tr['peak_memory_gib']:.1f} GiB",
+             f"samples: copied 8-grams {gen['finetuned']['copied_8gram_fraction']:.2f} (fine-tuned), "
+             f"distinct-2 {gen['finetuned']['distinct_2']:.2f}", "", "samples (prompt | fine-tuned | base):"]
+    by_model = {name: [s for s in samples if s["model"] == name] for name in ("finetuned", "base")}
+    for tuned, base in list(zip(by_model["finetuned"], by_model["base"], strict=False))[:4]:
+        lines.append(f"  {tuned['prompt']} | {tuned['text'][:60]!r} | {base['text'][:40]!r}")
+    lines += ["", f"files in {workspace}/: models/finetuned (with its README.md model card), metrics/*.json, "
+                  "outputs/samples.md (side by side), dvclive/",
               f"next: cd {workspace} && PATH={Path(sys.executable).parent}:$PATH dvc exp run -S lr=1e-3 "
               "&& dvc exp show"]
     return "\n".join(lines)

@@ -1,11 +1,17 @@
-"""Stage 4, evaluate: loss and perplexity of the base AND the fine-tuned model on the same
-validation blocks, in one metrics file, with the improvement.
+"""Stage 4, evaluate: the base AND the fine-tuned model on exactly the same tokens, in one metrics
+file, with the improvement: per split (validation, and test when the data has one),
 
-The loss is the mean negative log-likelihood over every predicted token (each block predicts
-block_size - 1 tokens; labels -100 are skipped), summed across batches before dividing, so the
-figure does not depend on the batch size. It runs without gradients, under autocast in
-`evaluate.precision` (auto: bf16 where the device does it natively), with GPT-2's output layer and
-cross-entropy taken chunk by chunk (pipeline.throughput.next_token_loss).
+- loss and perplexity over the non-overlapping blocks (what run_clm.py reports): each block predicts
+  block_size - 1 tokens from the tokens before them in the block;
+- loss and perplexity with a sliding window (Hugging Face's "Perplexity of fixed-length models"):
+  windows of block_size tokens moving by `evaluate.stride` over the split's token stream, each token
+  scored exactly once, with at least block_size - stride tokens of context where the text has them;
+- bits per byte (the summed loss in bits over the UTF-8 bytes of the scored tokens), comparable
+  across tokenizers.
+
+Losses are summed per token in fp32 and divided once, so nothing depends on the batch size. It runs
+without gradients, under autocast in `evaluate.precision`, with GPT-2's output layer taken chunk by
+chunk (pipeline.throughput.next_token_loss). Also writes metrics/perplexity.json for the bar plot.
 """
 
 from __future__ import annotations
@@ -18,92 +24,232 @@ from typing import Any
 import click
 
 from pipeline.common import (
+    IGNORE_INDEX,
     PipelineError,
     collate_blocks,
     device,
     keep_freed_memory,
     load_model,
+    load_tokenizer,
     params_option,
     resolve_precision,
     stage_command,
     write_json,
 )
 from pipeline.config import load_params
-from pipeline.throughput import next_token_loss
+from pipeline.throughput import next_token_loss, pad_vocab
 
 log = logging.getLogger("pipeline.evaluate")
 
 
-def token_nll(model: Any, blocks: Any, batch_size: int, precision: str = "fp32") -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) and number of predicted tokens over `blocks`, without
-    gradients, under autocast in `precision` (the loss itself is always accumulated in fp32)."""
+# --- the two ways of scoring ---------------------------------------------------------------------
+
+def make_scorer(model: Any, precision: str) -> Any:
+    """A function from (input_ids, labels) batches to (summed NLL in nats, scored tokens), for `model`
+    made ready once: vocabulary padded (faster output product; the padding takes no part), eval mode,
+    on the device, no gradients, autocast in `precision`."""
     import torch
 
     dev = device()
+    vocab = pad_vocab(model, 64)
     model.to(dev).eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def score(input_ids: Any, labels: Any) -> tuple[float, int]:
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            nll, n, _ = next_token_loss(model, model, input_ids.to(dev), labels.to(dev), vocab)
+        return nll.item(), int(n)
+
+    return score
+
+
+def block_nll(score: Any, blocks: Any, batch_size: int) -> tuple[float, int]:
+    """Summed NLL and predicted tokens over the non-overlapping `blocks`."""
     total, count = 0.0, 0
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-        for start in range(0, len(blocks), batch_size):
-            batch = collate_blocks(blocks.select(range(start, min(start + batch_size, len(blocks)))))
-            nll, n, _ = next_token_loss(model, model, batch["input_ids"].to(dev), batch["labels"].to(dev),
-                                        model.config.vocab_size)
-            total += nll.item()
-            count += int(n)
+    for start in range(0, len(blocks), batch_size):
+        batch = collate_blocks(blocks.select(range(start, min(start + batch_size, len(blocks)))))
+        nll, n = score(batch["input_ids"], batch["labels"])
+        total, count = total + nll, count + n
     return total, count
 
 
-def summarize(nll: float, tokens: int) -> dict[str, float]:
+def token_nll(model: Any, blocks: Any, batch_size: int, precision: str = "fp32") -> tuple[float, int]:
+    """block_nll for a freshly loaded model (its output matrix is padded in place)."""
+    return block_nll(make_scorer(model, precision), blocks, batch_size)
+
+
+def token_stream(blocks: Any) -> tuple[Any, Any]:
+    """The split as one token stream, and which tokens may be scored (labels not -100). Padding only
+    ever ends the last block, so as context it precedes nothing."""
+    import numpy as np
+
+    data = blocks.with_format("numpy")
+    return np.asarray(data["input_ids"]).reshape(-1), np.asarray(data["labels"]).reshape(-1) != IGNORE_INDEX
+
+
+def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, targets) per window, as in Hugging Face's guide: each window ends `stride` tokens
+    after the previous one and scores only its last `targets` tokens, those not scored before."""
+    windows, previous_end = [], 0
+    for begin in range(0, length, stride):
+        end = min(begin + window, length)
+        windows.append((begin, end, end - previous_end))
+        previous_end = end
+        if end == length:
+            break
+    return windows
+
+
+def sliding_nll(score: Any, ids: Any, scored: Any, window: int, stride: int,
+                batch_size: int) -> tuple[float, int, Any]:
+    """Summed NLL, number of scored tokens and their mask over the stream `ids`, sliding a
+    `window`-token window by `stride`; only tokens where `scored` is true count."""
+    import numpy as np
+    import torch
+
+    windows = sliding_windows(len(ids), window, stride)
+    full = [w for w in windows if w[1] - w[0] == window]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[w] for w in windows if w[1] - w[0] != window]  # a short last window goes alone
+    targets = np.zeros(len(ids), dtype=bool)
+    total, count = 0.0, 0
+    for batch in batches:
+        inputs = torch.tensor(np.stack([ids[b:e] for b, e, _ in batch]), dtype=torch.long)
+        labels = inputs.clone()
+        for row, (b, e, n) in enumerate(batch):
+            labels[row, : e - b - n] = IGNORE_INDEX  # context only: scored by an earlier window
+            labels[row, ~torch.from_numpy(scored[b:e])] = IGNORE_INDEX
+            targets[max(e - n, b + 1):e] = True  # a window's first token has no context to predict it from
+        nll, n = score(inputs, labels)
+        total, count = total + nll, count + n
+    return total, count, targets & scored
+
+
+# --- bytes, for bits per byte --------------------------------------------------------------------
+
+def byte_level_alphabet() -> set[str]:
+    """The 256 characters byte-level BPE (GPT-2) writes bytes as: printable Latin-1 as itself, the
+    rest shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [256 + n for n in range(256 - len(printable))]
+    return {chr(c) for c in printable + shifted}
+
+
+def token_bytes(tokenizer: Any) -> Any:
+    """UTF-8 bytes per token id: exact for byte-level BPE (GPT-2's: one vocabulary character per
+    byte), decoded otherwise; special tokens count 0."""
+    import numpy as np
+
+    byte_chars = byte_level_alphabet()
+    vocab = tokenizer.get_vocab()
+    sizes = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+    special = set(tokenizer.all_special_ids)
+    for token, index in vocab.items():
+        if index in special:
+            continue
+        sizes[index] = len(token) if set(token) <= byte_chars else len(tokenizer.decode([index]).encode("utf-8"))
+    return sizes
+
+
+def summarize(nll: float, tokens: int, n_bytes: int | None = None) -> dict[str, float]:
     loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(loss)}
+    result = {"loss": loss, "perplexity": math.exp(loss)}
+    if n_bytes:
+        result["bits_per_byte"] = nll / math.log(2) / n_bytes
+    return result
 
 
 def compare(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
     """How much fine-tuning changed perplexity: positive reduction means it helped."""
     return {"perplexity_reduction": base["perplexity"] - finetuned["perplexity"],
+            "perplexity_relative_reduction": 1 - finetuned["perplexity"] / base["perplexity"],
             "perplexity_ratio": finetuned["perplexity"] / base["perplexity"],
             "loss_reduction": base["loss"] - finetuned["loss"]}
 
 
+# --- the stage -----------------------------------------------------------------------------------
+
+def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_size: int, stride: int,
+                   precision: str, trust_remote_code: bool) -> dict:
+    """Both ways of scoring, for every model in `paths`, on one split."""
+    import numpy as np
+
+    sizes = token_bytes(tokenizer)
+    block_size = len(blocks[0]["input_ids"])
+    ids, scored = token_stream(blocks)
+    block_targets = np.asarray(blocks.with_format("numpy")["labels"])[:, 1:] != IGNORE_INDEX
+    block_bytes = int(sizes[np.asarray(blocks.with_format("numpy")["input_ids"])[:, 1:][block_targets]].sum())
+    result: dict[str, Any] = {}
+    for name, path in paths.items():
+        score = make_scorer(load_model(path, trust_remote_code), precision)
+        nll, tokens = block_nll(score, blocks, batch_size)
+        s_nll, s_tokens, s_mask = sliding_nll(score, ids, scored, block_size, stride, batch_size)
+        blocks_summary = summarize(nll, tokens, block_bytes)
+        sliding_summary = summarize(s_nll, s_tokens, int(sizes[ids[s_mask]].sum()))
+        result[name] = {**blocks_summary, **{f"sliding_{k}": v for k, v in sliding_summary.items()}}
+        result["tokens"], result["sliding_tokens"] = tokens, s_tokens
+        log.info("%s: perplexity %.2f (blocks), %.2f (sliding window, stride %d), %.3f bits/byte over %d tokens",
+                 name, result[name]["perplexity"], result[name]["sliding_perplexity"], stride,
+                 result[name]["bits_per_byte"], tokens)
+    result["bytes"] = block_bytes
+    if "base" in result:
+        result.update(compare(result["base"], result["finetuned"]))
+        result["sliding_perplexity_reduction"] = (result["base"]["sliding_perplexity"]
+                                                  - result["finetuned"]["sliding_perplexity"])
+    return result
+
+
 def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: int, trust_remote_code: bool,
-             precision: str = "fp32") -> dict:
+             precision: str = "fp32", stride: int | None = None) -> dict:
     import datasets
 
     if not (data_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
-    blocks = datasets.load_from_disk(str(data_dir))["validation"]
-    results: dict[str, Any] = {}
-    for name, path in (("base", base_dir), ("finetuned", finetuned_dir)):
-        nll, tokens = token_nll(load_model(path, trust_remote_code), blocks, batch_size, precision)
-        results[name] = summarize(nll, tokens)
-        log.info("%s: loss %.4f, perplexity %.2f over %d tokens", name, results[name]["loss"],
-                 results[name]["perplexity"], tokens)
-    results["tokens"] = tokens
-    results["precision"] = precision
-    results.update(compare(results["base"], results["finetuned"]))
-    if results["perplexity_reduction"] < 0:
-        log.warning("fine-tuning made validation perplexity worse (%.2f -> %.2f); try a lower lr or fewer epochs",
-                    results["base"]["perplexity"], results["finetuned"]["perplexity"])
+    processed = datasets.load_from_disk(str(data_dir))
+    block_size = len(processed["validation"][0]["input_ids"])
+    stride = stride or block_size // 2
+    if stride > block_size:
+        raise PipelineError(f"params: evaluate.stride ({stride}) exceeds the blocks' {block_size} tokens; lower it")
+    tokenizer = load_tokenizer(finetuned_dir, trust_remote_code)
+    results: dict[str, Any] = {"precision": precision, "block_size": block_size, "stride": stride}
+    for split in [s for s in ("validation", "test") if s in processed]:
+        results[split] = evaluate_split({"base": base_dir, "finetuned": finetuned_dir}, processed[split], tokenizer,
+                                        batch_size, stride, precision, trust_remote_code)
+        if results[split]["perplexity_reduction"] < 0:
+            log.warning("fine-tuning made %s perplexity worse (%.2f -> %.2f); try a lower lr or fewer epochs", split,
+                        results[split]["base"]["perplexity"], results[split]["finetuned"]["perplexity"])
     return results
+
+
+def perplexity_rows(results: dict) -> list[dict]:
+    """Rows of the base-vs-fine-tuned bar plot (dvc plots)."""
+    return [{"model": f"{name} ({split})", "perplexity": results[split][name]["perplexity"]}
+            for split in ("validation", "test") if split in results for name in ("base", "finetuned")]
 
 
 @stage_command
 @params_option
 @click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
-              help="Blocks from preprocess (the validation split is used).")
+              help="Blocks from preprocess (validation, and test when present).")
 @click.option("--base", "base_dir", default="models/base", show_default=True, type=click.Path(path_type=Path),
               help="Base model.")
 @click.option("--model", "finetuned_dir", default="models/finetuned", show_default=True,
               type=click.Path(path_type=Path), help="Fine-tuned model.")
 @click.option("--metrics", "metrics_path", default="metrics/eval.json", show_default=True,
               type=click.Path(path_type=Path), help="Where the metrics are written.")
-def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, metrics_path: Path) -> None:
-    """Validation loss and perplexity of the base and the fine-tuned model, and the improvement."""
+@click.option("--plot", "plot_path", default="metrics/perplexity.json", show_default=True,
+              type=click.Path(path_type=Path), help="Base vs fine-tuned perplexity rows for dvc plots.")
+def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, metrics_path: Path,
+         plot_path: Path) -> None:
+    """Loss, perplexity (blocks and sliding window) and bits per byte of the base and the fine-tuned
+    model on the same tokens, and the improvement."""
     params = load_params(params_path)
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
-    write_json(metrics_path, evaluate(base_dir, finetuned_dir, data_dir, params.evaluate.batch_size,
-                                      params.model.trust_remote_code, precision))
+    results = evaluate(base_dir, finetuned_dir, data_dir, params.evaluate.batch_size, params.model.trust_remote_code,
+                       precision, params.evaluate.stride)
+    write_json(metrics_path, results)
+    write_json(plot_path, perplexity_rows(results))
 
 
 if __name__ == "__main__":

@@ -1,87 +1,277 @@
-"""Stage 5, generate: sample continuations of the prompts in params from the fine-tuned model.
+"""Stage 5, generate: sample continuations of the prompts from the fine-tuned model (and the base
+model, side by side), and check every sample for copying and repetition.
 
-Each prompt is sampled under its own seed (generate.seed + prompt index), so a sample depends on
-the seed and its prompt only, not on the other prompts. Writes outputs/samples.jsonl (one record
-per sample) and outputs/samples.md (for people).
+Prompts are batched (left padding, KV cache). The same seed and prompts give the same samples.
+Each sample gets the fraction of its token 8-grams found in the training blocks (memorisation;
+users of gpt-2-simple found their models reproducing training jokes verbatim) and distinct-1/2
+(repetition). Writes outputs/samples.jsonl (one record per sample), outputs/samples.md (base and
+fine-tuned side by side) and metrics/generate.json (summaries, generation tokens/s).
+
+Ad hoc, on any model directory, printing to the terminal:
+    python -m pipeline.generate --model models/finetuned --prompt "The history of"
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.common import atomic_dir, device, load_model, load_tokenizer, params_option, stage_command, write_text
+from pipeline.common import (
+    PipelineError,
+    atomic_dir,
+    device,
+    load_model,
+    load_tokenizer,
+    params_option,
+    stage_command,
+    write_json,
+    write_text,
+)
 from pipeline.config import GenerateConfig, load_params
 
 log = logging.getLogger("pipeline.generate")
+NGRAM = 8  # memorisation is measured on token 8-grams
 
 
-def generation_config(cfg: GenerateConfig, tokenizer: Any) -> Any:
+# --- prompts and sampling ------------------------------------------------------------------------
+
+def load_prompts(cfg: GenerateConfig) -> list[str]:
+    """The prompts of params, then those of prompts_file (one per line, or JSONL with "prompt")."""
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise PipelineError(f"generate.prompts_file: {path} does not exist; create it or set it to null")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise PipelineError(f"generate.prompts_file: line {number} of {path} is not a JSON object "
+                                        'with a "prompt" field') from None
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise PipelineError("generate: no prompts; set generate.prompts or generate.prompts_file")
+    return prompts
+
+
+def generation_config(cfg: GenerateConfig, tokenizer: Any, max_new_tokens: int | None = None) -> Any:
     from transformers import GenerationConfig
 
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if cfg.do_sample else {}
-    return GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                            num_return_sequences=cfg.num_return_sequences, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, **sampling)
+    return GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=cfg.do_sample,
+                            num_return_sequences=cfg.num_return_sequences, repetition_penalty=cfg.repetition_penalty,
+                            no_repeat_ngram_size=cfg.no_repeat_ngram_size, stop_strings=list(cfg.stop) or None,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            use_cache=True, **sampling)
 
 
-def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig) -> list[dict]:
-    """One record per sample: prompt, sample index, the continuation (without the prompt)."""
+def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig) -> tuple[list[dict], float]:
+    """One record per sample (prompt, sample index, continuation text and token ids), and the
+    generation speed in new tokens/s. Batches are seeded by position, so the same seed and prompts
+    give the same samples."""
     import torch
 
     dev = device()
     model.to(dev).eval()
-    gen_config = generation_config(cfg, tokenizer)
-    records = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        if ids.size(1) == 0:  # an empty prompt starts from the document boundary
-            ids = torch.tensor([[tokenizer.eos_token_id]])
-        torch.manual_seed(cfg.seed + i)
+    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends where generation starts
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    records, new_tokens, seconds = [], 0, 0.0
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
+        # an empty prompt starts from the document boundary (EOS), as in training
+        texts = [p if p else tokenizer.eos_token for p in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        room = context - inputs["input_ids"].shape[1] if context else cfg.max_new_tokens
+        if room < 1:
+            raise PipelineError(f"a prompt of {inputs['input_ids'].shape[1]} tokens fills the model's {context}-token "
+                                "context; shorten it")
+        if room < cfg.max_new_tokens:
+            log.warning("max_new_tokens %d cut to %d: the model's context is %d tokens", cfg.max_new_tokens, room,
+                        context)
+        gen_config = generation_config(cfg, tokenizer, min(room, cfg.max_new_tokens))
+        torch.manual_seed(cfg.seed + start)
+        began = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev),
-                                 generation_config=gen_config)
-        for j, seq in enumerate(out):
-            records.append({"prompt": prompt, "sample": j,
-                            "text": tokenizer.decode(seq[ids.size(1):], skip_special_tokens=True)})
-    return records
+            out = model.generate(**inputs, generation_config=gen_config, tokenizer=tokenizer)
+        seconds += time.perf_counter() - began
+        width = inputs["input_ids"].shape[1]
+        for row, sequence in enumerate(out):
+            i = row // cfg.num_return_sequences
+            continuation = [t for t in sequence[width:].tolist() if t != tokenizer.pad_token_id]
+            new_tokens += len(continuation)
+            prompt_ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
+            records.append({"prompt": batch[i], "sample": row % cfg.num_return_sequences,
+                            "text": cut_at_stop(tokenizer.decode(continuation, skip_special_tokens=True), cfg.stop),
+                            "prompt_ids": prompt_ids, "ids": continuation})
+    return records, new_tokens / seconds if seconds else 0.0
 
 
-def markdown(records: list[dict], cfg: GenerateConfig, model_dir: Path) -> str:
-    lines = [f"# Samples from `{model_dir}`", "",
-             f"seed {cfg.seed}, max_new_tokens {cfg.max_new_tokens}, "
-             + (f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}" if cfg.do_sample else "greedy"),
-             ""]
-    for prompt in dict.fromkeys(r["prompt"] for r in records):
-        lines += [f"## {prompt!r}", ""]
-        for r in (r for r in records if r["prompt"] == prompt):
-            lines += [f"**{r['sample'] + 1}.** {prompt}{r['text']}".replace("\n", "  \n"), ""]
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+# --- copying and repetition ----------------------------------------------------------------------
+
+def ngram_hashes(ids: Any, n: int) -> Any:
+    """A 64-bit rolling hash of every n-gram of `ids` (numpy, wrapping arithmetic)."""
+    import numpy as np
+
+    ids = np.asarray(ids, dtype=np.uint64)
+    if len(ids) < n:
+        return np.zeros(0, dtype=np.uint64)
+    hashes = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            hashes = hashes * np.uint64(1_000_003) + ids[k:len(ids) - n + 1 + k]
+    return hashes
+
+
+def training_ngrams(data_dir: Path) -> Any:
+    """Sorted unique hashes of the training blocks' token 8-grams."""
+    import datasets
+    import numpy as np
+
+    train = datasets.load_from_disk(str(data_dir))["train"].with_format("numpy")
+    return np.unique(ngram_hashes(np.asarray(train["input_ids"]).reshape(-1), NGRAM))
+
+
+def copied_fraction(prompt_ids: list[int], ids: list[int], train_ngrams: Any) -> float | None:
+    """Fraction of the 8-grams ending in a generated token that occur in the training blocks: 1.0
+    for a sample copied from the training text, near 0 for a fresh one."""
+    import numpy as np
+
+    hashes = ngram_hashes(prompt_ids[-(NGRAM - 1):] + ids, NGRAM)
+    if not len(hashes):
+        return None
+    return float(np.isin(hashes, train_ngrams).mean())
+
+
+def distinct(ids: list[int], n: int) -> float | None:
+    """Distinct n-grams over all n-grams of a sample (1.0: no repetition)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def score(records: list[dict], train_ngrams: Any) -> None:
+    for r in records:
+        r["copied_8gram_fraction"] = copied_fraction(r["prompt_ids"], r["ids"], train_ngrams)
+        r["distinct_1"], r["distinct_2"] = distinct(r["ids"], 1), distinct(r["ids"], 2)
+
+
+def summary(records: list[dict]) -> dict:
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {"samples": len(records), "copied_8gram_fraction": mean("copied_8gram_fraction"),
+            "fully_copied_samples": sum(1 for r in records if r.get("copied_8gram_fraction") == 1.0),
+            "distinct_1": mean("distinct_1"), "distinct_2": mean("distinct_2")}
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+def markdown(by_model: dict[str, list[dict]], cfg: GenerateConfig) -> str:
+    settings = (f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}" if cfg.do_sample
+                else "greedy")
+    lines = ["# Samples", "", f"seed {cfg.seed}, max_new_tokens {cfg.max_new_tokens}, {settings}, "
+             f"repetition_penalty {cfg.repetition_penalty}", "",
+             "copied: fraction of the sample's token 8-grams found in the training blocks; "
+             "distinct-2: distinct bigrams / bigrams.", ""]
+    names = list(by_model)
+    prompts = list(dict.fromkeys(r["prompt"] for r in by_model[names[0]]))
+    for prompt in prompts:
+        lines += [f"## {prompt!r}", "", "| # | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        rows = {name: [r for r in records if r["prompt"] == prompt] for name, records in by_model.items()}
+        for j in range(max(len(r) for r in rows.values())):
+            cells = [_cell(rows[name][j]) if j < len(rows[name]) else "" for name in names]
+            lines.append(f"| {j + 1} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _cell(r: dict) -> str:
+    text = (r["prompt"] + "**" + r["text"] + "**").replace("|", "\\|").replace("\n", "<br>")
+    copied = r.get("copied_8gram_fraction")
+    stats = f"copied {copied:.2f}, " if copied is not None else ""
+    return f"{text}<br>*{stats}distinct-2 {r['distinct_2'] or 0:.2f}*"
+
+
+def public(record: dict, model: str, settings: dict) -> dict:
+    return {"model": model, **{k: v for k, v in record.items() if k not in ("prompt_ids", "ids")},
+            "new_tokens": len(record["ids"]), "params": settings}
+
+
+def generate(params: Any, finetuned_dir: Path, base_dir: Path, data_dir: Path) -> tuple[dict, dict]:
+    """Samples per model ({"finetuned": [...], "base": [...]}) and the metrics."""
+    cfg = params.generate
+    prompts = load_prompts(cfg)
+    train_ngrams = training_ngrams(data_dir)
+    models = {"finetuned": finetuned_dir, **({"base": base_dir} if cfg.compare_base else {})}
+    by_model, metrics = {}, {}
+    for name, path in models.items():
+        records, tokens_per_second = sample(load_model(path, params.model.trust_remote_code),
+                                            load_tokenizer(path, params.model.trust_remote_code), prompts, cfg)
+        score(records, train_ngrams)
+        by_model[name] = records
+        metrics[name] = {**summary(records), "tokens_per_second": tokens_per_second}
+        log.info("%s: %d samples, %.0f tokens/s, copied 8-grams %s, distinct-2 %s", name, len(records),
+                 tokens_per_second, _fmt(metrics[name]["copied_8gram_fraction"]), _fmt(metrics[name]["distinct_2"]))
+    return by_model, metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @stage_command
 @params_option
 @click.option("--model", "model_dir", default="models/finetuned", show_default=True, type=click.Path(path_type=Path),
               help="Model to sample from.")
+@click.option("--base", "base_dir", default="models/base", show_default=True, type=click.Path(path_type=Path),
+              help="Base model, sampled beside it (generate.compare_base).")
+@click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
+              help="Training blocks, for the copying check.")
 @click.option("--out", default="outputs", show_default=True, type=click.Path(path_type=Path),
               help="Directory for samples.jsonl and samples.md.")
-def main(params_path: str, model_dir: Path, out: Path) -> None:
-    """Sample continuations of the prompts in params (reproducible under generate.seed)."""
+@click.option("--metrics", "metrics_path", default="metrics/generate.json", show_default=True,
+              type=click.Path(path_type=Path), help="Summary: copying, repetition, tokens/s.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Ad hoc: sample these prompts from --model and print them; writes nothing.")
+def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out: Path, metrics_path: Path,
+         prompts: tuple[str, ...]) -> None:
+    """Sample continuations of the prompts in params (reproducible under generate.seed), base and
+    fine-tuned side by side, with copying and repetition checks; or, with --prompt, print samples."""
+    if prompts:  # ad hoc: params.yaml's sampling settings when there is one, else the defaults
+        params = load_params(params_path) if Path(params_path).exists() else None
+        cfg, trust = (params.generate, params.model.trust_remote_code) if params else (GenerateConfig(), False)
+        records, tokens_per_second = sample(load_model(model_dir, trust), load_tokenizer(model_dir, trust),
+                                            list(prompts), cfg)
+        for r in records:
+            click.echo(f"--- {r['prompt']!r} #{r['sample'] + 1}\n{r['prompt']}{r['text']}")
+        click.echo(f"({tokens_per_second:.0f} tokens/s)", err=True)
+        return
     params = load_params(params_path)
     cfg = params.generate
-    tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
-    records = sample(load_model(model_dir, params.model.trust_remote_code), tokenizer, cfg.prompts, cfg)
-    settings = asdict(cfg)
-    del settings["prompts"]
+    if not (data_dir / "dataset_dict.json").exists():
+        raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
+    by_model, metrics = generate(params, model_dir, base_dir, data_dir)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "prompts_file")}
     with atomic_dir(out) as tmp:
-        write_text(tmp / "samples.jsonl", "".join(json.dumps({**r, "params": settings}) + "\n" for r in records))
-        write_text(tmp / "samples.md", markdown(records, cfg, model_dir))
-    log.info("%d samples -> %s", len(records), out)
+        write_text(tmp / "samples.jsonl", "".join(json.dumps(public(r, name, settings)) + "\n"
+                                                   for name, records in by_model.items() for r in records))
+        write_text(tmp / "samples.md", markdown(by_model, cfg))
+    write_json(metrics_path, metrics)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,16 @@ def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 1) -
 
 
 
+def pad_vocab(model: Any, multiple: int) -> int:
+    """Pad the (tied) embedding/output matrix to a multiple of `multiple` rows for faster matmuls (here
+    GPT-2's 2048 x 768 x 50257 output product ran ~15% faster at 50304); returns the real size. The
+    padding rows are never inputs and next_token_loss leaves them out, so they change nothing."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if multiple and vocab % multiple:
+        model.resize_token_embeddings(vocab, pad_to_multiple_of=multiple, mean_resizing=False)
+    return vocab
+
+
 # --- loss ------------------------------------------------------------------------------------------
 
 LOSS_CHUNK = 1024  # tokens per chunk of the output layer + cross-entropy

@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from pipeline.card import git_commit, lock_hashes, model_card
 from pipeline.common import (
     PipelineError,
     atomic_dir,
@@ -46,6 +47,7 @@ from pipeline.throughput import (
     fastest_attention,
     flops_per_token,
     next_token_loss,
+    pad_vocab,
     peak_flops,
     peak_memory_used,
     preflight,
@@ -83,15 +85,6 @@ def training_arguments(params: Params, precision: str, checkpoints: Path) -> Any
         dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=True,
     )
-
-
-def pad_vocab(model: Any, multiple: int) -> int:
-    """Pad the (tied) embedding/output matrix to a multiple of `multiple` rows; returns the real size.
-    The padding rows are never inputs and are sliced off the logits, so they change nothing."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if multiple and vocab % multiple:
-        model.resize_token_embeddings(vocab, pad_to_multiple_of=multiple, mean_resizing=False)
-    return vocab
 
 
 def freeze(model: Any, embeddings: bool, layers: int) -> None:
@@ -338,6 +331,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     with args.main_process_first(desc="prepare checkpoints"):
         if resume_from is None and is_main_process():
             start_fresh(checkpoints, run_id, attention["attention"])
+    args.eval_on_start = resume_from is None  # step 0: the base model's validation loss, for plot and card
 
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens_per_step = effective_batch * block_size
@@ -366,6 +360,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         "train_loss": result.training_loss,
         "final_train_loss": last_logged(history, "loss"),
         "eval_loss": final_eval.get("eval_loss", last_logged(history, "eval_loss")),
+        "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
         "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * tokens_per_step,
         "effective_batch_size": effective_batch, "effective_batch_tokens": tokens_per_step,
         "tokens_per_second": tokens_per_second, "wall_seconds": seconds,
@@ -377,7 +372,9 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         "parameters": n_params, "trainable_parameters": n_trainable,
     }
     if trainer.is_world_process_zero():
-        save(trainer, args, out, vocab, t.lora.enabled)
+        card = model_card(params, json.loads((base_dir / "provenance.json").read_text()), metrics["base_eval_loss"],
+                          metrics["eval_loss"], metrics, lock_hashes([str(base_dir), str(data_dir)]), git_commit())
+        save(trainer, args, out, vocab, t.lora.enabled, card)
     return metrics
 
 
@@ -386,9 +383,9 @@ def _position_count(model: Any) -> int:
                                                             else model) for p in module.parameters())
 
 
-def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool) -> None:
-    """models/finetuned: a plain model (adapters merged, padding trimmed, safetensors), its tokenizer, and
-    for LoRA the adapter alone in adapter/."""
+def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool, card: str) -> None:
+    """models/finetuned: a plain model (adapters merged, padding trimmed, safetensors), its tokenizer, its
+    model card (README.md), and for LoRA the adapter alone in adapter/."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_dir(out) as tmp:
         if lora:
@@ -400,6 +397,7 @@ def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool) -> None:
         model.save_pretrained(tmp)
         trainer.processing_class.save_pretrained(tmp)
         write_text(tmp / "training_args.json", args.to_json_string())  # not the pickled training_args.bin
+        write_text(tmp / "README.md", card)
 
 
 def last_logged(history: list[dict], key: str) -> float | None:

@@ -94,4 +94,4 @@ def test_block_size_larger_than_the_models_positions(downloaded):
 def test_stage_run_before_its_inputs_exist(project):
     assert_clean_failure(run_stage("train", cwd=project), project, "data/processed is not a processed dataset; run")
     assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a processed dataset")
-    assert_clean_failure(run_stage("generate", cwd=project), project, "models/finetuned has no tokenizer")
+    assert_clean_failure(run_stage("generate", cwd=project), project, "data/processed is not a processed dataset")

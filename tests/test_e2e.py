@@ -15,7 +15,8 @@ pytestmark = pytest.mark.e2e
 
 DECLARED = ["models/base/model.safetensors", "models/base/provenance.json", "data/raw/dataset_dict.json",
             "data/processed/dataset_dict.json", "models/finetuned/model.safetensors", "models/finetuned/tokenizer.json",
-            "metrics/data.json", "metrics/train.json", "metrics/eval.json", "outputs/samples.jsonl",
+            "models/finetuned/README.md", "metrics/data.json", "metrics/train.json", "metrics/eval.json",
+            "metrics/perplexity.json", "metrics/generate.json", "outputs/samples.jsonl",
             "outputs/samples.md", "dvclive/plots/metrics/train/loss.tsv", "dvclive/plots/metrics/eval/loss.tsv",
             "checkpoints/fingerprint.json"]
 
@@ -31,7 +32,8 @@ def exp_rows(workspace) -> list[dict]:
             if "metrics/train.json" in metrics:
                 rows.append({"name": run_.get("name") or run_.get("rev"),
                              "train_loss": metrics["metrics/train.json"]["data"]["train_loss"],
-                             "perplexity": metrics["metrics/eval.json"]["data"]["finetuned"]["perplexity"],
+                             "perplexity": metrics["metrics/eval.json"]["data"]["validation"]["finetuned"][
+                                 "perplexity"],
                              "lr": params.get("lr")})
     return rows
 
@@ -45,7 +47,7 @@ def test_dvc_repro_then_an_lr_experiment(tmp_path):
         assert (workspace / path).exists(), path
     lock = (workspace / "dvc.lock").read_text()
     assert all(f"  {stage}:" in lock for stage in ("download", "preprocess", "train", "evaluate", "generate"))
-    baseline = json.loads((workspace / "metrics/eval.json").read_text())
+    baseline = json.loads((workspace / "metrics/eval.json").read_text())["validation"]
     assert baseline["finetuned"]["perplexity"] < baseline["base"]["perplexity"]
     assert "Data and pipelines are up to date" in dvc(workspace, "status", capture=True).stdout
     run(["git", "add", "-A"], workspace)
@@ -67,6 +69,6 @@ def test_dvc_repro_then_an_lr_experiment(tmp_path):
     assert all(row["perplexity"] > 0 for row in rows)
 
     plots = json.loads(dvc(workspace, "plots", "show", "--json", capture=True).stdout)
-    assert {"loss", "learning_rate"} <= set(plots["data"]), plots["data"].keys()
+    assert {"loss", "learning_rate", "perplexity"} <= set(plots["data"]), plots["data"].keys()
     files = {row["filename"] for row in plots["data"]["loss"][0]["content"]["data"]["values"]}
     assert files == {"train/loss.tsv", "eval/loss.tsv"}

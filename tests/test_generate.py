@@ -1,15 +1,18 @@
-"""pipeline/generate.py: seeded, per-prompt reproducible sampling and its two output files."""
+"""pipeline/generate.py: seeded batched sampling, base vs fine-tuned side by side, the copying and
+repetition checks, prompts files, ad hoc use."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
+import datasets
+import numpy as np
 import pytest
 
-from pipeline.common import load_model, load_tokenizer
+from pipeline.common import PipelineError, load_model, load_tokenizer
 from pipeline.config import GenerateConfig
-from pipeline.generate import sample
+from pipeline.generate import copied_fraction, cut_at_stop, distinct, load_prompts, sample, training_ngrams
 from tests.conftest import run_stage
 
 
@@ -19,39 +22,92 @@ def model_and_tokenizer(pipeline_outputs):
     return load_model(path), load_tokenizer(path)
 
 
-CFG = GenerateConfig(prompts=["The river", "A game of chess"], max_new_tokens=12, num_return_sequences=2, seed=5)
+CFG = GenerateConfig(prompts=["The river", "A game of chess is", "Bread"], max_new_tokens=12,
+                     num_return_sequences=2, seed=5, batch_size=2)
+
+
+def texts(records):
+    return [(r["prompt"], r["sample"], r["text"]) for r in records]
 
 
 def test_same_seed_same_samples(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    first = sample(model, tokenizer, CFG.prompts, CFG)
-    assert first == sample(model, tokenizer, CFG.prompts, CFG)
-    assert len(first) == 4 and all(r["text"] for r in first)
-    assert first != sample(model, tokenizer, CFG.prompts, replace(CFG, seed=6))
+    first, tokens_per_second = sample(model, tokenizer, CFG.prompts, CFG)
+    assert texts(first) == texts(sample(model, tokenizer, CFG.prompts, CFG)[0])
+    assert [(r["prompt"], r["sample"]) for r in first] == [(p, j) for p in CFG.prompts for j in (0, 1)]
+    assert all(r["ids"] and r["text"] for r in first) and tokens_per_second > 0
+    assert texts(first) != texts(sample(model, tokenizer, CFG.prompts, replace(CFG, seed=6))[0])
 
 
-def test_a_prompts_samples_do_not_depend_on_the_other_prompts(model_and_tokenizer):
+def test_left_padding_does_not_change_a_prompts_greedy_continuation(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    both = sample(model, tokenizer, CFG.prompts, CFG)
-    alone = sample(model, tokenizer, CFG.prompts[:1], CFG)
-    assert alone == both[:2]
+    greedy = replace(CFG, do_sample=False, num_return_sequences=1)
+    batched = sample(model, tokenizer, ["The river", "A game of chess is played on"], greedy)[0]
+    alone = sample(model, tokenizer, ["The river"], greedy)[0]
+    assert batched[0]["ids"] == alone[0]["ids"]
 
 
-def test_greedy_and_empty_prompt(model_and_tokenizer):
+def test_empty_prompt_and_stop_strings(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    cfg = replace(CFG, do_sample=False, num_return_sequences=1)
-    records = sample(model, tokenizer, ["", "The river"], cfg)
-    assert [r["prompt"] for r in records] == ["", "The river"]
-    assert len(tokenizer(records[1]["text"]).input_ids) <= 12
+    records, _ = sample(model, tokenizer, ["", "The river"], replace(CFG, do_sample=False, num_return_sequences=1))
+    assert [r["prompt"] for r in records] == ["", "The river"] and len(records[1]["ids"]) <= 12
+    assert cut_at_stop("one. two\n\nthree", ["\n\n", "two"]) == "one. "
+    assert cut_at_stop("no stop here", ["\n\n"]) == "no stop here"
 
 
-def test_cli_writes_jsonl_and_markdown(pipeline_outputs, tmp_path):
-    result = run_stage("generate", "--params", str(pipeline_outputs / "params.yaml"), "--model",
-                       str(pipeline_outputs / "models/finetuned"), "--out", str(tmp_path / "outputs"))
+def test_copying_check_on_constructed_samples(pipeline_outputs, tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train_ngrams = training_ngrams(pipeline_outputs / "data/processed")
+    blocks = np.asarray(datasets.load_from_disk(str(pipeline_outputs / "data/processed"))["train"]["input_ids"])
+    copied = blocks.reshape(-1)[100:140].tolist()  # 40 tokens straight from the training text
+    assert copied_fraction(copied[:5], copied[5:], train_ngrams) == 1.0
+    fresh = tokenizer(" Quantum marmalade orbits seventeen purple violins beneath Tuesday's humming glacier"
+                      " while accountants juggle foggy pineapples", add_special_tokens=False).input_ids
+    assert copied_fraction(fresh[:3], fresh[3:], train_ngrams) < 0.05
+    assert copied_fraction([], [1, 2, 3], train_ngrams) is None  # shorter than one 8-gram
+
+
+def test_distinct_ngrams():
+    assert distinct([1, 2, 3, 4], 1) == 1.0 and distinct([1, 2, 3, 4], 2) == 1.0
+    assert distinct([7, 7, 7, 7], 1) == 0.25 and distinct([7, 7, 7, 7], 2) == pytest.approx(1 / 3)
+    assert distinct([5], 2) is None
+
+
+def test_prompts_files(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "from json"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
+    assert load_prompts(GenerateConfig(prompts=["a"], prompts_file=str(tmp_path / "p.txt"))) == [
+        "a", "first prompt", "second prompt"]
+    assert load_prompts(GenerateConfig(prompts=[], prompts_file=str(tmp_path / "p.jsonl"))) == ["from json"]
+    with pytest.raises(PipelineError, match='line 1 of .*bad.jsonl is not a JSON object with a "prompt" field'):
+        load_prompts(GenerateConfig(prompts_file=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(PipelineError, match="prompts_file: .*missing.txt does not exist"):
+        load_prompts(GenerateConfig(prompts_file=str(tmp_path / "missing.txt")))
+    with pytest.raises(PipelineError, match="no prompts"):
+        load_prompts(GenerateConfig(prompts=[]))
+
+
+def test_stage_writes_side_by_side_samples_and_metrics(pipeline_outputs, tmp_path):
+    out = pipeline_outputs
+    result = run_stage("generate", "--params", str(out / "params.yaml"), "--model", str(out / "models/finetuned"),
+                       "--base", str(out / "models/base"), "--data", str(out / "data/processed"),
+                       "--out", str(tmp_path / "outputs"), "--metrics", str(tmp_path / "generate.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "outputs/samples.jsonl").read_text().splitlines()]
-    assert [(r["prompt"], r["sample"]) for r in records] == [("The river", 0), ("The river", 1),
-                                                           ("A game of chess", 0), ("A game of chess", 1)]
-    assert records[0]["params"]["max_new_tokens"] == 8 and "prompts" not in records[0]["params"]
+    assert {r["model"] for r in records} == {"finetuned", "base"} and len(records) == 2 * 2 * 2
+    first = records[0]
+    assert first["params"]["max_new_tokens"] == 8 and "prompts" not in first["params"]
+    assert {"copied_8gram_fraction", "distinct_1", "distinct_2", "new_tokens"} <= set(first)
     markdown = (tmp_path / "outputs/samples.md").read_text()
-    assert "## 'The river'" in markdown and records[0]["text"].split("\n")[0] in markdown
+    assert "| # | finetuned | base |" in markdown and "## 'The river'" in markdown
+    metrics = json.loads((tmp_path / "generate.json").read_text())
+    assert metrics["finetuned"]["samples"] == 4 and metrics["base"]["tokens_per_second"] > 0
+
+
+def test_ad_hoc_prints_and_writes_nothing(pipeline_outputs, tmp_path):
+    result = run_stage("generate", "--model", str(pipeline_outputs / "models/finetuned"), "--prompt", "The river",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("--- 'The river'") == 2 and "tokens/s" in result.stderr
+    assert not list(tmp_path.iterdir())

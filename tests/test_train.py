@@ -25,7 +25,7 @@ def test_training_writes_a_loadable_model_and_plots(pipeline_outputs):
     eval_loss = (out / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) > 3
     # rows are logged at the Trainer's global step, so train and eval share the x axis
-    assert [row.split("\t")[0] for row in eval_loss[1:]] == ["4", "8"]
+    assert [row.split("\t")[0] for row in eval_loss[1:]] == ["0", "4", "8"]  # 0: the base model
 
 
 def test_training_reduces_the_loss(pipeline_outputs):
@@ -151,4 +151,25 @@ def test_in_training_eval_loss_equals_the_evaluate_stage(pipeline_outputs):
     out = pipeline_outputs
     logged = float((out / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()[-1].split("\t")[1])
     exact = evaluate(out / "models/base", out / "models/finetuned", out / "data/processed", 8, False)
-    assert logged == pytest.approx(exact["finetuned"]["loss"], rel=1e-5)
+    assert logged == pytest.approx(exact["validation"]["finetuned"]["loss"], rel=1e-5)
+
+
+def test_model_card_loads_through_transformers_pipeline(pipeline_outputs):
+    import math
+
+    import yaml
+    from transformers import pipeline
+
+    out = pipeline_outputs / "models/finetuned"
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers"
+    ppl = meta["model-index"][0]["results"][0]["metrics"][0]
+    logged = [float(r.split("\t")[1]) for r in (pipeline_outputs / "dvclive/plots/metrics/eval/loss.tsv").read_text()
+              .splitlines()[1:]]
+    assert ppl["type"] == "perplexity" and ppl["value"] == pytest.approx(math.exp(logged[-1]), rel=1e-4)
+    assert f"| base | {logged[0]:.4f} |" in card  # step 0: the base model's validation loss
+    assert "lr: 0.005" in card and "block_size: 32" in card and "## Intended use and limitations" in card
+    generator = pipeline("text-generation", model=str(out))
+    text = generator("The river", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The river") and len(text) > len("The river")
