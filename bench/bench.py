@@ -42,19 +42,20 @@ def prepare(work: Path) -> None:
     from pipeline.common import load_tokenizer
     from pipeline.config import DataConfig, ModelConfig, PreprocessConfig
     from pipeline.demo import write_gpt2_tokenizer, write_python_reference
-    from pipeline.download import load_raw, save_base
+    from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
+    from pipeline.sources import load_raw
 
     write_gpt2_tokenizer(work / "tokenizer")
     write_python_reference(work / "text")
-    raw, _ = load_raw(DataConfig(dataset=str(work / "text"), config=None))
+    raw, _ = load_raw(DataConfig(dataset=str(work / "text"), config=None), work)
     raw.save_to_disk(str(work / "raw"))
     tokenizer = load_tokenizer(work / "tokenizer")
     for name, (overrides, block, _, _) in CONFIGS.items():
         save_base(ModelConfig(name=name, tokenizer=str(work / "tokenizer"), from_scratch=True,
                               config_overrides=overrides), 0, work / name / "base")
-        blocks, _ = build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x"),
-                                 PreprocessConfig(block_size=block, val_fraction=0.1), 0)
+        blocks, _, _ = build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x"),
+                                    PreprocessConfig(block_size=block, val_fraction=0.1), 0)
         blocks.save_to_disk(str(work / name / "blocks"))
 
 
@@ -124,7 +125,7 @@ def case_preprocess_pipeline(work: Path) -> dict:
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": raw_text(work)})})
     tokenizer = load_tokenizer(work / "tokenizer")
     start = time.perf_counter()
-    _, stats = build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x"), PreprocessConfig(block_size=512), 0)
+    _, stats, _ = build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x"), PreprocessConfig(block_size=512), 0)
     seconds = time.perf_counter() - start
     tokens = stats["train"]["tokens"] + stats["validation"]["tokens"]
     return {"tokens_per_second": tokens / seconds, "tokens": tokens, "setup": "batched map, EOS, numpy chunking"}

@@ -157,10 +157,12 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> PreTrai
 
 
 def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack equal-length blocks into int64 `input_ids` and `labels` (the loss needs int64 targets)."""
+    """Stack equal-length blocks into int64 `input_ids`, `labels` (the loss needs int64 targets) and,
+    for padded blocks, `attention_mask`."""
     import torch
 
-    return {key: torch.tensor([row[key] for row in rows], dtype=torch.long) for key in ("input_ids", "labels")}
+    keys = [k for k in ("input_ids", "labels", "attention_mask") if k in rows[0]]
+    return {key: torch.tensor([row[key] for row in rows], dtype=torch.long) for key in keys}
 
 
 # --- device and precision ------------------------------------------------------------------------

@@ -53,29 +53,61 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = opt("Salesforce/wikitext", "Hub dataset id, or a local .txt/.jsonl/.json/.csv/.parquet file, "
-                                              "directory or glob.")
+    dataset: str = opt("Salesforce/wikitext", "Hub dataset id; a local .txt/.jsonl/.json/.csv/.tsv/.parquet file, "
+                                              "directory or glob; or an http(s) URL of a text or JSONL file.")
     config: str | None = opt("wikitext-2-raw-v1", "Hub dataset config name (null if it has none).")
     revision: str | None = opt(None, "Hub dataset revision (branch, tag or commit); null means the default branch. "
                                      "The resolved commit is recorded in data/raw/provenance.json.")
+    sha256: str | None = opt(None, "For a URL: the file's expected SHA-256; a mismatch stops download. Without it "
+                                   "the digest is computed and recorded.")
+    streaming: bool = opt(False, "Stream the source instead of downloading it whole first: rows are written to "
+                                 "data/raw as they arrive, so the corpus never has to fit in memory (it still has "
+                                 "to fit on disk).")
+    max_samples: int | None = opt(None, "Keep only the first N documents of each split (debug subsets, as "
+                                        "run_clm's max_train_samples). null: all.", ge=1)
+    encoding_errors: Literal["strict", "replace", "ignore"] = opt(
+        "strict", "Local files that are not valid UTF-8: strict stops, naming the file and byte offset; replace "
+                  "puts U+FFFD in place of bad bytes; ignore drops them.")
     train_split: str = opt("train", "Split used for training.")
     validation_split: str | None = opt("validation", "The dataset's own validation split, used when it exists; "
                                                      "otherwise preprocess.val_fraction is split off train.")
-    text_column: str = opt("text", "Column holding the text.")
+    text_column: str = opt("text", "Column holding the text (when no template, dialogue or prompt/response "
+                                   "template is set).")
     txt_sample_by: Literal["document", "paragraph", "line"] = opt(
         "document", "For local .txt files: one document per file, per blank-line paragraph, or per line.")
+    template: str | None = opt(None, "Turn each record into text with this format string over its fields, e.g. "
+                                     "\"Title: {title}\\nIngredients: {ingredients}\\nDirections: {directions}\" "
+                                     "(list fields are joined with \", \").")
+    dialogue_column: str | None = opt(None, "A list-of-turns field rendered as \"Speaker: text\" lines: turns as "
+                                            "strings (speakers alternate), dicts with speaker/role and text/content/"
+                                            "utterance, or a dict of lists (schema-guided dialogue).")
+    speakers: list[str] = opt(["User", "Assistant"], "Speaker labels for string turns and numeric speaker ids.")
+    use_chat_template: bool = opt(False, "Render dialogues with the tokenizer's chat template (an error if it has "
+                                         "none; GPT-2's has none).")
+    prompt_template: str | None = opt(None, "Supervised fine-tuning: the prompt part of each record (format "
+                                            "string); its tokens get labels -100, so the loss is on the response.")
+    response_template: str | None = opt(None, "Supervised fine-tuning: the response part (format string).")
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    block_size: int = opt(1024, "Tokens per training block; at most the model's n_positions.", ge=2)
-    add_eos: bool = opt(True, "Append the EOS token after every document before concatenating, so the model "
-                              "learns where texts end. Off for corpora whose rows are lines of one stream.")
+    block_size: int = opt(1024, "Tokens per block (the maximum length in pad mode); at most the model's "
+                                "n_positions.", ge=2)
+    mode: Literal["pack", "pad"] = opt(
+        "pack", "pack: concatenate documents (EOS between) and cut into full blocks; pad: one document per block, "
+                "truncated to block_size and padded, padding out of the loss and the attention mask.")
+    add_eos: bool = opt(True, "Append the EOS token after every document, so the model learns where texts end. "
+                              "Off for corpora whose rows are lines of one stream.")
     remainder: Literal["drop", "pad"] = opt(
-        "drop", "The tail shorter than block_size: drop it (run_clm) or pad it with EOS, its padding "
+        "drop", "pack mode, the tail shorter than block_size: drop it (run_clm) or pad it with EOS, its padding "
                 "excluded from the loss (labels -100).")
     val_fraction: float = opt(0.05, "Fraction of documents split off (seeded) for validation when the dataset "
                                     "has no validation split.", gt=0.0, lt=1.0)
+    strip: bool = opt(False, "Strip leading and trailing whitespace from every document.")
+    min_chars: int = opt(0, "Drop documents shorter than this many characters (after strip); 1 drops empty ones.",
+                         ge=0)
+    dedup: bool = opt(False, "Drop exact duplicate documents within each split, and validation/test documents "
+                             "that also appear in train (counts in metrics/data.json).")
     num_proc: int = opt(1, "Processes for tokenization (datasets.map num_proc).", ge=1)
     batch_size: int = opt(1000, "Documents per datasets.map batch.", ge=1)
 
@@ -204,6 +236,14 @@ class Params:
                                           f"({n_positions}); lower block_size or raise n_positions")
         if self.train.warmup_steps and self.train.max_steps > 0 and self.train.warmup_steps > self.train.max_steps:
             fail("train.warmup_steps", f"({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})")
+        d = self.data
+        if (d.prompt_template is None) != (d.response_template is None):
+            fail("data.prompt_template", "and data.response_template go together (prompt/response fine-tuning); "
+                                         "set both or neither")
+        shapes = [name for name, on in (("data.template", d.template), ("data.dialogue_column", d.dialogue_column),
+                                        ("data.prompt_template", d.prompt_template)) if on]
+        if len(shapes) > 1:
+            fail(shapes[1], f"conflicts with {shapes[0]}; records become text one way: set only one of them")
         t = self.train
         if t.load_best_model_at_end and (t.eval_steps == 0 or t.save_steps % t.eval_steps):
             fail("train.load_best_model_at_end", f"needs eval_steps > 0 and save_steps ({t.save_steps}) a multiple "

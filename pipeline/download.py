@@ -1,54 +1,27 @@
 """Stage 1, download: the base model + tokenizer to models/base/, the raw dataset to data/raw/.
 
 The model comes from the Hub (pinned revision, resolved commit recorded), from a local directory,
-or is built from a GPT-2 config with a seed (from_scratch). The dataset comes from the Hub or from
-local files. Each output also gets a provenance.json saying exactly what it is.
+or is built from a GPT-2 config with a seed (from_scratch). The dataset comes from the Hub, local
+files or a URL (pipeline.sources). Each output also gets a provenance.json saying what it is.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import logging
-import os
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from pipeline.common import PipelineError, atomic_dir, check_weights, params_option, stage_command, write_json
 from pipeline.config import DataConfig, ModelConfig, load_params
+from pipeline.sources import from_hub, is_local, load_raw
 
 log = logging.getLogger("pipeline.download")
-T = TypeVar("T")
 
 OFFLINE_SIGNS = ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service",
                  "resolve host")
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def is_local(name: str) -> bool:
-    """A path on disk (or meant to be one) rather than a Hub id like `gpt2` or `Salesforce/wikitext`."""
-    return (Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-            or any(c in name for c in "*?[") or Path(name).suffix in LOCAL_BUILDERS)
-
-
-def from_hub(fetch: Callable[[], T], what: str) -> T:
-    """Run a Hub download; turn "can't reach the Hub" and "no such repo" into one-line errors."""
-    try:
-        return fetch()
-    except (OSError, ValueError) as e:  # transformers and datasets wrap Hub failures in OSError
-        text = str(e)
-        hub_off = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        if hub_off or any(sign in text for sign in OFFLINE_SIGNS):
-            raise PipelineError(f"cannot reach the Hugging Face Hub to fetch {what} and it is not in the local cache "
-                                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); connect to the internet, "
-                                "or run the offline demo with `make demo`") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise PipelineError(f"could not load {what}: {first}") from None
-
-
 # --- model ---------------------------------------------------------------------------------------
 
 def load_base_tokenizer(cfg: ModelConfig) -> Any:
@@ -122,75 +95,12 @@ def save_base(cfg: ModelConfig, seed: int, out: Path) -> dict:
 
 # --- dataset -------------------------------------------------------------------------------------
 
-def local_files(pattern: str) -> list[Path]:
-    """The files a local file, directory or glob names; one type, known to the loader."""
-    path = Path(pattern).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS)
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    if not files:
-        raise PipelineError(f"data.dataset: no data files at {pattern!r}; give an existing file, directory or glob "
-                            f"of {', '.join(LOCAL_BUILDERS)} files")
-    kinds = {LOCAL_BUILDERS.get(f.suffix) for f in files}
-    if None in kinds or len(kinds) > 1:
-        raise PipelineError(f"data.dataset: {pattern!r} mixes or contains unsupported file types "
-                            f"({', '.join(sorted({f.suffix or '(none)' for f in files}))}); use one of "
-                            f"{', '.join(LOCAL_BUILDERS)}")
-    return files
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_raw(cfg: DataConfig) -> tuple[Any, dict]:
-    """The raw DatasetDict and what it came from."""
-    import datasets
-
-    if is_local(cfg.dataset):
-        files = local_files(cfg.dataset)
-        builder = LOCAL_BUILDERS[files[0].suffix]
-        extra = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
-        try:
-            raw = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **extra)
-        except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError, ValueError) as e:
-            cause = e.__cause__ or e
-            raise PipelineError(f"data.dataset: could not read {cfg.dataset!r} as {builder}: "
-                                f"{str(cause).strip().splitlines()[0]}; fix or remove the bad file") from None
-        source = {"files": {str(f): file_sha256(f) for f in files}}
-    else:
-        raw = from_hub(lambda: datasets.load_dataset(cfg.dataset, cfg.config, revision=cfg.revision),
-                       f"dataset {cfg.dataset!r} (config {cfg.config}, revision {cfg.revision})")
-        source = {"resolved_commit": _dataset_commit(cfg)}
-    if cfg.train_split not in raw:
-        raise PipelineError(f"data.train_split: {cfg.train_split!r} is not a split of {cfg.dataset!r}; "
-                            f"it has {', '.join(raw)}")
-    provenance = {"dataset": cfg.dataset, "config": cfg.config, "revision": cfg.revision, **source,
-                  "splits": {name: split.num_rows for name, split in raw.items()}, "datasets": datasets.__version__}
-    return raw, provenance
-
-
-def _dataset_commit(cfg: DataConfig) -> str | None:
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
-    except Exception:  # recorded as unknown, e.g. when loading from the offline cache
-        return None
-
-
 def save_raw(cfg: DataConfig, out: Path) -> dict:
-    raw, provenance = load_raw(cfg)
-    with atomic_dir(out) as tmp:
-        raw.save_to_disk(str(tmp))
-        write_json(tmp / "provenance.json", provenance)
+    with tempfile.TemporaryDirectory(prefix="download-") as scratch:  # URL downloads, repaired or streamed files
+        raw, provenance = load_raw(cfg, Path(scratch))
+        with atomic_dir(out) as tmp:
+            raw.save_to_disk(str(tmp))
+            write_json(tmp / "provenance.json", provenance)
     log.info("dataset: %s %s -> %s", cfg.dataset, provenance["splits"], out)
     return provenance
 

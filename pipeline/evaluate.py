@@ -55,9 +55,10 @@ def make_scorer(model: Any, precision: str) -> Any:
     model.to(dev).eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def score(input_ids: Any, labels: Any) -> tuple[float, int]:
+    def score(input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, int]:
+        mask = attention_mask.to(dev) if attention_mask is not None else None
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            nll, n, _ = next_token_loss(model, model, input_ids.to(dev), labels.to(dev), vocab)
+            nll, n, _ = next_token_loss(model, model, input_ids.to(dev), labels.to(dev), vocab, attention_mask=mask)
         return nll.item(), int(n)
 
     return score
@@ -68,7 +69,7 @@ def block_nll(score: Any, blocks: Any, batch_size: int) -> tuple[float, int]:
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         batch = collate_blocks(blocks.select(range(start, min(start + batch_size, len(blocks)))))
-        nll, n = score(batch["input_ids"], batch["labels"])
+        nll, n = score(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
         total, count = total + nll, count + n
     return total, count
 

@@ -1,14 +1,23 @@
-"""Stage 2, preprocess: tokenize, put EOS between documents, concatenate, cut into blocks, split.
+"""Stage 2, preprocess: records into text (pipeline.records), cleaning, tokenization, blocks, split.
 
-Unlike run_clm's group_texts, which drops up to block_size-1 tokens at the end of every 1000-document
-map batch, the whole split is concatenated once, so each split loses at most one remainder, and
-`preprocess.remainder` says what happens to it. Output: data/processed/ (a DatasetDict of
-`input_ids` and `labels` blocks: train, validation and test when the raw data has it) and a stats file.
+Two block modes. pack (default): EOS after every document, the split concatenated once and cut into
+block_size blocks. Unlike run_clm's group_texts, which drops up to block_size-1 tokens at the end of
+every 1000-document map batch, each split loses at most one remainder, and `preprocess.remainder`
+says what happens to it. pad: one document per block, truncated to block_size and padded, with an
+attention mask. Blocks are written to disk as they are cut, so memory holds one map batch, not the
+corpus. Prompt tokens of prompt/response records, and padding, get labels -100: out of the loss.
+
+Output: data/processed/ (a DatasetDict of `input_ids`, `labels` [, `attention_mask`] blocks: train,
+validation, and test when the raw data has it), metrics/data.json (per split: documents, tokens,
+blocks, tokens lost to truncation and to the remainder, padding, documents dropped as short or
+duplicate, document length percentiles) and metrics/doc_lengths.json (the length histogram plot).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +34,16 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.config import DataConfig, PreprocessConfig, load_params
+from pipeline.records import check_columns, clean, renderer
 
 log = logging.getLogger("pipeline.preprocess")
+HISTOGRAM_EDGES = [2**k for k in range(4, 17)]  # document lengths in tokens: 16, 32, ... 65536, more
 
 
 def split_documents(raw: Any, data: DataConfig, val_fraction: float, seed: int) -> dict[str, Any]:
     """train / validation (/ test) document splits: the dataset's own validation split when it has one,
     else a seeded `val_fraction` of the training documents."""
     train = raw[data.train_split]
-    if data.text_column not in train.column_names:
-        raise PipelineError(f"data.text_column: {data.text_column!r} is not a column of the dataset; it has "
-                            f"{', '.join(train.column_names)}")
     if data.validation_split and data.validation_split in raw:
         splits = {"train": train, "validation": raw[data.validation_split]}
     else:
@@ -50,58 +58,153 @@ def split_documents(raw: Any, data: DataConfig, val_fraction: float, seed: int) 
     return splits
 
 
-def tokenize(docs: Any, tokenizer: Any, text_column: str, add_eos: bool, num_proc: int, batch_size: int) -> Any:
-    """A dataset with one `input_ids` list per document, EOS appended to every non-empty one."""
+def render(docs: Any, data: DataConfig, cfg: PreprocessConfig, tokenizer: Any) -> Any:
+    """Records to `text` (and `prompt`) columns."""
+    fingerprint = digest([docs._fingerprint, repr(data), repr(cfg)])
+    return docs.map(renderer(data, cfg, tokenizer), batched=True, batch_size=cfg.batch_size,
+                    num_proc=cfg.num_proc if cfg.num_proc > 1 else None, remove_columns=docs.column_names,
+                    desc="records to text", new_fingerprint=fingerprint)
+
+
+def tokenize(docs: Any, tokenizer: Any, add_eos: bool, num_proc: int, batch_size: int) -> Any:
+    """One `input_ids` list per document, EOS appended to every non-empty one; with a `prompt` column,
+    also `labels`: -100 over the prompt's tokens."""
     eos = [tokenizer.eos_token_id] if add_eos else []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)  # Rust, threaded, no character offsets: ~1.5x __call__
+    sft = "prompt" in docs.column_names
+
+    def ids_of(texts: list[str]) -> list[list[int]]:
+        if fast is not None:
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
-        if fast is not None:
-            ids = [e.ids for e in fast(texts, add_special_tokens=False)]
-        else:
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return {"input_ids": [x + eos if x else x for x in ids]}
+        if not sft:
+            return {"input_ids": [x + eos if x else x for x in ids_of(batch["text"])]}
+        # prompt and response tokenized apart, so the boundary between them is exact
+        prompts = ids_of(batch["prompt"])
+        responses = ids_of([t[len(p):] for t, p in zip(batch["text"], batch["prompt"], strict=True)])
+        ids = [p + r + eos for p, r in zip(prompts, responses, strict=True)]
+        labels = [[IGNORE_INDEX] * len(p) + r + eos for p, r in zip(prompts, responses, strict=True)]
+        return {"input_ids": ids, "labels": labels}
 
     # An explicit fingerprint: otherwise datasets hashes `encode` by pickling the whole tokenizer, which took
     # 70% of the stage on a 1M-token corpus. The stage writes to a fresh directory and caching is off.
-    fingerprint = digest([docs._fingerprint, text_column, add_eos, len(tokenizer), tokenizer.name_or_path])
+    fingerprint = digest([docs._fingerprint, add_eos, len(tokenizer), tokenizer.name_or_path])
     return docs.map(encode, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
                     remove_columns=docs.column_names, desc="tokenize", new_fingerprint=fingerprint)
 
 
-def chunk(token_lists: Any, block_size: int, remainder: str, pad_id: int) -> tuple[Any, dict]:
-    """Concatenate every document's tokens and cut them into block_size blocks.
-
-    Returns the blocks (`input_ids`, `labels`) and counts. `remainder: drop` discards the last
-    partial block; `pad` keeps it, padded with `pad_id`, its padding labelled IGNORE_INDEX.
-    """
+def _features(block_size: int, attention_mask: bool) -> Any:
     import datasets
-    import numpy as np
-    import pyarrow as pa
 
-    column = token_lists.data.column("input_ids")
-    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks] or [np.zeros(0)])
-    ids = flat.astype(np.int32)
-    n_full, rest = divmod(len(ids), block_size)
-    blocks = ids[: n_full * block_size].reshape(n_full, block_size)
-    labels = blocks.copy()
-    padded = 0
-    if rest and remainder == "pad":
-        padded = block_size - rest
-        tail = np.concatenate([ids[n_full * block_size:], np.full(padded, pad_id, np.int32)])
-        tail_labels = np.concatenate([ids[n_full * block_size:], np.full(padded, IGNORE_INDEX, np.int32)])
-        blocks, labels = np.vstack([blocks, tail]), np.vstack([labels, tail_labels])
-    table = pa.table({
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1), pa.int32()), block_size),
-        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1), pa.int32()), block_size),
-    })
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=block_size),
-                                  "labels": datasets.List(datasets.Value("int32"), length=block_size)})
-    stats = {"documents": token_lists.num_rows, "tokens": int(len(ids)), "blocks": int(len(blocks)),
-             "dropped_tokens": int(rest) if remainder == "drop" else 0, "padding_tokens": int(padded)}
-    return datasets.Dataset(table).cast(features), stats
+    column = datasets.List(datasets.Value("int32"), length=block_size)
+    names = ["input_ids", "labels"] + (["attention_mask"] if attention_mask else [])
+    return datasets.Features(dict.fromkeys(names, column))
+
+
+def _write_blocks(batches: Any, block_size: int, attention_mask: bool) -> Any:
+    """A Dataset memory-mapped from an Arrow file written one batch of blocks at a time."""
+    import datasets
+    import pyarrow as pa
+    from datasets.fingerprint import get_temporary_cache_files_directory
+
+    features = _features(block_size, attention_mask)
+    path = Path(get_temporary_cache_files_directory()) / f"blocks-{uuid.uuid4().hex}.arrow"  # removed at exit
+    schema = features.arrow_schema
+    def column(values: Any) -> Any:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.int32()), block_size)
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for arrays in batches:
+            if len(arrays[0]):
+                columns = {name: column(a) for name, a in zip(schema.names, arrays, strict=True)}
+                writer.write_table(pa.table(columns, schema=schema))
+    return datasets.Dataset.from_file(str(path))
+
+
+def _documents(tokens: Any) -> Any:
+    """(input_ids, labels) per map batch of documents, as flat numpy arrays plus lengths."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    for batch in tokens.data.table.to_batches(max_chunksize=10_000):
+        ids_column = batch.column("input_ids")
+        ids = ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        labels = (batch.column("labels").flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+                  if "labels" in batch.schema.names else ids)
+        yield ids, labels, pc.list_value_length(ids_column).to_numpy(zero_copy_only=False)
+
+
+def pack(tokens: Any, block_size: int, remainder: str, pad_id: int) -> tuple[Any, dict]:
+    """Concatenate every document's tokens and cut them into block_size blocks (carrying the tail of
+    each map batch over to the next). `remainder: drop` discards the last partial block; `pad` keeps
+    it, padded with `pad_id`, its padding labelled IGNORE_INDEX."""
+    import numpy as np
+
+    stats = {"tokens": 0, "dropped_tokens": 0, "padding_tokens": 0, "truncated_tokens": 0}
+
+    def blocks() -> Any:
+        carry_ids, carry_labels = np.zeros(0, np.int32), np.zeros(0, np.int32)
+        for ids, labels, _ in _documents(tokens):
+            stats["tokens"] += len(ids)
+            carry_ids, carry_labels = np.concatenate([carry_ids, ids]), np.concatenate([carry_labels, labels])
+            full = len(carry_ids) // block_size * block_size
+            yield carry_ids[:full].reshape(-1, block_size), carry_labels[:full].reshape(-1, block_size)
+            carry_ids, carry_labels = carry_ids[full:], carry_labels[full:]
+        if len(carry_ids) and remainder == "pad":
+            stats["padding_tokens"] = block_size - len(carry_ids)
+            padding = np.full(stats["padding_tokens"], pad_id, np.int32)
+            yield (np.concatenate([carry_ids, padding])[None],
+                   np.concatenate([carry_labels, np.full_like(padding, IGNORE_INDEX)])[None])
+        else:
+            stats["dropped_tokens"] = len(carry_ids)
+
+    dataset = _write_blocks(blocks(), block_size, attention_mask=False)
+    return dataset, {"documents": tokens.num_rows, **stats, "blocks": len(dataset)}
+
+
+def pad(tokens: Any, block_size: int, pad_id: int) -> tuple[Any, dict]:
+    """One block per document: truncated to block_size, padded with `pad_id`; the padding is out of
+    the loss (labels -100) and of the attention mask. Empty documents make no block."""
+    import numpy as np
+
+    stats = {"tokens": 0, "dropped_tokens": 0, "padding_tokens": 0, "truncated_tokens": 0}
+
+    def blocks() -> Any:
+        for ids, labels, lengths in _documents(tokens):
+            stats["tokens"] += len(ids)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            kept = lengths > 0
+            n = int(kept.sum())
+            out_ids = np.full((n, block_size), pad_id, np.int32)
+            out_labels = np.full((n, block_size), IGNORE_INDEX, np.int32)
+            mask = np.zeros((n, block_size), np.int32)
+            for row, (start, length) in enumerate(zip(starts[kept], lengths[kept], strict=True)):
+                used = min(int(length), block_size)
+                out_ids[row, :used] = ids[start:start + used]
+                out_labels[row, :used] = labels[start:start + used]
+                mask[row, :used] = 1
+                stats["truncated_tokens"] += int(length) - used
+                stats["padding_tokens"] += block_size - used
+            yield out_ids, out_labels, mask
+
+    dataset = _write_blocks(blocks(), block_size, attention_mask=True)
+    return dataset, {"documents": tokens.num_rows, **stats, "blocks": len(dataset)}
+
+
+def length_summary(tokens: Any) -> tuple[dict, list[int]]:
+    """Document length percentiles (tokens) and histogram counts over HISTOGRAM_EDGES."""
+    import numpy as np
+
+    lengths = np.concatenate([n for _, _, n in _documents(tokens)] or [np.zeros(0, np.int64)])
+    if not len(lengths):
+        return {}, [0] * (len(HISTOGRAM_EDGES) + 1)
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+    counts = np.bincount(np.searchsorted(HISTOGRAM_EDGES, lengths), minlength=len(HISTOGRAM_EDGES) + 1)
+    return ({"length_p50": float(p50), "length_p90": float(p90), "length_p99": float(p99),
+             "length_max": int(lengths.max())}, counts.tolist())
 
 
 def model_max_positions(model_dir: Path) -> int | None:
@@ -112,27 +215,52 @@ def model_max_positions(model_dir: Path) -> int | None:
 
 
 def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: DataConfig, cfg: PreprocessConfig,
-                 seed: int) -> tuple[Any, dict]:
-    """The processed DatasetDict and per-split stats."""
+                 seed: int, csv: bool = False) -> tuple[Any, dict, list[dict]]:
+    """The processed DatasetDict, per-split stats, and the document-length histogram rows."""
     import datasets
 
     if max_positions is not None and cfg.block_size > max_positions:
         raise PipelineError(f"params: preprocess.block_size ({cfg.block_size}) exceeds the model's n_positions "
                             f"({max_positions}); set block_size to at most {max_positions}")
+    check_columns(raw[data.train_split].column_names, data, csv)
     tokenizer.model_max_length = int(1e30)  # documents are long on purpose; blocks are cut below
-    processed, stats = {}, {}
+    processed, stats, histogram, train_hashes = {}, {}, [], None
     for name, docs in split_documents(raw, data, cfg.val_fraction, seed).items():
-        tokens = tokenize(docs, tokenizer, data.text_column, cfg.add_eos, cfg.num_proc, cfg.batch_size)
-        processed[name], stats[name] = chunk(tokens, cfg.block_size, cfg.remainder, tokenizer.pad_token_id)
+        docs, counts, hashes = clean(render(docs, data, cfg, tokenizer), cfg, train_hashes)
+        if name == "train":
+            train_hashes = hashes
+        if len(docs) == 0:
+            raise PipelineError(f"empty corpus: no {name} documents left after cleaning ({counts}); check "
+                                "data.dataset and the preprocess.min_chars / dedup settings")
+        tokens = tokenize(docs, tokenizer, cfg.add_eos, cfg.num_proc, cfg.batch_size)
+        if cfg.mode == "pack":
+            processed[name], stats[name] = pack(tokens, cfg.block_size, cfg.remainder, tokenizer.pad_token_id)
+        else:
+            processed[name], stats[name] = pad(tokens, cfg.block_size, tokenizer.pad_token_id)
+        lengths, counts_by_length = length_summary(tokens)
+        stats[name].update(counts | lengths)
+        histogram += [{"split": name, "tokens_up_to": str(edge) if i < len(HISTOGRAM_EDGES) else "more",
+                       "documents": n} for i, (edge, n) in enumerate(zip([*HISTOGRAM_EDGES, None], counts_by_length,
+                                                                         strict=True))]
         if stats[name]["tokens"] == 0:
-            raise PipelineError(f"empty corpus: the {name} split has no text in column {data.text_column!r}; "
-                                "check data.dataset and data.text_column")
+            raise PipelineError(f"empty corpus: the {name} split has no text ({_source(data)}); check data.dataset "
+                                "and the column or template that makes the text")
         if stats[name]["blocks"] == 0:
             raise PipelineError(f"the {name} split has {stats[name]['tokens']} tokens, fewer than one block of "
                                 f"{cfg.block_size}; lower preprocess.block_size, set remainder: pad, or add text")
         log.info("%s: %s", name, stats[name])
-    return datasets.DatasetDict(processed), {"block_size": cfg.block_size, "add_eos": cfg.add_eos,
-                                             "remainder": cfg.remainder, **stats}
+    summary = {"block_size": cfg.block_size, "mode": cfg.mode, "add_eos": cfg.add_eos, "remainder": cfg.remainder}
+    return datasets.DatasetDict(processed), {**summary, **stats}, histogram
+
+
+def _source(data: DataConfig) -> str:
+    if data.prompt_template:
+        return "prompt_template + response_template"
+    if data.template:
+        return "data.template"
+    if data.dialogue_column:
+        return f"dialogue column {data.dialogue_column!r}"
+    return f"column {data.text_column!r}"
 
 
 @stage_command
@@ -145,20 +273,25 @@ def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: Data
               help="Where the blocks are saved.")
 @click.option("--stats", "stats_path", default="metrics/data.json", show_default=True,
               type=click.Path(path_type=Path), help="Per-split counts (documents, tokens, blocks, dropped).")
-def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path: Path) -> None:
-    """Tokenize, add EOS between documents, chunk into blocks, and split train/validation."""
+@click.option("--lengths", "lengths_path", default="metrics/doc_lengths.json", show_default=True,
+              type=click.Path(path_type=Path), help="Document length histogram (dvc plots).")
+def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path: Path, lengths_path: Path) -> None:
+    """Records to text, clean, tokenize, and cut into blocks (pack or pad); split train/validation."""
     import datasets
 
     params = load_params(params_path)
     datasets.disable_caching()  # map() would otherwise write cache files into data/raw, another stage's output
     if not (raw_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{raw_dir} is not a saved dataset; run the download stage first (dvc repro download)")
+    provenance = json.loads((raw_dir / "provenance.json").read_text()) if (raw_dir / "provenance.json").exists() else {}
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
-    processed, stats = build_blocks(datasets.load_from_disk(str(raw_dir)), tokenizer, model_max_positions(model_dir),
-                                    params.data, params.preprocess, params.seed)
+    processed, stats, histogram = build_blocks(datasets.load_from_disk(str(raw_dir)), tokenizer,
+                                               model_max_positions(model_dir), params.data, params.preprocess,
+                                               params.seed, csv=provenance.get("format") == "csv")
     with atomic_dir(out) as tmp:
         processed.save_to_disk(str(tmp))
     write_json(stats_path, stats)
+    write_json(lengths_path, histogram)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ LOSS_CHUNK = 1024  # tokens per chunk of the output layer + cross-entropy
 
 
 def next_token_loss(model: Any, unwrapped: Any, input_ids: Any, labels: Any, vocab: int,
-                    chunk: int = LOSS_CHUNK) -> tuple[Any, Any, Any]:
+                    chunk: int = LOSS_CHUNK, attention_mask: Any = None) -> tuple[Any, Any, Any]:
     """Summed next-token cross-entropy of a causal LM over a batch, the number of predicted tokens, and
     the model outputs. `model` is what to call (maybe DDP-wrapped), `unwrapped` the model itself, `vocab`
     the real vocabulary size (the output matrix may be padded beyond it), `chunk` the tokens per chunk
@@ -222,12 +222,13 @@ def next_token_loss(model: Any, unwrapped: Any, input_ids: Any, labels: Any, voc
 
     targets = labels[:, 1:].reshape(-1)
     if chunk and unwrapped.config.model_type == "gpt2":
-        outputs = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                        logits_to_keep=1)
         hidden = outputs.hidden_states[-1][:, :-1]
         total, count = chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)),
                                              unwrapped.get_output_embeddings().weight, targets, vocab, chunk)
         return total, count, outputs
-    outputs = model(input_ids=input_ids)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask)
     logits = outputs.logits[:, :-1, :vocab].float()
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=-100, reduction="sum")
     return total, (targets != -100).sum(), outputs

@@ -230,7 +230,7 @@ def make_trainer(model: Any, args: Any, blocks: Any, tokenizer: Any, vocab: int,
         def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             total, count, outputs = next_token_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
-                                                    inputs["labels"], vocab, loss_chunk)
+                                                    inputs["labels"], vocab, loss_chunk, inputs.get("attention_mask"))
             if num_items_in_batch is not None:  # normalised over the whole accumulated (global) batch
                 loss = total / num_items_in_batch
                 if self.args.average_tokens_across_devices:

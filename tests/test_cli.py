@@ -77,7 +77,7 @@ def test_empty_corpus(downloaded):
 def test_unknown_text_column(downloaded):
     write_params(downloaded, {"data": {"text_column": "body"}})
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
-                         "data.text_column: 'body' is not a column of the dataset; it has text", DOWNLOADED)
+                         "data.text_column: field 'body' is not in the records; they have text", DOWNLOADED)
 
 
 def test_block_size_larger_than_the_models_positions(downloaded):
@@ -95,3 +95,51 @@ def test_stage_run_before_its_inputs_exist(project):
     assert_clean_failure(run_stage("train", cwd=project), project, "data/processed is not a processed dataset; run")
     assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a processed dataset")
     assert_clean_failure(run_stage("generate", cwd=project), project, "data/processed is not a processed dataset")
+
+
+# --- bad data, each through the CLI ------------------------------------------------------------------
+
+def test_non_utf8_file(project):
+    (project / "assets/corpus/latin1.txt").write_bytes(b"cr\xe8me br\xfbl\xe9e\n")
+    assert_clean_failure(run_stage("download", cwd=project), project,
+                         "latin1.txt is not UTF-8: byte 0xe8 at offset 2; convert it")
+
+
+def test_url_checksum_differs(project):
+    import functools
+    import http.server
+    import threading
+
+    (project / "www").mkdir()
+    (project / "www/corpus.txt").write_text("served text\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(project / "www"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        write_params(project, {"data": {"dataset": f"http://127.0.0.1:{httpd.server_address[1]}/corpus.txt",
+                                        "sha256": "0" * 64}})
+        assert_clean_failure(run_stage("download", cwd=project), project, "data.sha256: http://127.0.0.1")
+    finally:
+        httpd.shutdown()
+
+
+def test_csv_without_header(project):
+    shutil.rmtree(project / "assets/corpus")
+    (project / "assets/corpus").mkdir()
+    (project / "assets/corpus/jokes.csv").write_text("Why did the chicken cross the road?,To get to the other side\n"
+                                                     "What is brown and sticky?,A stick\n")
+    assert run_stage("download", cwd=project).returncode == 0
+    assert_clean_failure(run_stage("preprocess", cwd=project), project,
+                         "if the CSV file has no header row, add one naming the columns", DOWNLOADED)
+
+
+def test_template_field_missing(downloaded):
+    write_params(downloaded, {"data": {"template": "Title: {title}\n{text}"}})
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
+                         "data.template: field 'title' is not in the records; they have text", DOWNLOADED)
+
+
+def test_nothing_left_after_filtering(downloaded):
+    write_params(downloaded, {"preprocess": {"min_chars": 100_000}})
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
+                         "empty corpus: no train documents left after cleaning", DOWNLOADED)

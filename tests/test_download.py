@@ -11,7 +11,8 @@ import torch
 
 from pipeline.common import PipelineError
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.download import is_local, load_raw, local_files, save_base, save_raw
+from pipeline.download import save_base, save_raw
+from pipeline.sources import is_local, load_raw, local_files
 from tests.conftest import CORPUS, ROOT, run_stage
 
 
@@ -75,29 +76,33 @@ def test_model_directory_without_weights(tmp_path, tokenizer_dir):
 
 @pytest.mark.parametrize("name, local", [
     ("gpt2", False), ("Salesforce/wikitext", False), ("openai-community/gpt2", False),
-    ("./corpus", True), ("/data/x", True), ("data/*.txt", True), ("corpus.jsonl", True), ("a/b/c", True)])
+    ("./corpus", True), ("/data/x", True), ("data/*.txt", True), ("corpus.jsonl", True), ("a/b/c", True),
+    ("https://example.com/corpus.txt", False)])
 def test_hub_ids_and_paths_are_told_apart(name, local):
     assert is_local(name) == local
 
 
 def test_txt_directory_one_document_per_file(tmp_path):
-    raw, provenance = load_raw(DataConfig(dataset=str(CORPUS), config=None))
+    raw, provenance = load_raw(DataConfig(dataset=str(CORPUS), config=None), tmp_path)
     assert raw["train"].num_rows == len(list(CORPUS.glob("*.txt")))
     assert set(provenance["files"]) == {str(p) for p in sorted(CORPUS.glob("*.txt"))}
-    paragraphs, _ = load_raw(DataConfig(dataset=str(CORPUS), config=None, txt_sample_by="paragraph"))
+    paragraphs, _ = load_raw(DataConfig(dataset=str(CORPUS), config=None, txt_sample_by="paragraph"), tmp_path)
     assert paragraphs["train"].num_rows > raw["train"].num_rows
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
 def test_structured_local_files(tmp_path, suffix):
     import pandas as pd
 
     frame = pd.DataFrame({"text": ["first document", "second document", "third"], "id": [1, 2, 3]})
     path = tmp_path / f"docs{suffix}"
     writers = {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-               ".csv": lambda: frame.to_csv(path, index=False), ".parquet": lambda: frame.to_parquet(path)}
+               ".json": lambda: frame.to_json(path, orient="records"),
+               ".csv": lambda: frame.to_csv(path, index=False),
+               ".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+               ".parquet": lambda: frame.to_parquet(path)}
     writers[suffix]()
-    raw, _ = load_raw(DataConfig(dataset=str(path), config=None))
+    raw, _ = load_raw(DataConfig(dataset=str(path), config=None), tmp_path / "scratch")
     assert raw["train"]["text"] == frame["text"].tolist()
 
 

@@ -1,4 +1,5 @@
-"""pipeline/preprocess.py: EOS between documents, one remainder per split, the split itself."""
+"""pipeline/preprocess.py: EOS between documents, one remainder per split, pad mode, the split,
+the stats."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
 from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.preprocess import build_blocks, chunk, split_documents, tokenize
+from pipeline.preprocess import build_blocks, pack, pad, split_documents, tokenize
 
 EOS = 50256
 
@@ -22,16 +23,16 @@ def docs(*texts: str) -> datasets.Dataset:
 
 
 def test_eos_after_every_nonempty_document(tokenizer):
-    tokens = tokenize(docs("Hello world", "", "Hello"), tokenizer, "text", add_eos=True, num_proc=1, batch_size=2)
+    tokens = tokenize(docs("Hello world", "", "Hello"), tokenizer, add_eos=True, num_proc=1, batch_size=2)
     assert tokens["input_ids"] == [[15496, 995, EOS], [], [15496, EOS]]
-    plain = tokenize(docs("Hello world", "Hello"), tokenizer, "text", add_eos=False, num_proc=1, batch_size=2)
+    plain = tokenize(docs("Hello world", "Hello"), tokenizer, add_eos=False, num_proc=1, batch_size=2)
     assert plain["input_ids"] == [[15496, 995], [15496]]
 
 
 def test_tokenize_in_parallel_gives_the_same_ids(tokenizer):
     texts = [f"document number {i} has some words" for i in range(40)]
-    one = tokenize(docs(*texts), tokenizer, "text", True, num_proc=1, batch_size=7)
-    two = tokenize(docs(*texts), tokenizer, "text", True, num_proc=2, batch_size=7)
+    one = tokenize(docs(*texts), tokenizer, True, num_proc=1, batch_size=7)
+    two = tokenize(docs(*texts), tokenizer, True, num_proc=2, batch_size=7)
     assert one["input_ids"] == two["input_ids"]
 
 
@@ -39,23 +40,39 @@ def token_lists(*lists: list[int]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": list(lists)})
 
 
-def test_chunk_concatenates_across_documents_and_drops_one_remainder():
-    blocks, stats = chunk(token_lists([1, 2, 3], [4, 5], [6, 7, 8, 9], [10]), block_size=4, remainder="drop", pad_id=0)
+def test_pack_concatenates_across_documents_and_drops_one_remainder():
+    blocks, stats = pack(token_lists([1, 2, 3], [4, 5], [6, 7, 8, 9], [10]), block_size=4, remainder="drop", pad_id=0)
     assert blocks["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert blocks["labels"] == blocks["input_ids"]
-    assert stats == {"documents": 4, "tokens": 10, "blocks": 2, "dropped_tokens": 2, "padding_tokens": 0}
+    assert stats == {"documents": 4, "tokens": 10, "blocks": 2, "dropped_tokens": 2, "padding_tokens": 0,
+                     "truncated_tokens": 0}
 
 
-def test_chunk_pads_the_remainder_outside_the_loss():
-    blocks, stats = chunk(token_lists([1, 2, 3], [4, 5]), block_size=4, remainder="pad", pad_id=EOS)
+def test_pack_carries_the_tail_of_each_batch_into_the_next():
+    many = token_lists(*[[i, i + 1, i + 2] for i in range(0, 30_003, 3)])  # 10,001 documents: 2 Arrow batches
+    blocks, stats = pack(many, block_size=7, remainder="drop", pad_id=0)
+    flat = [t for block in blocks["input_ids"] for t in block]
+    assert flat == list(range(len(flat))) and stats["dropped_tokens"] == 30_003 % 7
+
+
+def test_pack_pads_the_remainder_outside_the_loss():
+    blocks, stats = pack(token_lists([1, 2, 3], [4, 5]), block_size=4, remainder="pad", pad_id=EOS)
     assert blocks["input_ids"] == [[1, 2, 3, 4], [5, EOS, EOS, EOS]]
     assert blocks["labels"] == [[1, 2, 3, 4], [5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert stats["padding_tokens"] == 3 and stats["dropped_tokens"] == 0
 
 
-def test_chunk_exact_fit_has_no_remainder():
-    blocks, stats = chunk(token_lists([1, 2], [3, 4]), block_size=2, remainder="pad", pad_id=0)
+def test_pack_exact_fit_has_no_remainder():
+    blocks, stats = pack(token_lists([1, 2], [3, 4]), block_size=2, remainder="pad", pad_id=0)
     assert blocks["input_ids"] == [[1, 2], [3, 4]] and stats["padding_tokens"] == 0
+
+
+def test_pad_mode_one_document_per_block_with_attention_mask():
+    blocks, stats = pad(token_lists([1, 2], [3, 4, 5, 6, 7], [], [8]), block_size=4, pad_id=EOS)
+    assert blocks["input_ids"] == [[1, 2, EOS, EOS], [3, 4, 5, 6], [8, EOS, EOS, EOS]]
+    assert blocks["attention_mask"] == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert blocks["labels"] == [[1, 2, -100, -100], [3, 4, 5, 6], [8, -100, -100, -100]]
+    assert stats["truncated_tokens"] == 1 and stats["padding_tokens"] == 2 + 3 and stats["blocks"] == 3
 
 
 def test_split_off_validation_is_seeded_and_disjoint():
@@ -74,25 +91,28 @@ def test_the_datasets_own_validation_and_test_splits_are_used():
     assert {k: v["text"] for k, v in splits.items()} == {"train": ["a", "b"], "validation": ["v"], "test": ["t"]}
 
 
-def test_unknown_text_column():
+def test_unknown_text_column(tokenizer):
     raw = datasets.DatasetDict({"train": docs("a", "b")})
-    with pytest.raises(PipelineError, match="data.text_column: 'body' is not a column of the dataset; it has text"):
-        split_documents(raw, DataConfig(dataset="x", text_column="body"), 0.5, 0)
+    with pytest.raises(PipelineError, match="data.text_column: field 'body' is not in the records; they have text"):
+        build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x", text_column="body"), PreprocessConfig(), 0)
 
 
 def test_build_blocks_counts_and_checks(tokenizer):
     raw = datasets.DatasetDict({"train": docs(*["a few words of text here"] * 12)})
     cfg = PreprocessConfig(block_size=8, add_eos=True, val_fraction=0.25)
-    processed, stats = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, seed=0)
+    processed, stats, histogram = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, seed=0)
     assert set(processed) == {"train", "validation"}
     assert stats["train"]["documents"] == 9 and stats["validation"]["documents"] == 3
     per_doc = len(tokenizer("a few words of text here").input_ids) + 1
-    assert stats["train"]["tokens"] == 9 * per_doc
+    assert stats["train"]["tokens"] == 9 * per_doc and stats["train"]["length_p50"] == per_doc
     assert stats["train"]["blocks"] * 8 + stats["train"]["dropped_tokens"] == stats["train"]["tokens"]
+    assert {"split": "train", "tokens_up_to": "16", "documents": 9} in histogram
     with pytest.raises(PipelineError, match=r"block_size \(8\) exceeds the model's n_positions \(4\)"):
         build_blocks(raw, tokenizer, 4, DataConfig(dataset="x"), cfg, seed=0)
     with pytest.raises(PipelineError, match="fewer than one block"):
         build_blocks(raw, tokenizer, 4096, DataConfig(dataset="x"), PreprocessConfig(block_size=4096), seed=0)
     empty = datasets.DatasetDict({"train": docs("", "", "")})
-    with pytest.raises(PipelineError, match="empty corpus: the train split"):
+    with pytest.raises(PipelineError, match="empty corpus: the train split has no text"):
         build_blocks(empty, tokenizer, 64, DataConfig(dataset="x"), PreprocessConfig(block_size=8), seed=0)
+    with pytest.raises(PipelineError, match="empty corpus: no train documents left after cleaning"):
+        build_blocks(empty, tokenizer, 64, DataConfig(dataset="x"), PreprocessConfig(block_size=8, min_chars=1), 0)

@@ -1,0 +1,108 @@
+"""pipeline/records.py and its use in preprocess: templates, dialogues, prompt/response label masks,
+cleaning."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.preprocess import build_blocks, render, tokenize
+from pipeline.records import check_columns, clean, dialogue_turns, template_fields
+
+RECIPES = [
+    {"title": "Toast", "ingredients": ["bread", "butter"], "directions": "Toast the bread. Butter it."},
+    {"title": "Tea", "ingredients": ["tea leaves", "water"], "directions": "Boil water. Steep the leaves."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def rendered(rows: list[dict], data: DataConfig, tokenizer, cfg: PreprocessConfig | None = None) -> datasets.Dataset:
+    return render(datasets.Dataset.from_list(rows), data, cfg or PreprocessConfig(), tokenizer)
+
+
+def test_template_over_record_fields_joins_lists(tokenizer):
+    data = DataConfig(dataset="x", template="{title}\nIngredients: {ingredients}\nDirections: {directions}")
+    assert rendered(RECIPES, data, tokenizer)["text"][0] == (
+        "Toast\nIngredients: bread, butter\nDirections: Toast the bread. Butter it.")
+    assert template_fields(data.template) == ["title", "ingredients", "directions"]
+
+
+def test_missing_field_names_the_field_and_the_fields_there():
+    data = DataConfig(dataset="x", template="{title}: {steps}")
+    with pytest.raises(PipelineError, match="data.template: field 'steps' is not in the records; they have title, "
+                                            "ingredients, directions"):
+        check_columns(["title", "ingredients", "directions"], data)
+    with pytest.raises(PipelineError, match="if the CSV file has no header row, add one"):
+        check_columns(["Toast", "bread"], DataConfig(dataset="x"), csv=True)
+
+
+def test_dialogue_layouts():
+    speakers = ["User", "Assistant"]
+    assert dialogue_turns(["hi", "hello", "bye"], speakers) == [("User", "hi"), ("Assistant", "hello"), ("User", "bye")]
+    assert dialogue_turns([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], speakers) == [
+        ("user", "hi"), ("assistant", "yo")]
+    sgd = {"speaker": [0, 1], "utterance": ["Find me a flight", "Where to?"]}  # schema-guided dialogue
+    assert dialogue_turns(sgd, ["USER", "SYSTEM"]) == [("USER", "Find me a flight"), ("SYSTEM", "Where to?")]
+    with pytest.raises(PipelineError, match="a turn has no text field"):
+        dialogue_turns([{"role": "user"}], speakers)
+
+
+def test_dialogue_rendered_with_speaker_labels(tokenizer):
+    rows = [{"turns": ["I need a table for two", "For what time?"]}]
+    text = rendered(rows, DataConfig(dataset="x", dialogue_column="turns"), tokenizer)["text"][0]
+    assert text == "User: I need a table for two\nAssistant: For what time?"
+    with pytest.raises(PipelineError, match="the tokenizer has no chat template"):
+        rendered(rows, DataConfig(dataset="x", dialogue_column="turns", use_chat_template=True), tokenizer)
+
+
+def test_prompt_response_masks_the_prompt_from_the_loss(tokenizer):
+    data = DataConfig(dataset="x", prompt_template="Question: {q}\nAnswer:", response_template=" {a}")
+    docs = rendered([{"q": "What is two plus two?", "a": "Four."}], data, tokenizer)
+    tokens = tokenize(docs, tokenizer, add_eos=True, num_proc=1, batch_size=8)
+    ids, labels = tokens["input_ids"][0], tokens["labels"][0]
+    prompt = tokenizer("Question: What is two plus two?\nAnswer:", add_special_tokens=False).input_ids
+    response = tokenizer(" Four.", add_special_tokens=False).input_ids
+    assert ids == prompt + response + [50256]
+    assert labels == [IGNORE_INDEX] * len(prompt) + response + [50256]
+
+
+def test_prompt_response_blocks_keep_the_mask_in_both_modes(tokenizer):
+    rows = [{"q": f"Question {i}?", "a": f"Answer number {i}."} for i in range(40)]
+    data = DataConfig(dataset="x", prompt_template="Q: {q}\nA:", response_template=" {a}")
+    for mode in ("pack", "pad"):
+        cfg = PreprocessConfig(block_size=16, mode=mode, val_fraction=0.1)
+        processed, stats, _ = build_blocks(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
+                                           tokenizer, 64, data, cfg, 0)
+        block = processed["train"][0]
+        masked = [i for i, label in enumerate(block["labels"]) if label == IGNORE_INDEX]
+        assert masked and len(masked) < 16  # prompt tokens (and padding) out of the loss, responses in it
+        assert all(block["labels"][i] == block["input_ids"][i] for i in range(16) if i not in masked)
+        assert ("attention_mask" in processed["train"].column_names) == (mode == "pad")
+
+
+def test_cleaning_strip_short_and_duplicates(tokenizer):
+    cfg = PreprocessConfig(strip=True, min_chars=3, dedup=True)
+    rows = [{"text": t} for t in ["  alpha  ", "alpha", "", "ab", "beta\n", "gamma"]]
+    docs, counts, hashes = clean(rendered(rows, DataConfig(dataset="x"), tokenizer, cfg), cfg)
+    assert docs["text"] == ["alpha", "beta", "gamma"]
+    assert counts == {"short_or_empty_dropped": 2, "duplicates_dropped": 1, "seen_in_train_dropped": 0}
+    held_out = rendered([{"text": "gamma"}, {"text": "delta"}], DataConfig(dataset="x"), tokenizer, cfg)
+    kept, counts, _ = clean(held_out, cfg, seen=hashes)
+    assert kept["text"] == ["delta"] and counts["seen_in_train_dropped"] == 1
+
+
+def test_cleaning_counts_reach_the_stats(tokenizer):
+    texts = ["the same document"] * 5 + [f"document {i} is different" for i in range(12)] + ["", " "]
+    held_out = ["the same document", "a new one, long enough"]
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                                "validation": datasets.Dataset.from_dict({"text": held_out})})
+    cfg = PreprocessConfig(block_size=4, strip=True, min_chars=1, dedup=True)
+    _, stats, _ = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, 0)
+    assert stats["train"]["duplicates_dropped"] == 4 and stats["train"]["short_or_empty_dropped"] == 2
+    assert stats["train"]["documents"] == 13 and stats["validation"]["seen_in_train_dropped"] == 1
