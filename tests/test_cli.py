@@ -74,10 +74,15 @@ def test_empty_corpus(downloaded):
                          "empty corpus: the train split has no text", DOWNLOADED)
 
 
-def test_unknown_text_column(downloaded):
-    write_params(downloaded, {"data": {"text_column": "body"}})
-    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
-                         "data.text_column: field 'body' is not in the records; they have text", DOWNLOADED)
+@pytest.mark.parametrize("override, message", [
+    ({"data": {"text_column": "body"}}, "data.text_column: field 'body' is not in the records; they have text"),
+    ({"data": {"template": "Title: {title}\n{text}"}},
+     "data.template: field 'title' is not in the records; they have text"),
+    ({"preprocess": {"min_chars": 100_000}}, "empty corpus: no train documents left after cleaning"),
+], ids=["unknown text column", "template field missing", "nothing left after filtering"])
+def test_records_that_do_not_fit_the_params(downloaded, override, message):
+    write_params(downloaded, override)
+    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded, message, DOWNLOADED)
 
 
 def test_block_size_larger_than_the_models_positions(downloaded):
@@ -132,14 +137,3 @@ def test_csv_without_header(project):
     assert_clean_failure(run_stage("preprocess", cwd=project), project,
                          "if the CSV file has no header row, add one naming the columns", DOWNLOADED)
 
-
-def test_template_field_missing(downloaded):
-    write_params(downloaded, {"data": {"template": "Title: {title}\n{text}"}})
-    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
-                         "data.template: field 'title' is not in the records; they have text", DOWNLOADED)
-
-
-def test_nothing_left_after_filtering(downloaded):
-    write_params(downloaded, {"preprocess": {"min_chars": 100_000}})
-    assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
-                         "empty corpus: no train documents left after cleaning", DOWNLOADED)
