@@ -64,9 +64,11 @@ DOCKER_USER     = $(shell id -u):$(shell id -g)
 GPU_FLAGS       = --gpus all
 # GPUS > 1: the train stage re-launches itself through torchrun with that many processes (NPROC_PER_NODE).
 GPUS            = 1
-# EXP='-S lr=5e-4' runs `dvc exp run -S lr=5e-4` instead of `dvc repro`.
+# EXP='-S lr=5e-4' runs `dvc exp run -S lr=5e-4` instead of `dvc repro`; RECIPE=examples/gpu.yaml runs
+# that override file as an experiment (checked and expanded in the container), EXP's flags after it.
 EXP             =
-TRAIN_CMD       = $(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro)
+RECIPE          =
+TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.config --recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
 
 # `dvc exp run` commits: the container uses your git identity (git config user.name / user.email).
 docker-train docker-shell docker-test: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)
@@ -97,7 +99,7 @@ endif
 docker-build: ## Build the GPU image, tagged gpt2-pipeline:<version>-<git sha>
 	$(DOCKER) build --tag $(IMAGE):$(TAG) .
 
-docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4': an experiment; GPUS=N: torchrun)
+docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4' or RECIPE=file: an experiment; GPUS=N: torchrun)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) $(TRAIN_CMD)
 
 docker-shell: docker-build ## An interactive shell in the image, with the same mounts

@@ -31,11 +31,14 @@ class PipelineError(Exception):
     """A problem in the user's input or environment. The message names the problem and the fix."""
 
 
-def stage_command(fn: Callable) -> click.Command:
+def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = False) -> Any:
     """Make a Click command whose PipelineErrors print as one line on stderr and exit 2.
 
     Any other exception is a bug and keeps its traceback. Only rank 0 logs at INFO under torchrun.
+    pass_unknown_options: options the command does not know (e.g. dvc's -S) go to its arguments.
     """
+    if fn is None:
+        return functools.partial(stage_command, pass_unknown_options=pass_unknown_options)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -50,7 +53,8 @@ def stage_command(fn: Callable) -> click.Command:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
-    return click.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
+    settings = {"help_option_names": ["-h", "--help"], "ignore_unknown_options": pass_unknown_options}
+    return click.command(context_settings=settings)(run)
 
 
 params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,

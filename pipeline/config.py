@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import operator
+import os
 import re
 import shlex
+import shutil
 import sys
 import types
 import typing
@@ -401,7 +404,9 @@ def set_args(override: dict, prefix: str = "") -> list[str]:
         if isinstance(v, dict) and v:
             args += set_args(v, f"{prefix}{k}.")
         else:
-            value = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            # One line per value: a string with newlines as a double-quoted scalar (JSON's is valid YAML)
+            value = json.dumps(v) if isinstance(v, str) and "\n" in v else \
+                yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
             args += ["-S", f"{prefix}{k}={value}"]
     return args
 
@@ -428,21 +433,66 @@ def markdown_table() -> str:
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows])
 
 
-@stage_command
+def apply_set_params(params: dict, dvc_args: tuple[str, ...]) -> dict:
+    """params with the `-S key=value` / `--set-param key=value` among dvc_args applied as DVC applies
+    them (value parsed as YAML, set at its dotted key), so a recipe is checked with the user's flags."""
+    out = merge(params, {})
+    args = iter(dvc_args)
+    for arg in args:
+        if arg in ("-S", "--set-param"):
+            assignment = next(args, "")
+        elif arg.startswith("--set-param="):
+            assignment = arg.split("=", 1)[1]
+        else:
+            continue
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise PipelineError(f"{arg} {assignment}: expected key=value, e.g. -S lr=5e-4")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node[part] = dict(node[part]) if isinstance(node.get(part), dict) else {}
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def exp_run(recipe_args: list[str], dvc_args: tuple[str, ...]) -> None:
+    """Replace this process with `dvc exp run <recipe -S args> <dvc_args>` (no shell in between, so
+    templates and lists need no quoting, and a bad recipe never reaches DVC)."""
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise PipelineError("dvc is not on PATH; run `make setup` and `source .venv/bin/activate`")
+    sys.stdout.flush()
+    os.execv(dvc, ["dvc", "exp", "run", *recipe_args, *dvc_args])
+
+
+@stage_command(pass_unknown_options=True)
 @params_option
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False),
               help="Check this override file against params and print it as `dvc exp run -S` arguments.")
+@click.option("--run", "run_exp", is_flag=True,
+              help="With --recipe: run `dvc exp run` with the recipe's -S arguments and DVC_ARGS.")
 @click.option("--help-params", is_flag=True, help="Print every parameter with its default and help.")
 @click.option("--markdown", is_flag=True, help="Print the parameter table of the README.")
-def main(params_path: str, recipe: str | None, help_params: bool, markdown: bool) -> None:
-    """Validate params.yaml (and an optional recipe override), or describe every parameter."""
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def main(params_path: str, recipe: str | None, run_exp: bool, help_params: bool, markdown: bool,
+         dvc_args: tuple[str, ...]) -> None:
+    """Validate params.yaml (and an optional recipe override), describe every parameter, or run a
+    recipe as an experiment: `python -m pipeline.config --recipe F --run [-S key=value ...]`."""
+    if (run_exp or dvc_args) and not recipe:
+        raise PipelineError("--run and dvc arguments need --recipe FILE; without a recipe run `dvc exp run` itself")
+    if dvc_args and not run_exp:
+        raise PipelineError(f"unexpected arguments {' '.join(dvc_args)}; to pass them to dvc exp run, add --run")
     if help_params:
         click.echo("\n".join(help_lines()))
     elif markdown:
         click.echo(markdown_table())
     elif recipe:
         override = read_yaml(recipe)
-        from_dict(merge(read_yaml(params_path), override))
+        from_dict(apply_set_params(merge(read_yaml(params_path), override), dvc_args))
+        if run_exp:
+            exp_run(set_args(override), dvc_args)
         click.echo(" ".join(shlex.quote(arg) for arg in set_args(override)))
     else:
         load_params(params_path)

@@ -5,7 +5,8 @@ file, with the improvement: per split (validation, and test when the data has on
   block_size - 1 tokens from the tokens before them in the block;
 - loss and perplexity with a sliding window (Hugging Face's "Perplexity of fixed-length models"):
   windows of block_size tokens moving by `evaluate.stride` over the split's token stream, each token
-  scored exactly once, with at least block_size - stride tokens of context where the text has them;
+  scored exactly once, with at least block_size - stride tokens of context where the text has them
+  (in pad mode each document is its own stream and fits one window, so this equals the blocks);
 - bits per byte (the summed loss in bits over the UTF-8 bytes of the scored tokens), comparable
   across tokenizers.
 
@@ -80,12 +81,17 @@ def token_nll(model: Any, blocks: Any, batch_size: int, precision: str = "fp32")
 
 
 def token_stream(blocks: Any) -> tuple[Any, Any]:
-    """The split as one token stream, and which tokens may be scored (labels not -100). Padding only
-    ever ends the last block, so as context it precedes nothing."""
+    """The split as one token stream, and which tokens may be scored (labels not -100). Padding is
+    left out (pad mode pads every block; pack mode at most the last), so it is never context: the
+    stream is the documents one after another, as in the guide."""
     import numpy as np
 
     data = blocks.with_format("numpy")
-    return np.asarray(data["input_ids"]).reshape(-1), np.asarray(data["labels"]).reshape(-1) != IGNORE_INDEX
+    ids, scored = np.asarray(data["input_ids"]).reshape(-1), np.asarray(data["labels"]).reshape(-1) != IGNORE_INDEX
+    if "attention_mask" in blocks.column_names:
+        real = np.asarray(data["attention_mask"]).reshape(-1) == 1
+        ids, scored = ids[real], scored[real]
+    return ids, scored
 
 
 def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -178,15 +184,21 @@ def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_si
     sizes = token_bytes(tokenizer)
     block_size = len(blocks[0]["input_ids"])
     ids, scored = token_stream(blocks)
+    # pad mode: the model learned each document on its own from position 0, and a document fits its
+    # block, so sliding across documents would score contexts it never trains on
+    one_document_per_block = "attention_mask" in blocks.column_names
     block_targets = np.asarray(blocks.with_format("numpy")["labels"])[:, 1:] != IGNORE_INDEX
     block_bytes = int(sizes[np.asarray(blocks.with_format("numpy")["input_ids"])[:, 1:][block_targets]].sum())
     result: dict[str, Any] = {}
     for name, path in paths.items():
         score = make_scorer(load_model(path, trust_remote_code), precision)
         nll, tokens = block_nll(score, blocks, batch_size)
-        s_nll, s_tokens, s_mask = sliding_nll(score, ids, scored, block_size, stride, batch_size)
         blocks_summary = summarize(nll, tokens, block_bytes)
-        sliding_summary = summarize(s_nll, s_tokens, int(sizes[ids[s_mask]].sum()))
+        if one_document_per_block:  # a window may not reach into another document: it is the block
+            s_tokens, sliding_summary = tokens, blocks_summary
+        else:
+            s_nll, s_tokens, s_mask = sliding_nll(score, ids, scored, block_size, stride, batch_size)
+            sliding_summary = summarize(s_nll, s_tokens, int(sizes[ids[s_mask]].sum()))
         result[name] = {**blocks_summary, **{f"sliding_{k}": v for k, v in sliding_summary.items()}}
         result["tokens"], result["sliding_tokens"] = tokens, s_tokens
         log.info("%s: perplexity %.2f (blocks), %.2f (sliding window, stride %d), %.3f bits/byte over %d tokens",

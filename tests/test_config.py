@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,11 +151,35 @@ def test_recipes_are_complete():
     assert {p.name for p in RECIPES} == set(EXPECTED_RECIPES)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_set_args_apply_like_dvc(recipe):
-    """`dvc exp run -S key=value` parses each value as YAML and sets it at its dotted key."""
+OVERRIDES = [*RECIPES, ROOT / "examples/gpu.yaml", ROOT / "examples/demo.yaml",
+             *sorted((ROOT / "examples/data").glob("*.yaml"))]
+
+
+@pytest.fixture
+def fake_dvc(tmp_path) -> dict:
+    """An environment whose `dvc` writes its argv, NUL-separated, to tmp_path/argv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dvc").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {tmp_path / "argv"}\n')
+    (bin_dir / "dvc").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+
+
+def run_recipe(recipe: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.config", "--recipe", str(recipe), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("recipe", OVERRIDES, ids=lambda p: p.relative_to(ROOT / "examples").as_posix())
+def test_recipe_runs_as_an_experiment_like_its_params(recipe, fake_dvc, tmp_path):
+    """`--recipe F --run -S ...` runs `dvc exp run` with F's -S arguments then the user's, no shell in
+    between; DVC parses each value as YAML and sets it at its dotted key, giving F merged onto params."""
     override = yaml.safe_load(recipe.read_text())
-    args = set_args(override)
+    done = run_recipe(recipe, "--run", "-S", "seed=7", env=fake_dvc)
+    assert done.returncode == 0, done.stderr
+    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    assert argv[:2] == ["exp", "run"] and argv[-2:] == ["-S", "seed=7"]
+    args = argv[2:-2]
     params = project_params()
     for flag, assignment in zip(args[::2], args[1::2], strict=True):
         assert flag == "-S"
@@ -161,7 +189,29 @@ def test_recipe_set_args_apply_like_dvc(recipe):
         for part in parents:
             node = node[part]
         node[leaf] = yaml.safe_load(value)
+    assert args == set_args(override) and args
     assert from_dict(params) == from_dict(merge(project_params(), override))
+
+
+def test_a_bad_recipe_never_reaches_dvc(fake_dvc, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  templat: '{title}'\n")
+    done = run_recipe(bad, "--run", env=fake_dvc)
+    assert done.returncode == 2 and not (tmp_path / "argv").exists()
+    assert "data.templat is not a known parameter" in done.stderr and "Traceback" not in done.stderr
+    done = run_recipe(ROOT / "examples/data/recipes.yaml", "--run", "-S", "train.max_steps=many", env=fake_dvc)
+    assert done.returncode == 2 and "train.max_steps" in done.stderr and not (tmp_path / "argv").exists()
+    done = run_recipe(ROOT / "examples/gpu.yaml", "-S", "seed=7", env=fake_dvc)
+    assert done.returncode == 2 and "add --run" in done.stderr and not (tmp_path / "argv").exists()
+
+
+def test_docs_run_recipes_through_the_config_module():
+    """A recipe printed into `$(...)` loses its quotes (templates, lists break) and an invalid one
+    still starts `dvc exp run` with the bare params: the docs use --run."""
+    docs = [ROOT / "README.md", *OVERRIDES]
+    uses = [line for path in docs for line in path.read_text().splitlines() if "--recipe examples/" in line]
+    assert len(uses) >= 9
+    assert all(re.search(r"python -m pipeline\.config --recipe examples/\S+\.yaml --run", line) for line in uses)
 
 
 def test_readme_documents_every_parameter():

@@ -21,7 +21,7 @@ TORCH_CUDA = {"2.13.0": "13.0"}
 # What the Makefile reads from the environment (VENV, SKIP_SETUP, HF_TOKEN, the git identity) or from an
 # outer make's command line (through MAKEFLAGS): cleared so the caller cannot change what these tests render.
 MAKE_ENV_VARS = ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV", "SKIP_SETUP", "PYTHON", "DOCKER", "IMAGE", "VERSION",
-                 "GIT_SHA", "TAG", "HF_CACHE_VOLUME", "DOCKER_USER", "GPU_FLAGS", "GPUS", "EXP", "HF_TOKEN",
+                 "GIT_SHA", "TAG", "HF_CACHE_VOLUME", "DOCKER_USER", "GPU_FLAGS", "GPUS", "EXP", "RECIPE", "HF_TOKEN",
                  "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"]
 
 
@@ -241,6 +241,15 @@ def test_docker_train_renders_gpus_mounts_user_torchrun_and_the_experiment():
     assert "NPROC_PER_NODE=2" in flags
     assert " ".join(argv).endswith(" dvc exp run -S lr=5e-4"), argv
     assert "docker build" in out, "docker-train does not build (or refresh) the image first"
+
+
+def test_docker_train_runs_a_recipe_in_the_container():
+    """RECIPE is checked and expanded by the image's Python (the host needs none), EXP's flags after it."""
+    argv = docker_line(make("-n", "docker-train", "RECIPE=examples/gpu.yaml", "EXP=-S lr=5e-4").stdout, "run")
+    image = next(i for i, a in enumerate(argv) if a.startswith(f"{IMAGE}:"))
+    assert argv[image + 1:] == ["python", "-m", "pipeline.config", "--recipe", "examples/gpu.yaml", "--run",
+                                "-S", "lr=5e-4"], argv
+    assert (ROOT / "examples/gpu.yaml").exists()
 
 
 def test_plain_docker_train_runs_dvc_repro_on_one_process():

@@ -16,6 +16,7 @@ from pipeline.evaluate import (
     block_nll,
     compare,
     evaluate,
+    evaluate_split,
     make_scorer,
     perplexity_rows,
     sliding_nll,
@@ -97,6 +98,35 @@ def test_sliding_window_matches_the_guide(pipeline_outputs, stride):
     if stride < 32:  # overlapping windows: every token but the very first is scored, exactly once
         assert count == len(ids) - 1
     assert math.exp(nll / count) == pytest.approx(reference, rel=1e-5)
+
+
+def test_sliding_stream_leaves_padding_out():
+    """pad mode: every block ends in padding, which must not become context for the next document."""
+    pad = 50256
+    padded = datasets.Dataset.from_dict({
+        "input_ids": [[5, 6, 7, pad, pad], [8, 9, pad, pad, pad]],
+        "labels": [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [8, 9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]],
+        "attention_mask": [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]})
+    ids, scored = token_stream(padded)
+    assert ids.tolist() == [5, 6, 7, 8, 9] and scored.tolist() == [False, True, True, True, True]
+    packed_ids, packed_scored = token_stream(blocks([[1, 2], [3, 4]]))
+    assert packed_ids.tolist() == [1, 2, 3, 4] and packed_scored.all()
+
+
+def test_pad_mode_sliding_window_is_the_document(pipeline_outputs):
+    """One document per block: no window reaches into the previous document, so both figures agree."""
+    tokenizer = load_tokenizer(pipeline_outputs / "assets/gpt2-tokenizer")
+    docs = [tokenizer("The river ran south.")["input_ids"], tokenizer("A game of chess, then tea.")["input_ids"]]
+    width = max(map(len, docs)) + 3
+    rows = [d + [50256] * (width - len(d)) for d in docs]
+    padded = datasets.Dataset.from_dict({
+        "input_ids": rows, "attention_mask": [[1] * len(d) + [0] * (width - len(d)) for d in docs],
+        "labels": [d + [IGNORE_INDEX] * (width - len(d)) for d in docs]})
+    result = evaluate_split({"finetuned": pipeline_outputs / "models/finetuned"}, padded, tokenizer, 2, 2, "fp32",
+                            False)["finetuned"]
+    model = load_model(pipeline_outputs / "models/finetuned")
+    nll, count = reference_nll(model, docs, docs)
+    assert result["sliding_perplexity"] == result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
 def test_sliding_windows_cover_each_token_once():

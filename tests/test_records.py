@@ -3,6 +3,8 @@ cleaning."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import pytest
 
@@ -106,3 +108,56 @@ def test_cleaning_counts_reach_the_stats(tokenizer):
     _, stats, _ = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, 0)
     assert stats["train"]["duplicates_dropped"] == 4 and stats["train"]["short_or_empty_dropped"] == 2
     assert stats["train"]["documents"] == 13 and stats["validation"]["seen_in_train_dropped"] == 1
+
+
+# Records shaped as each examples/data/*.yaml says in its comments, written where its `data.dataset` points.
+EXAMPLE_RECORDS = {
+    "plain-corpus.yaml": {**{f"corpus/{i}.txt": f"Post {i}: a joke about a river that ran out of banks. " * 3
+                             for i in range(8)},
+                          "corpus/copy.txt": "Post 0: a joke about a river that ran out of banks. " * 3,
+                          "corpus/short.txt": "Too short"},
+    "recipes.yaml": {"recipes.jsonl": [{"title": f"Dish {i}", "ingredients": ["bread", "butter"],
+                                        "directions": "Toast the bread. Butter it."} for i in range(10)]},
+    "dialogue.yaml": {"dialogues.jsonl": [{"turns": [f"I need a table for {i}", "For what time?", "Eight."]}
+                                          for i in range(8)]},
+    "prompt-response.yaml": {"pairs.jsonl": [{"instruction": f"Add {i} and {i}.", "output": f"{2 * i}"}
+                                             for i in range(8)]},
+}
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RECORDS))
+def test_data_examples_run_through_download_and_preprocess(example, tmp_path, tokenizer_dir):
+    """Each README data shape, as published in examples/data, turns its records into blocks."""
+    import json
+
+    import yaml
+
+    from tests.conftest import ROOT, prepare
+
+    override = yaml.safe_load((ROOT / "examples/data" / example).read_text())
+    data_dir = tmp_path / Path(override["data"]["dataset"]).parent
+    for name, content in EXAMPLE_RECORDS[example].items():
+        path = data_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content))
+    override["preprocess"].update(block_size=32, val_fraction=0.25)  # the tiny model's 64 positions
+    prepare(tmp_path, tokenizer_dir, override)
+
+    stats = json.loads((tmp_path / "metrics/data.json").read_text())
+    train = datasets.load_from_disk(str(tmp_path / "data/processed"))["train"]
+    assert len(train) > 0 and stats["train"]["blocks"] == len(train)
+    tokenizer = load_tokenizer(tmp_path / "assets/gpt2-tokenizer")
+    text = tokenizer.decode([t for t in train[0]["input_ids"] if t != tokenizer.eos_token_id])
+    if example == "plain-corpus.yaml":
+        cleaning = [s for s in stats.values() if isinstance(s, dict)]  # one per split
+        assert sum(c["duplicates_dropped"] + c["seen_in_train_dropped"] for c in cleaning) == 1
+        assert sum(c["short_or_empty_dropped"] for c in cleaning) == 1
+    if example == "recipes.yaml":
+        assert text.startswith("Title: Dish") and "Ingredients: bread, butter" in text
+    if example == "dialogue.yaml":
+        assert text.startswith("USER: I need a table") and "\nSYSTEM: For what time?" in text
+    if example == "prompt-response.yaml":
+        labels = train[0]["labels"]
+        prompt_len = labels.index(next(label for label in labels if label != IGNORE_INDEX))
+        assert text.startswith("### Instruction:") and prompt_len > 5
+        assert tokenizer.decode(train[0]["input_ids"][:prompt_len]).endswith("### Response:\n")
