@@ -90,6 +90,18 @@ def test_txt_directory_one_document_per_file(tmp_path):
     assert paragraphs["train"].num_rows > raw["train"].num_rows
 
 
+@pytest.mark.parametrize("sample_by, expected", [
+    ("document", ["Line one\nline two\n\nSecond paragraph\n"]),
+    ("paragraph", ["Line one\nline two", "Second paragraph\n"]),  # preprocess.strip trims it
+    ("line", ["Line one", "line two", "", "Second paragraph"]),
+])
+def test_txt_sample_by(tmp_path, sample_by, expected):
+    (tmp_path / "doc.txt").write_text("Line one\nline two\n\nSecond paragraph\n")
+    raw, _ = load_raw(DataConfig(dataset=str(tmp_path / "doc.txt"), config=None, txt_sample_by=sample_by),
+                      tmp_path / "scratch")
+    assert list(raw["train"]["text"]) == expected
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
 def test_structured_local_files(tmp_path, suffix):
     import pandas as pd
