@@ -448,6 +448,9 @@ def apply_set_params(params: dict, dvc_args: tuple[str, ...]) -> dict:
         key, sep, value = assignment.partition("=")
         if not sep:
             raise PipelineError(f"{arg} {assignment}: expected key=value, e.g. -S lr=5e-4")
+        params_file, _, key = key.rpartition(":")  # DVC's -S other.yaml:key=value sets another file
+        if params_file and Path(params_file).name != PARAMS_FILE.name:
+            continue
         *parents, leaf = key.split(".")
         node = out
         for part in parents:
@@ -460,7 +463,8 @@ def apply_set_params(params: dict, dvc_args: tuple[str, ...]) -> dict:
 def exp_run(recipe_args: list[str], dvc_args: tuple[str, ...]) -> None:
     """Replace this process with `dvc exp run <recipe -S args> <dvc_args>` (no shell in between, so
     templates and lists need no quoting, and a bad recipe never reaches DVC)."""
-    dvc = shutil.which("dvc")
+    beside_python = Path(sys.executable).parent / "dvc"  # .venv/bin/python run without activating .venv
+    dvc = shutil.which("dvc") or (str(beside_python) if beside_python.exists() else None)
     if dvc is None:
         raise PipelineError("dvc is not on PATH; run `make setup` and `source .venv/bin/activate`")
     sys.stdout.flush()

@@ -13,7 +13,16 @@ import pytest
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.config import Params, from_dict, help_lines, load_params, markdown_table, merge, set_args
+from pipeline.config import (
+    Params,
+    apply_set_params,
+    from_dict,
+    help_lines,
+    load_params,
+    markdown_table,
+    merge,
+    set_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples/recipes").glob("*.yaml"))
@@ -203,6 +212,17 @@ def test_a_bad_recipe_never_reaches_dvc(fake_dvc, tmp_path):
     assert done.returncode == 2 and "train.max_steps" in done.stderr and not (tmp_path / "argv").exists()
     done = run_recipe(ROOT / "examples/gpu.yaml", "-S", "seed=7", env=fake_dvc)
     assert done.returncode == 2 and "add --run" in done.stderr and not (tmp_path / "argv").exists()
+
+
+def test_user_set_params_are_checked_with_the_recipe():
+    """The forms `dvc exp run` takes: -S, --set-param, --set-param=, and file:key (another file: not ours)."""
+    params = {"lr": 1.0, "train": {"max_steps": -1, "lora": {"r": 8}}}
+    args = ("-S", "params.yaml:train.max_steps=30", "--set-param", "train.lora.r=16", "--set-param=lr=5e-4",
+            "-S", "other.yaml:lr=9", "-n", "my-exp")
+    assert apply_set_params(params, args) == {"lr": "5e-4", "train": {"max_steps": 30, "lora": {"r": 16}}}
+    assert params == {"lr": 1.0, "train": {"max_steps": -1, "lora": {"r": 8}}}, "the input was changed"
+    with pytest.raises(PipelineError, match="expected key=value"):
+        apply_set_params(params, ("-S", "lr"))
 
 
 def test_docs_run_recipes_through_the_config_module():
