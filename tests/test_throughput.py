@@ -82,3 +82,49 @@ def test_preflight_fails_fast_with_what_to_change(monkeypatch):
         preflight(gpt2, 32, 1, False, False, False)
     monkeypatch.setattr("pipeline.throughput.free_memory", lambda: (80 * GIB, "H100 (test)"))
     preflight(gpt2_xl(batch=1), 1, 128, False, False)  # fits: no error
+
+
+class FakeClock:
+    """perf_counter for pipeline.throughput: time moves only when the fake model runs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class AttentionModel(torch.nn.Module):
+    """A step costs `cost[implementation]` fake seconds, plus `burst` on the calls listed in `bursts`."""
+
+    def __init__(self, clock: FakeClock, cost: dict[str, float], bursts: set[int], burst: float = 5.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.clock, self.cost, self.bursts, self.burst, self.calls, self.name = clock, cost, bursts, burst, 0, None
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.name = name
+
+    def forward(self, x):
+        self.clock.now += self.cost[self.name] + (self.burst if self.calls in self.bursts else 0.0)
+        self.calls += 1
+        return type("Out", (), {"loss": (self.weight * x).sum()})()
+
+
+@pytest.mark.parametrize("cost, bursts, expected", [
+    ({"sdpa": 1.0, "eager": 0.8}, {3}, "eager"),   # eager's first timed call hit by load: its second counts
+    ({"sdpa": 1.0, "eager": 0.8}, {2}, "eager"),   # sdpa's: eager still wins
+    ({"sdpa": 1.0, "eager": 0.95}, set(), "sdpa"),  # within 10%: stay on PyTorch's default
+    ({"sdpa": 1.0, "eager": 2.0}, {3}, "sdpa"),
+])
+def test_attention_probe_takes_each_ones_best_round(monkeypatch, cost, bursts, expected):
+    import pipeline.throughput as throughput
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+    monkeypatch.setattr(throughput, "available_attention", lambda: ["sdpa", "eager"])
+    model = AttentionModel(clock, cost, bursts)  # calls 0, 1: warm-ups; then sdpa, eager, sdpa, eager
+    best, timings = throughput.fastest_attention(model, {"x": torch.ones(1)}, "fp32")
+    assert best == expected and model.name == expected
+    assert timings == pytest.approx(cost)
+    assert model.weight.grad is None
