@@ -78,7 +78,9 @@ def case_train_pipeline(work: Path, name: str) -> dict:
     metrics = train(params, work / name / "blocks", work / name / "base", out / "model", out / "ckpt", out / "live")
     return {"tokens_per_second": metrics["tokens_per_second"], "loss": metrics["final_train_loss"],
             "tokens": metrics["tokens_seen"],
-            "setup": f"{metrics['precision']}, {metrics['attention']} attention, {params.train.optimizer}, "
+            "setup": f"{metrics['precision']}, {metrics['attention']} attention "
+                     f"({', '.join(f'{k} {v:,.0f} ms' for k, v in metrics['attention_timings_ms'].items())}), "
+                     f"{params.train.optimizer}, "
                      f"vocab padded to {params.train.pad_vocab_multiple_of or 'no'} multiple, "
                      f"loss chunk {params.train.loss_chunk_tokens or 'off'}"}
 

@@ -164,7 +164,7 @@ def check_attention(requested: str) -> None:
 
 def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -> tuple[str, dict[str, float]]:
     """Time a forward+backward of one real batch under each available attention implementation and
-    return the fastest with the timings. Gradients and RNG state are left as they were.
+    return the fastest with the timings. Gradients, RNG state and train/eval mode are left as they were.
 
     One untimed warm-up each, then `trials` rounds that take the implementations in turn, keeping each
     one's fastest time: on a shared machine a burst of load then slows one round, not one contender
@@ -173,7 +173,11 @@ def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -
 
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    rng = torch.get_rng_state()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if device_type == "cuda" else None
+    # in training mode, as the steps will run: dropout is part of the cost (with dropout, sdpa on CPU
+    # leaves its fused kernel), and from_pretrained hands the model over in eval mode
+    was_training = model.training
+    model.train()
 
     def seconds(name: str) -> float:
         model.set_attn_implementation(name)
@@ -192,7 +196,10 @@ def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -
     for _ in range(trials):
         for name in names:
             timings[name] = min(timings[name], seconds(name))
-    torch.set_rng_state(rng)
+    model.train(was_training)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
     fastest = min(timings, key=timings.get)
     # keep sdpa (PyTorch's default) unless another is clearly faster, so close timings do not flip the
     # choice, and with it the last bits of the results, from run to run

@@ -106,6 +106,7 @@ class AttentionModel(torch.nn.Module):
         self.name = name
 
     def forward(self, x):
+        assert self.training, "the probe must time training steps (dropout on)"
         self.clock.now += self.cost[self.name] + (self.burst if self.calls in self.bursts else 0.0)
         self.calls += 1
         return type("Out", (), {"loss": (self.weight * x).sum()})()
@@ -123,8 +124,8 @@ def test_attention_probe_takes_each_ones_best_round(monkeypatch, cost, bursts, e
     clock = FakeClock()
     monkeypatch.setattr(throughput, "time", clock)
     monkeypatch.setattr(throughput, "available_attention", lambda: ["sdpa", "eager"])
-    model = AttentionModel(clock, cost, bursts)  # calls 0, 1: warm-ups; then sdpa, eager, sdpa, eager
+    model = AttentionModel(clock, cost, bursts).eval()  # calls 0, 1: warm-ups; then sdpa, eager, sdpa, eager
     best, timings = throughput.fastest_attention(model, {"x": torch.ones(1)}, "fp32")
     assert best == expected and model.name == expected
     assert timings == pytest.approx(cost)
-    assert model.weight.grad is None
+    assert model.weight.grad is None and not model.training
