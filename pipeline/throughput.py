@@ -167,8 +167,7 @@ def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -
     return the fastest with the timings. Gradients, RNG state and train/eval mode are left as they were.
 
     One untimed warm-up each, then `trials` rounds that take the implementations in turn, keeping each
-    one's fastest time: on a shared machine a burst of load then slows one round, not one contender
-    (one sequential trial each picked sdpa over an eager that trains GPT-2 124M ~20% faster here)."""
+    one's fastest time: on a shared machine a burst of load then slows one round, not one contender."""
     import torch
 
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
