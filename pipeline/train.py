@@ -260,14 +260,16 @@ def callbacks(live_dir: Path, resume: bool, tokens_per_step: int, flops: float, 
     from transformers.integrations import DVCLiveCallback
 
     class StepCallback(DVCLiveCallback):
-        """Logs at the Trainer's global step, adding throughput over each logging interval."""
-        last: tuple[int, float] | None = None
+        """Logs at the Trainer's global step, adding training throughput over each logging interval."""
+        last: tuple[int, float] | None = None  # (step, training seconds) at the last training-loss log
+        eval_seconds = 0.0  # evaluation inside training: not training time
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            self.eval_seconds += (logs or {}).get("eval_runtime", 0.0)
             # "loss" is the per-step training loss: plot it as train/loss beside eval/loss; the end-of-run
             # summary (mean train_loss, runtimes) goes to metrics/train.json instead of the plots
             logs = {("train_loss" if k == "loss" else k): v for k, v in (logs or {}).items() if k not in NOT_PLOTTED}
-            now = (state.global_step, time.perf_counter())
+            now = (state.global_step, time.perf_counter() - self.eval_seconds)
             if "train_loss" in logs and self.last and now[0] > self.last[0]:
                 tokens_per_second = (now[0] - self.last[0]) * tokens_per_step / (now[1] - self.last[1])
                 logs.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": tokens_per_second * flops / peak})
@@ -349,11 +351,15 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     start_step, started = _checkpoint_step(resume_from), time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
+    # throughput is of training: the evaluations inside train() (step 0, every eval_steps) are taken out;
+    # a resumed run's history also holds the earlier run's, up to and including its resume step
+    eval_seconds = sum(h["eval_runtime"] for h in trainer.state.log_history
+                       if "eval_runtime" in h and (h["step"] > start_step or not start_step))
     evaluated_last_step = t.eval_steps and trainer.state.global_step % t.eval_steps == 0
     final_eval = {} if evaluated_last_step and not t.load_best_model_at_end else trainer.evaluate()
 
     step = trainer.state.global_step
-    tokens_per_second = (step - start_step) * tokens_per_step / seconds if seconds else None
+    tokens_per_second = (step - start_step) * tokens_per_step / (seconds - eval_seconds) if seconds else None
     peak_bytes, peak_kind = peak_memory_used()
     history = trainer.state.log_history
     metrics = {
@@ -363,7 +369,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
         "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * tokens_per_step,
         "effective_batch_size": effective_batch, "effective_batch_tokens": tokens_per_step,
-        "tokens_per_second": tokens_per_second, "wall_seconds": seconds,
+        "tokens_per_second": tokens_per_second, "wall_seconds": seconds, "eval_seconds": eval_seconds,
         "mfu": tokens_per_second * flops / peak if tokens_per_second else None,
         "flops_per_token": flops, "device_peak_flops": peak, "device_peak_source": peak_source,
         "peak_memory_gib": peak_bytes / 1024**3, "peak_memory_kind": peak_kind,

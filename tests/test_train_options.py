@@ -75,6 +75,10 @@ def test_padded_vocabulary_trains_the_same_and_saves_unpadded(pipeline_outputs, 
 def test_run_metrics_have_throughput_memory_and_parameters(pipeline_outputs, tmp_path):
     metrics = run(pipeline_outputs, tmp_path, attn_implementation="auto")
     assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1
+    # training throughput: the evaluations at steps 0, 4 and 8 are not training time
+    assert 0 < metrics["eval_seconds"] < metrics["wall_seconds"]
+    assert metrics["tokens_seen"] / metrics["tokens_per_second"] == pytest.approx(
+        metrics["wall_seconds"] - metrics["eval_seconds"], rel=1e-9)
     assert metrics["peak_memory_gib"] > 0.1 and metrics["peak_memory_kind"] == "peak RSS"
     assert metrics["trainable_parameters"] == metrics["parameters"] > 50257 * 32
     assert metrics["attention"] in ("sdpa", "eager") and set(metrics["attention_timings_ms"]) == {"sdpa", "eager"}
