@@ -183,12 +183,13 @@ def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_si
 
     sizes = token_bytes(tokenizer)
     block_size = len(blocks[0]["input_ids"])
-    ids, scored = token_stream(blocks)
     # pad mode: the model learned each document on its own from position 0, and a document fits its
     # block, so sliding across documents would score contexts it never trains on
     one_document_per_block = "attention_mask" in blocks.column_names
-    block_targets = np.asarray(blocks.with_format("numpy")["labels"])[:, 1:] != IGNORE_INDEX
-    block_bytes = int(sizes[np.asarray(blocks.with_format("numpy")["input_ids"])[:, 1:][block_targets]].sum())
+    ids, scored = (None, None) if one_document_per_block else token_stream(blocks)
+    data = blocks.with_format("numpy")
+    block_ids, block_targets = np.asarray(data["input_ids"])[:, 1:], np.asarray(data["labels"])[:, 1:] != IGNORE_INDEX
+    block_bytes = int(sizes[block_ids[block_targets]].sum())
     result: dict[str, Any] = {}
     for name, path in paths.items():
         score = make_scorer(load_model(path, trust_remote_code), precision)

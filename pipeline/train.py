@@ -121,6 +121,11 @@ def add_lora(model: Any, cfg: Any) -> Any:
                             f"({str(e).splitlines()[0]}); name its linear layers") from None
 
 
+def without_adapters(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (the model itself without LoRA)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def prepare_model(model: Any, t: TrainConfig) -> tuple[Any, int]:
     """The model as it will train (padded, partly frozen or with adapters) and its real vocabulary."""
     vocab = pad_vocab(model, t.pad_vocab_multiple_of)
@@ -129,7 +134,7 @@ def prepare_model(model: Any, t: TrainConfig) -> tuple[Any, int]:
         model = add_lora(model, t.lora)
     if t.gradient_checkpointing:
         model.config.use_cache = False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapters(model)
     if base.loss_type is None:
         # transformers 5 derives loss_type from the class name, and "GPT2LMHeadModel" names none; the Trainer
         # then counts position 0 of every block as a target (num_items_in_batch) and reports train and eval
@@ -353,7 +358,8 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     seconds = time.perf_counter() - started
     # throughput is of training: the evaluations inside train() (step 0, every eval_steps) are taken out;
     # a resumed run's history also holds the earlier run's, up to and including its resume step
-    eval_seconds = sum(h["eval_runtime"] for h in trainer.state.log_history
+    history = trainer.state.log_history  # the final evaluate() below appends to it too
+    eval_seconds = sum(h["eval_runtime"] for h in history
                        if "eval_runtime" in h and (h["step"] > start_step or not start_step))
     evaluated_last_step = t.eval_steps and trainer.state.global_step % t.eval_steps == 0
     final_eval = {} if evaluated_last_step and not t.load_best_model_at_end else trainer.evaluate()
@@ -361,7 +367,6 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     step = trainer.state.global_step
     tokens_per_second = (step - start_step) * tokens_per_step / (seconds - eval_seconds) if seconds else None
     peak_bytes, peak_kind = peak_memory_used()
-    history = trainer.state.log_history
     metrics = {
         "train_loss": result.training_loss,
         "final_train_loss": last_logged(history, "loss"),
@@ -385,8 +390,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
 
 
 def _position_count(model: Any) -> int:
-    return sum(p.numel() for module in _position_embeddings(model.get_base_model() if hasattr(model, "get_base_model")
-                                                            else model) for p in module.parameters())
+    return sum(p.numel() for module in _position_embeddings(without_adapters(model)) for p in module.parameters())
 
 
 def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool, card: str) -> None:
