@@ -1,17 +1,29 @@
-"""Side-by-side benchmark of the pipeline's stages against the Hugging Face defaults (`make bench`).
+"""Side-by-side benchmark of the pipeline's stages against their peers (`make bench`).
 
-Every case runs in a fresh process (the same allocator state, imports and threads for both sides)
-on the same blocks, the same model config and the same seed, on this machine, one after the other:
+Every case runs in a fresh process (the same allocator state, imports and threads for each side)
+on the same blocks, the same model config and the same seed, on this machine, one after the other.
+Figures are printed, never asserted: the machines are shared and noisy.
 
-- train: the train stage (pipeline.train.train) vs the transformers Trainer with run_clm.py's defaults
-  (fp32, default attention, AdamW, default collator), on the GPT-2 124M architecture built from its
-  config (block 512) and on the demo's tiny config (block 128): tokens/s over trainer.train(), the
-  ratio, and the training loss after the same number of tokens;
+On a CUDA GPU (the job the pipeline is built for), GPT-2 124M built from its config, block 1024, bf16,
+per-device batch 16 and 32, 100 optimizer steps on the same blocks:
+- the Trainer with run_clm.py's defaults + bf16 (fused AdamW, sdpa, no compile, vocabulary 50257);
+- the tuned Trainer: + torch_compile and the vocabulary padded to 50304, the model computing its own loss;
+- the train stage (pipeline.train.train) with torch_compile on (as `auto` has it for runs of 5M tokens);
+each with its steady tokens/s and MFU (pipeline.throughput.ThroughputMeter: after 10 warm-up steps,
+without evaluations or checkpoint saves), its peak (torch.cuda.max_memory_allocated from the first
+step) and the preflight's estimate for its settings, and the ratio to the tuned Trainer. `--only memory`
+runs the train stage on gpt2, gpt2-medium and gpt2-xl shapes (LoRA, gradient checkpointing) for a few
+steps each and prints the measured peak beside the estimate.
+
+On a CPU:
+- train: the train stage vs the Trainer with run_clm.py's defaults (fp32, default attention, AdamW,
+  default collator), on the GPT-2 124M architecture built from its config (block 512) and on the demo's
+  tiny config (block 128): tokens/s over trainer.train(), the ratio, and the training loss after the
+  same number of tokens;
 - preprocess: pipeline.preprocess.build_blocks vs run_clm's tokenize + group_texts (datasets.map);
 - evaluate: pipeline.evaluate.token_nll vs Trainer.evaluate() with defaults.
 
-Text: the Python Language Reference shipped with CPython (as in the demo). Figures are printed, never
-asserted: the machines are shared and noisy.
+Text: the Python Language Reference shipped with CPython (as in the demo).
 """
 
 from __future__ import annotations
@@ -71,7 +83,7 @@ def case_train_pipeline(work: Path, name: str) -> dict:
     keep_freed_memory()  # what the stage's CLI does first
     _, block, batch, steps = CONFIGS[name]
     params = Params(seed=0, lr=5e-5)
-    variant = json.loads(os.environ.get("BENCH_TRAIN", "{}"))  # e.g. BENCH_TRAIN='{"loss_chunk_tokens": 0}'
+    variant = json.loads(os.environ.get("BENCH_TRAIN", "{}"))  # e.g. BENCH_TRAIN='{"dropout": 0.0}'
     params = replace(params, train=replace(params.train, max_steps=steps, per_device_train_batch_size=batch,
                                            logging_steps=1, eval_steps=0, save_steps=10**6, **variant))
     out = Path(tempfile.mkdtemp(dir=work))
@@ -79,10 +91,8 @@ def case_train_pipeline(work: Path, name: str) -> dict:
     return {"tokens_per_second": metrics["tokens_per_second"], "loss": metrics["final_train_loss"],
             "tokens": metrics["tokens_seen"],
             "setup": f"{metrics['precision']}, {metrics['attention']} attention "
-                     f"({', '.join(f'{k} {v:,.0f} ms' for k, v in metrics['attention_timings_ms'].items())}), "
-                     f"{params.train.optimizer}, "
-                     f"vocab padded to {params.train.pad_vocab_multiple_of or 'no'} multiple, "
-                     f"loss chunk {params.train.loss_chunk_tokens or 'off'}"}
+                     f"({', '.join(f'{k} {v:,.0f} ms' for k, v in metrics.get('attention_timings_ms', {}).items())}), "
+                     f"{params.train.optimizer}, vocab padded to a multiple of {params.train.pad_vocab_multiple_of}"}
 
 
 def case_train_baseline(work: Path, name: str) -> dict:
@@ -197,10 +207,146 @@ def case_evaluate_baseline(work: Path, name: str) -> dict:
             "setup": "Trainer.evaluate(), fp32, batch 8"}
 
 
+# --- on a GPU: the train stage against the Trainer, tuned and not -----------------------------------
+
+GPU_STEPS = int(os.environ.get("BENCH_GPU_STEPS", 100))
+GPU_BATCHES = (16, 32)
+GPU_SIZES = {"gpt2": {}, "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+             "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25}}
+MEMORY_SHAPES = [  # the shapes the preflight is held to: size, per-device batch, train params
+    ("gpt2", 16, {}), ("gpt2", 32, {}), ("gpt2-medium", 16, {}), ("gpt2-xl", 4, {}),
+    ("gpt2-xl", 16, {"gradient_checkpointing": True}), ("gpt2-xl", 8, {"lora": {"enabled": True}}),
+]
+
+
+def prepare_gpu(work: Path, sizes: list[str]) -> None:
+    """Blocks of 1024 tokens, enough for GPU_STEPS steps of 32 blocks inside one epoch (a smaller last
+    batch would make the compiled runs compile again), and a base model of each size, from its config."""
+    import datasets
+
+    from pipeline.common import load_tokenizer
+    from pipeline.config import DataConfig, ModelConfig, PreprocessConfig
+    from pipeline.demo import write_gpt2_tokenizer, write_python_reference
+    from pipeline.download import save_base
+    from pipeline.preprocess import build_blocks
+    from pipeline.sources import load_raw
+
+    if not (work / "tokenizer").exists():
+        write_gpt2_tokenizer(work / "tokenizer")
+        write_python_reference(work / "text")
+        raw, _ = load_raw(DataConfig(dataset=str(work / "text"), config=None), work)
+        raw.save_to_disk(str(work / "raw"))
+    if not (work / "gpu-blocks").exists():
+        texts = raw_text(work, copies=max(8, GPU_STEPS * max(GPU_BATCHES) // 100))  # ~113 blocks per copy
+        raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
+        blocks, _, _ = build_blocks(raw, load_tokenizer(work / "tokenizer"), 1024, DataConfig(dataset="x"),
+                                    PreprocessConfig(block_size=1024, val_fraction=0.01), 0)
+        blocks.save_to_disk(str(work / "gpu-blocks"))
+    for size in sizes:
+        if not (work / size / "base").exists():
+            save_base(ModelConfig(name=size, tokenizer=str(work / "tokenizer"), from_scratch=True,
+                                  config_overrides=GPU_SIZES[size]), 0, work / size / "base")
+
+
+def case_gpu_peer(work: Path, spec: str) -> dict:
+    """The Trainer on GPT-2 124M: run_clm's defaults + bf16, or tuned (compile, vocabulary padded to 50304,
+    the model's own loss over it), measured with the same meter as the stage."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from pipeline.memory import GIB, RunShape, estimate_memory, model_shape
+    from pipeline.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
+
+    batch, tuned = json.loads(spec)["batch"], json.loads(spec)["tuned"]
+    model = AutoModelForCausalLM.from_pretrained(work / "gpt2" / "base")
+    if tuned:
+        model.resize_token_embeddings(model.config.vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work), max_steps=GPU_STEPS, learning_rate=5e-5,
+                             per_device_train_batch_size=batch, seed=0, data_seed=0, bf16=True, torch_compile=tuned,
+                             logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
+                             use_cpu=not torch.cuda.is_available())  # (a dry run on a CPU)
+
+    class ResetPeak(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            torch.cuda.reset_peak_memory_stats()
+
+    flops = flops_per_token(model.num_parameters() - 1024 * 768, 12, 768, 1024)
+    meter = ThroughputMeter(batch * 1024, flops, peak_flops("bf16")[0], warmup=warmup_steps(GPU_STEPS))
+    blocks = datasets.load_from_disk(str(work / "gpu-blocks"))["train"]
+    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                      callbacks=[meter_callback(meter), ResetPeak()])
+    trainer.train()
+    estimate = estimate_memory(model_shape(model), RunShape("cuda", "bf16", batch, 8, 1024, compiled=tuned))
+    steady = meter.steady()
+    return {"steady": steady["steady_tokens_per_second"], "mfu": steady["steady_mfu"],
+            "peak": torch.cuda.max_memory_allocated() / GIB, "estimate": estimate.total / GIB}
+
+
+def case_gpu_pipeline(work: Path, spec: str) -> dict:
+    """The train stage on a GPT-2 of `size` (steps, batch and train params from the spec)."""
+    from pipeline.common import keep_freed_memory
+    from pipeline.config import from_dict
+    from pipeline.train import train
+
+    keep_freed_memory()
+    spec = json.loads(spec)
+    train_params = {"max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"], "logging_steps": 10,
+                    "eval_steps": 0, "save_steps": 10**6, **spec["train"]}
+    params = from_dict({"seed": 0, "lr": 5e-5, "model": {"name": spec["size"]}, "train": train_params})
+    out = Path(tempfile.mkdtemp(dir=work))
+    metrics = train(params, work / "gpu-blocks", work / spec["size"] / "base", out / "model", out / "ckpt",
+                    out / "live")
+    return {"steady": metrics["steady_tokens_per_second"], "mfu": metrics["steady_mfu"],
+            "peak": metrics["peak_memory_gib"], "estimate": metrics["memory_estimate_gib"],
+            "attention": metrics["attention"], "compile": metrics["torch_compile"]}
+
+
+def gpu_header() -> str:
+    import time
+
+    import torch
+    import transformers
+
+    from pipeline.throughput import warmup_steps
+
+    return (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, {time.strftime('%Y-%m-%d')}; GPT-2 from its config, block 1024, bf16, "
+            f"{GPU_STEPS} steps, steady = after {warmup_steps(GPU_STEPS)} warm-up steps\n")
+
+
+def gpu_train(work: Path) -> None:
+    print("| run | batch | steady tokens/s | MFU | peak GiB | preflight estimate GiB | vs tuned Trainer |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in GPU_BATCHES:
+        stage = {"size": "gpt2", "batch": batch, "steps": GPU_STEPS, "train": {"torch_compile": True}}
+        runs = {"Trainer, run_clm defaults + bf16": run_case(work, "gpu-peer", json.dumps({"batch": batch,
+                                                                                          "tuned": False})),
+                "Trainer + compile + vocab 50304": run_case(work, "gpu-peer", json.dumps({"batch": batch,
+                                                                                         "tuned": True})),
+                "train stage (torch_compile: true)": run_case(work, "gpu-pipeline", json.dumps(stage))}
+        tuned = runs["Trainer + compile + vocab 50304"]["steady"]
+        for name, r in runs.items():
+            print(f"| {name} | {batch} | {r['steady']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak']:.1f} | "
+                  f"{r['estimate']:.1f} | **{r['steady'] / tuned:.2f}x** |", flush=True)
+
+
+def gpu_memory(work: Path) -> None:
+    print("| train stage | batch | measured peak GiB | preflight estimate GiB | estimate error |")
+    print("|---|---|---|---|---|")
+    for size, batch, changes in MEMORY_SHAPES:
+        r = run_case(work, "gpu-pipeline", json.dumps({"size": size, "batch": batch, "steps": 4,
+                                                        "train": {"logging_steps": 1, **changes}}))
+        name = f"{size} {json.dumps(changes) if changes else ''} ({r['attention']}, compile {r['compile']})"
+        print(f"| {name} | {batch} | {r['peak']:.1f} | {r['estimate']:.1f} | "
+              f"{100 * (r['estimate'] / r['peak'] - 1):+.1f}% |", flush=True)
+
+
 CASES = {
     "train-pipeline": case_train_pipeline, "train-baseline": case_train_baseline,
     "preprocess-pipeline": case_preprocess_pipeline, "preprocess-baseline": case_preprocess_baseline,
     "evaluate-pipeline": case_evaluate_pipeline, "evaluate-baseline": case_evaluate_baseline,
+    "gpu-peer": case_gpu_peer, "gpu-pipeline": case_gpu_pipeline,
 }
 
 
@@ -230,18 +376,38 @@ def machine() -> str:
             f"(ratio {bf16 / fp32:.1f}x)\n")
 
 
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu(work: Path, only: list[str]) -> None:
+    """The GPU comparisons: the train stage against the Trainer, and the preflight against measured peaks."""
+    sizes = ["gpt2"] + (sorted({size for size, _, _ in MEMORY_SHAPES}) if "memory" in only else [])
+    prepare_gpu(work, sorted(set(sizes)))
+    print(gpu_header())
+    if "train" in only:
+        gpu_train(work)
+    if "memory" in only:
+        gpu_memory(work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="Working directory (default: a temporary one).")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["train", "preprocess", "evaluate"], action="append",
-                        help="Run only these comparisons.")
+    parser.add_argument("--only", choices=["train", "preprocess", "evaluate", "memory"], action="append",
+                        help="Run only these comparisons (memory: the preflight against measured peaks, CUDA).")
     parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one case, JSON on stdout
         print(json.dumps(CASES[args.case](args.work, *([args.name] if args.name else []))))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="gpt2-bench-"))
+    if on_cuda():
+        gpu(work, args.only or ["train", "memory"])
+        return
     if not (work / "tokenizer").exists():
         prepare(work)
     only = args.only or ["preprocess", "evaluate", "train"]

@@ -134,15 +134,17 @@ def check_weights(path: Path) -> None:
         raise PipelineError(f"{path} has no model weights (*.safetensors); re-save the model there or re-run download")
 
 
-def load_model(path: Path | str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM from a local directory, safetensors only."""
+def load_model(path: Path | str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+               config_overrides: dict[str, Any] | None = None) -> PreTrainedModel:
+    """Load a causal LM from a local directory, safetensors only; `config_overrides` replace fields of
+    its config before the modules are built (e.g. dropout)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     check_weights(path)
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32,
-                                                trust_remote_code=trust_remote_code)
+                                                trust_remote_code=trust_remote_code, **(config_overrides or {}))
 
 
 def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -159,22 +159,26 @@ class TrainConfig:
         "auto", "auto: bf16 where the device runs it natively (CUDA >= 8.0, CPU with AMX/AVX512-BF16), fp16 "
                 "with loss scaling on older GPUs, else fp32. An explicit choice the device cannot run is an error.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
-        "auto", "auto times a forward+backward of a real batch under each implementation available here and "
-                "keeps the fastest; flash_attention_2 needs CUDA and the flash-attn package.")
-    torch_compile: bool = opt(False, "torch.compile the model (worth it on GPUs for long runs; off on CPU, where "
-                                     "the compile time is not won back in short runs).")
+        "auto", "auto: on CUDA flash_attention_2 where the flash-attn package is installed (bf16/fp16), else sdpa, "
+                "nothing measured; on a CPU sdpa and eager timed on one block, the faster kept. flash_attention_2 "
+                "needs CUDA and flash-attn.")
+    torch_compile: Literal["auto", True, False] = opt(
+        "auto", "torch.compile the model and its loss. auto: on CUDA for runs of at least 5M tokens, where the "
+                "compile time is won back; off on CPU, where it made GPT-2 slower.")
+    dropout: float | None = opt(None, "Dropout of the model for fine-tuning (every dropout field of its config: "
+                                      "GPT-2's resid_pdrop, embd_pdrop, attn_pdrop); null keeps the model's own "
+                                      "(0.1 for GPT-2). 0 trains faster and often fits small data worse.",
+                                ge=0.0, lt=1.0)
     pad_vocab_multiple_of: int = opt(64, "Pad the embedding/output matrix to a multiple of this (64: GPT-2's "
                                          "50257 -> 50304) for faster matmuls; the padding takes no part in the "
                                          "loss and is trimmed before saving. 0: off.", ge=0)
-    loss_chunk_tokens: int = opt(0, "GPT-2: compute the output layer and cross-entropy this many tokens at a "
-                                    "time (e.g. 1024), never holding the B x T x 50257 logits: GBs less at large "
-                                    "batches, ~5-25% slower on CPU. 0: full logits, as Hugging Face does.", ge=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, ~30% "
                                               "more compute.")
     freeze: FreezeConfig = opt(FreezeConfig(), "Transfer learning: parts of the base model kept fixed.")
     lora: LoraConfig = opt(LoraConfig(), "Parameter-efficient fine-tuning with peft LoRA.")
-    memory_preflight: bool = opt(True, "Estimate peak memory before training and stop with a suggestion if it "
-                                       "exceeds the free memory.")
+    memory_preflight: bool = opt(True, "Estimate peak memory before training (calibrated per device, see "
+                                       "pipeline/memory.py) and stop, with the batch size that fits, if it exceeds "
+                                       "90% of the free memory.")
     logging_steps: int = opt(10, "Log training loss, learning rate and throughput every N optimizer steps.", ge=1)
     eval_steps: int = opt(200, "Evaluate on the validation blocks every N steps (0: only at the end).", ge=0)
     save_steps: int = opt(200, "Write a resumable checkpoint every N steps.", ge=1)
@@ -281,8 +285,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if origin is Literal:
-        if value not in args:
-            fail(key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        if not any(value == a and type(value) is type(a) for a in args):  # 1 is not true, "true" is not True
+            fail(key, f"must be one of {', '.join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)}; "
+                      f"got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -12,7 +12,7 @@ file, with the improvement: per split (validation, and test when the data has on
 
 Losses are summed per token in fp32 and divided once, so nothing depends on the batch size. It runs
 without gradients, under autocast in `evaluate.precision`, with GPT-2's output layer taken chunk by
-chunk (pipeline.throughput.next_token_loss). Also writes metrics/perplexity.json for the bar plot.
+chunk (pipeline.loss.summed_nll). Also writes metrics/perplexity.json for the bar plot.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.config import load_params
-from pipeline.throughput import next_token_loss, pad_vocab
+from pipeline.loss import pad_vocab, summed_nll
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -59,7 +59,7 @@ def make_scorer(model: Any, precision: str) -> Any:
     def score(input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, int]:
         mask = attention_mask.to(dev) if attention_mask is not None else None
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            nll, n, _ = next_token_loss(model, model, input_ids.to(dev), labels.to(dev), vocab, attention_mask=mask)
+            nll, n = summed_nll(model, input_ids.to(dev), labels.to(dev), vocab, attention_mask=mask)
         return nll.item(), int(n)
 
     return score

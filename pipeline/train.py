@@ -1,73 +1,120 @@
 """Stage 3, train: fine-tune models/base on data/processed with the Hugging Face Trainer.
 
-setup (precision, model with padding/freezing/LoRA, attention measured, memory preflight)
--> run (Trainer, resuming an interrupted run) -> save (merged, unpadded, safetensors) and metrics.
+setup (precision; the model with padding, dropout, freezing or LoRA and its own loss; attention; compile;
+memory preflight) -> run (the Trainer, resuming an interrupted run) -> save (merged, unpadded, safetensors)
+and metrics: steady and whole-run throughput, the training's peak memory beside its estimate.
 
-Multi-GPU (torchrun, see NPROC_PER_NODE) and mixed precision come from the Trainer. Metrics and
-per-step plots go through dvclive (dvcyaml=False: dvc.yaml declares them). Checkpoints go to
-`checkpoints/`, a `persist: true` out: an interrupted `dvc repro` resumes from the last complete one,
-but only when it was made by the same params, data and base model (a fingerprint guards it), so a
-new experiment never continues an old one.
+Multi-GPU (torchrun, see NPROC_PER_NODE) and mixed precision come from the Trainer. Per-step plots go
+through dvclive (dvcyaml=False: dvc.yaml declares them). Checkpoints: pipeline.checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline.card import git_commit, lock_hashes, model_card
+from pipeline.checkpoints import (
+    checkpoint_step,
+    fingerprint,
+    mark_complete_callback,
+    resume_checkpoint,
+    start_fresh,
+    started_with,
+)
 from pipeline.common import (
     PipelineError,
     atomic_dir,
     collate_blocks,
-    digest,
     is_main_process,
     keep_freed_memory,
     load_model,
     load_tokenizer,
     params_option,
-    remove,
     resolve_precision,
     stage_command,
     write_json,
     write_text,
 )
 from pipeline.config import Params, TrainConfig, load_params
-from pipeline.throughput import (
-    check_attention,
+from pipeline.loss import causal_lm_loss, pad_vocab
+from pipeline.memory import (
+    GIB,
+    MemoryEstimate,
+    RunShape,
     estimate_memory,
-    fastest_attention,
-    flops_per_token,
-    next_token_loss,
-    pad_vocab,
-    peak_flops,
-    peak_memory_used,
+    model_shape,
+    peak_used,
     preflight,
+    reset_peak,
 )
+from pipeline.model import (
+    add_lora,
+    auto_attention,
+    check_attention,
+    count_parameters,
+    dropout_overrides,
+    fastest_attention,
+    freeze,
+    position_parameters,
+    use_compile,
+    without_adapters,
+)
+from pipeline.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
 log = logging.getLogger("pipeline.train")
-FINGERPRINT = "fingerprint.json"
-COMPLETE = "checkpoint-complete.json"  # written once the Trainer has finished a checkpoint
 NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def training_arguments(params: Params, precision: str, checkpoints: Path) -> Any:
-    """TrainingArguments from params: the one place train.* meets the Trainer's names."""
+@dataclass(frozen=True)
+class Plan:
+    """What the run will do, decided before the Trainer exists."""
+
+    precision: str
+    device: str
+    world_size: int
+    block_size: int
+    steps: int              # optimizer steps planned
+    effective_batch: int    # blocks per optimizer step, all devices
+    compile: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.effective_batch * self.block_size
+
+
+def plan(t: TrainConfig, precision: str, train_blocks: int, block_size: int) -> Plan:
+    """Steps as the Trainer counts them (optimizer steps per epoch rounded up, times epochs), and the
+    compile decision, which depends on the tokens the run will train on."""
     import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(train_blocks / (t.per_device_train_batch_size * world))
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * math.ceil(batches / t.gradient_accumulation_steps))
+    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    compiled, why = use_compile(t.torch_compile, device, steps * effective * block_size)
+    log.info("torch.compile: %s (%s)", "on" if compiled else "off", why)
+    return Plan(precision, device, world, block_size, steps, effective, compiled)
+
+
+def training_arguments(params: Params, run: Plan, checkpoints: Path) -> Any:
+    """TrainingArguments from params: the one place train.* meets the Trainer's names."""
     from transformers import TrainingArguments
 
-    t = params.train
+    t, cuda = params.train, run.device == "cuda"
     return TrainingArguments(
         output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, learning_rate=params.lr,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -76,58 +123,27 @@ def training_arguments(params: Params, precision: str, checkpoints: Path) -> Any
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         optim=t.optimizer, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile,
+        max_grad_norm=t.max_grad_norm, bf16=run.precision == "bf16", fp16=run.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing, torch_compile=run.compile,
         logging_steps=t.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps or None,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model="eval_loss", greater_is_better=False,
-        dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=True,
+        dataloader_num_workers=t.dataloader_num_workers,
+        # pinned batches copied without blocking: the host never waits for the GPU between steps
+        dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
+        use_cpu=not cuda, report_to="none", disable_tqdm=True,
     )
 
 
-def freeze(model: Any, embeddings: bool, layers: int) -> None:
-    """Keep the embeddings and/or the first `layers` transformer blocks fixed."""
-    blocks = _blocks(model)
-    if layers > len(blocks):
-        raise PipelineError(f"params: train.freeze.layers ({layers}) exceeds the model's {len(blocks)} blocks")
-    frozen = [*blocks[:layers], *([model.get_input_embeddings(), *_position_embeddings(model)] if embeddings else [])]
-    for module in frozen:
-        module.requires_grad_(False)
+def prepare_model(params: Params, base_dir: Path) -> tuple[Any, int]:
+    """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss) and
+    its real vocabulary size."""
+    from transformers import AutoConfig
 
-
-def _blocks(model: Any) -> list:
-    base = getattr(model, model.base_model_prefix, model)
-    for name in ("h", "layers", "blocks"):  # GPT-2, Llama-style, others
-        if hasattr(base, name):
-            return list(getattr(base, name))
-    raise PipelineError(f"train.freeze.layers: cannot find the transformer blocks of {type(model).__name__}")
-
-
-def _position_embeddings(model: Any) -> list:
-    base = getattr(model, model.base_model_prefix, model)
-    return [base.wpe] if hasattr(base, "wpe") else []
-
-
-def add_lora(model: Any, cfg: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    try:
-        return get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
-    except ValueError as e:
-        raise PipelineError(f"params: train.lora.target_modules {cfg.target_modules} do not fit this model "
-                            f"({str(e).splitlines()[0]}); name its linear layers") from None
-
-
-def without_adapters(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (the model itself without LoRA)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def prepare_model(model: Any, t: TrainConfig) -> tuple[Any, int]:
-    """The model as it will train (padded, partly frozen or with adapters) and its real vocabulary."""
+    t, trust = params.train, params.model.trust_remote_code
+    overrides = dropout_overrides(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), t.dropout)
+    model = load_model(base_dir, trust, config_overrides=overrides)
     vocab = pad_vocab(model, t.pad_vocab_multiple_of)
     freeze(model, t.freeze.embeddings, t.freeze.layers)
     if t.lora.enabled:
@@ -135,38 +151,46 @@ def prepare_model(model: Any, t: TrainConfig) -> tuple[Any, int]:
     if t.gradient_checkpointing:
         model.config.use_cache = False
     base = without_adapters(model)
-    if base.loss_type is None:
-        # transformers 5 derives loss_type from the class name, and "GPT2LMHeadModel" names none; the Trainer
-        # then counts position 0 of every block as a target (num_items_in_batch) and reports train and eval
-        # losses scaled by (T-1)/T. Every model trained here is a causal LM.
-        base.loss_type = "ForCausalLM"
+    # transformers 5 names no loss type for GPT2LMHeadModel; without "ForCausalLM" the Trainer counts position 0
+    # of every block as a target and scales train and eval losses by (T-1)/T
+    base.loss_type = "ForCausalLM"
+    base.loss_function = causal_lm_loss(vocab)  # the padding rows out of the loss, computed inside the model
     return model, vocab
 
 
-def count_parameters(model: Any, vocab: int) -> tuple[int, int]:
-    """Total and trainable parameters, not counting vocabulary padding rows."""
-    params = list(model.parameters())
-    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-    embeddings = model.get_input_embeddings().weight
-    padding = (embeddings.shape[0] - vocab) * embeddings.shape[1]
-    return total - padding, trainable - (padding if embeddings.requires_grad else 0)
+def run_shape(t: TrainConfig, run: Plan, attention: str, model: Any) -> RunShape:
+    dropout = t.dropout if t.dropout is not None else max(
+        (m.p for m in model.modules() if type(m).__name__ == "Dropout"), default=0.0)
+    return RunShape(run.device, run.precision, t.per_device_train_batch_size, t.per_device_eval_batch_size,
+                    run.block_size, t.gradient_accumulation_steps, attention, dropout, run.compile,
+                    t.gradient_checkpointing, t.optimizer)
 
 
-def choose_attention(model: Any, requested: str, blocks: Any, batch_size: int, precision: str,
-                     resumed: str | None) -> dict:
-    """Set the attention implementation. `auto` measures the candidates on a real batch, except when
-    resuming: a resumed run keeps the implementation it started with (the same numerics)."""
-    check_attention(requested)
-    if requested != "auto" or resumed:
-        model.set_attn_implementation(resumed or requested)
-        return {"attention": resumed or requested}
-    sample = collate_blocks([blocks[i] for i in range(min(batch_size, len(blocks)))])
-    device = next(model.parameters()).device
-    best, timings = agree_across_ranks(fastest_attention(model, {k: v.to(device) for k, v in sample.items()},
-                                                         precision))
-    model.set_attn_implementation(best)
-    log.info("attention: %s (measured forward+backward: %s)", best,
-             ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in timings.items()))
+def choose_attention(model: Any, t: TrainConfig, run: Plan, blocks: Any, resumed: str | None) -> dict:
+    """Set the attention implementation. A resumed run keeps the one it started with (the same numerics)."""
+    check_attention(t.attn_implementation, run.precision)
+    auto = not resumed and t.attn_implementation == "auto"
+    chosen = auto_attention_here(model, t, run, blocks) if auto else {"attention": resumed or t.attn_implementation}
+    model.set_attn_implementation(chosen["attention"])
+    timings = chosen.get("attention_timings_ms")
+    log.info("attention: %s%s", chosen["attention"], f" (timed forward+backward on one block: "
+             f"{', '.join(f'{k} {v:.0f} ms' for k, v in timings.items())})" if timings else "")
+    return chosen
+
+
+def auto_attention_here(model: Any, t: TrainConfig, run: Plan, blocks: Any) -> dict:
+    """`auto`: nothing is run on CUDA (pipeline.model.auto_attention); on a CPU sdpa and eager are timed
+    on one block, unless the estimate says eager on one block needs more memory than the training."""
+    named = auto_attention(run.device, run.precision)
+    if named:
+        return {"attention": named}
+    shape, training = model_shape(model), run_shape(t, run, "sdpa", model)
+    probe = replace(training, batch=1, eval_batch=1, accumulation=1, attention="eager")
+    if estimate_memory(shape, probe).training > estimate_memory(shape, training).training:
+        log.info("attention auto: not timed, eager attention on one block would need more memory than the training")
+        return {"attention": "sdpa"}
+    one = {k: v.to(run.device) for k, v in collate_blocks([blocks[0]]).items()}
+    best, timings = agree_across_ranks(fastest_attention(model, one, run.precision))
     return {"attention": best, "attention_timings_ms": {k: round(v * 1000, 1) for k, v in timings.items()}}
 
 
@@ -181,122 +205,51 @@ def agree_across_ranks(value: Any) -> Any:
     return box[0]
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
-
-def fingerprint(params: Params, data_dir: Path, base_dir: Path) -> str:
-    """What a checkpoint must match to be resumed: training params and the exact inputs."""
-    inputs = {p.relative_to(data_dir).as_posix(): p.read_text() for p in sorted(data_dir.glob("*/state.json"))}
-    for name in ("config.json", "provenance.json"):
-        if (base_dir / name).exists():
-            inputs[name] = (base_dir / name).read_text()
-    return digest({"train": asdict(params.train), "lr": params.lr, "seed": params.seed, "inputs": inputs})
+def check_memory(model: Any, t: TrainConfig, run: Plan, attention: str) -> MemoryEstimate:
+    """The estimate of the training's peak; with memory_preflight, a stop (with the batch that fits)
+    when it exceeds the free memory."""
+    shape, shape_of_run = model_shape(model), run_shape(t, run, attention, model)
+    if t.memory_preflight:
+        return preflight(shape, shape_of_run, t.lora.enabled)
+    return estimate_memory(shape, shape_of_run)
 
 
-def resume_checkpoint(checkpoints: Path, run_id: str) -> str | None:
-    """The newest complete checkpoint of an interrupted run with the same fingerprint, if any.
-    Checkpoints without the completion marker (a run killed while saving) are skipped with a warning."""
-    marker = checkpoints / FINGERPRINT
-    if not checkpoints.is_dir() or not marker.exists():
-        return None
-    if json.loads(marker.read_text()).get("fingerprint") != run_id:
-        log.info("checkpoints in %s come from other params or inputs; starting fresh", checkpoints)
-        return None
-    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_step, reverse=True)
-    for path in found:
-        if (path / COMPLETE).exists():
-            return str(path)
-        log.warning("skipping %s: incomplete (the run stopped while writing it)", path)
-    return None
+# --- the Trainer's callbacks ---------------------------------------------------------------------
 
-
-def start_fresh(checkpoints: Path, run_id: str, attention: str) -> None:
-    remove(checkpoints)
-    write_json(checkpoints / FINGERPRINT, {"fingerprint": run_id, "attention": attention})
-
-
-def started_with(checkpoints: Path) -> dict:
-    return json.loads((checkpoints / FINGERPRINT).read_text())
-
-
-def _checkpoint_step(checkpoint: str | Path | None) -> int:
-    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
-
-
-# --- the Trainer, its loss and its callbacks -----------------------------------------------------
-
-def make_trainer(model: Any, args: Any, blocks: Any, tokenizer: Any, vocab: int, loss_chunk: int,
-                 callbacks: list) -> Any:
-    from transformers import Trainer
-
-    class PipelineTrainer(Trainer):
-        """The Trainer with next_token_loss (for GPT-2: no B x T x V logits in memory, padded vocabulary rows
-        ignored) and a stop on a non-finite loss."""
-
-        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            total, count, outputs = next_token_loss(model, self.accelerator.unwrap_model(model), inputs["input_ids"],
-                                                    inputs["labels"], vocab, loss_chunk, inputs.get("attention_mask"))
-            if num_items_in_batch is not None:  # normalised over the whole accumulated (global) batch
-                loss = total / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes
-                self.loss_is_scaled_for_ga = True
-            else:
-                loss = total / count.clamp(min=1)
-                self.loss_is_scaled_for_ga = False
-            check_finite(loss, self.state.global_step + 1)
-            return (loss, outputs) if return_outputs else loss
-
-    return PipelineTrainer(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
-                           data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks)
-
-
-def check_finite(loss: Any, step: int) -> None:
-    import torch
-
-    if not torch.isfinite(loss.detach()).all():
-        raise PipelineError(f"the training loss became {loss.item()} at step {step}; lower lr (now too high for "
-                            "this model), raise warmup_steps, or use train.precision: fp32")
-
-
-def callbacks(live_dir: Path, resume: bool, tokens_per_step: int, flops: float, peak: float) -> list:
+def live_callback(live_dir: Path, resume: bool) -> Any:
     from dvclive import Live
-    from transformers import TrainerCallback
     from transformers.integrations import DVCLiveCallback
 
     class StepCallback(DVCLiveCallback):
-        """Logs at the Trainer's global step, adding training throughput over each logging interval."""
-        last: tuple[int, float] | None = None  # (step, training seconds) at the last training-loss log
-        eval_seconds = 0.0  # evaluation inside training: not training time
+        """Logs at the Trainer's global step: train and eval rows share the x axis."""
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            self.eval_seconds += (logs or {}).get("eval_runtime", 0.0)
             # "loss" is the per-step training loss: plot it as train/loss beside eval/loss; the end-of-run
             # summary (mean train_loss, runtimes) goes to metrics/train.json instead of the plots
             logs = {("train_loss" if k == "loss" else k): v for k, v in (logs or {}).items() if k not in NOT_PLOTTED}
-            now = (state.global_step, time.perf_counter() - self.eval_seconds)
-            if "train_loss" in logs and self.last and now[0] > self.last[0]:
-                tokens_per_second = (now[0] - self.last[0]) * tokens_per_step / (now[1] - self.last[1])
-                logs.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": tokens_per_second * flops / peak})
-            if "train_loss" in logs:
-                self.last = now
             if not logs:
                 return
             if self.live is not None:
-                self.live.step = state.global_step  # train and eval rows line up on the same x axis
+                self.live.step = state.global_step
             super().on_log(args, state, control, logs=logs, **kwargs)
 
-    class MarkComplete(TrainerCallback):
-        """A checkpoint counts for resuming only once this marker follows all its files."""
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
-                    write_json(folder / COMPLETE, {"step": state.global_step})
-
     live = Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False) if is_main_process() else None
-    return [StepCallback(live=live), MarkComplete()]
+    return StepCallback(live=live)
+
+
+def stop_on_non_finite() -> Any:
+    """Stop at the first logged non-finite training loss. Checked at logging steps, where the Trainer
+    copies the loss to the host anyway, not every step (a per-step check would stall the GPU)."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise PipelineError(f"the training loss became {loss} by step {state.global_step}; lower lr (now "
+                                    "too high for this model), raise warmup_steps, or use train.precision: fp32")
+
+    return StopOnNonFinite()
 
 
 def early_stopping(patience: int) -> list:
@@ -307,81 +260,62 @@ def early_stopping(patience: int) -> list:
 
 # --- the stage -----------------------------------------------------------------------------------
 
-def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
-    """Run the Trainer, save the model to `out`, and return the run's metrics."""
+def load_blocks(data_dir: Path) -> Any:
     import datasets
 
-    t = params.train
-    precision = resolve_precision(t.precision)
     if not (data_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
-    blocks = datasets.load_from_disk(str(data_dir))
-    tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
-    model, vocab = prepare_model(load_model(base_dir, params.model.trust_remote_code), t)
-    n_params, n_trainable = count_parameters(model, vocab)
-    block_size = len(blocks["train"][0]["input_ids"])
+    return datasets.load_from_disk(str(data_dir))
 
-    args = training_arguments(params, precision, checkpoints)
-    config = model.config
-    if t.memory_preflight:
-        preflight(estimate_memory(n_params, n_trainable, config.num_hidden_layers, config.hidden_size,
-                                  config.num_attention_heads, vocab, t.per_device_train_batch_size, block_size,
-                                  precision, t.gradient_checkpointing,
-                                  "eager" if t.attn_implementation == "eager" else "sdpa", t.loss_chunk_tokens),
-                  t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing,
-                  t.lora.enabled, t.loss_chunk_tokens > 0)
+
+def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
+    """Run the Trainer, save the model to `out`, and return the run's metrics."""
+    from transformers import Trainer
+
+    t = params.train
+    blocks = load_blocks(data_dir)
+    tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
+    run = plan(t, resolve_precision(t.precision), len(blocks["train"]), len(blocks["train"][0]["input_ids"]))
+    model, vocab = prepare_model(params, base_dir)
+    n_params, n_trainable = count_parameters(model, vocab)
     run_id = fingerprint(params, data_dir, base_dir)
     resume_from = resume_checkpoint(checkpoints, run_id)  # every rank decides before rank 0 writes
-    attention = choose_attention(model.to(args.device), t.attn_implementation, blocks["train"],
-                                 t.per_device_train_batch_size, precision,
+    args = training_arguments(params, run, checkpoints)
+    # on the CPU it is loaded on: CUDA needs no measuring, and the preflight must run before the weights
+    # take their share of the GPU (the Trainer moves the model there)
+    attention = choose_attention(model, t, run, blocks["train"],
                                  started_with(checkpoints).get("attention") if resume_from else None)
+    estimate = check_memory(model, t, run, attention["attention"])
     with args.main_process_first(desc="prepare checkpoints"):
         if resume_from is None and is_main_process():
             start_fresh(checkpoints, run_id, attention["attention"])
     args.eval_on_start = resume_from is None  # step 0: the base model's validation loss, for plot and card
+    if run.compile:  # a new shape (an epoch's last, smaller batch) compiles its own static graph, not a dynamic one
+        import torch._dynamo
 
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    tokens_per_step = effective_batch * block_size
-    flops = flops_per_token(n_params - _position_count(model), config.num_hidden_layers, config.hidden_size,
-                            block_size)
-    peak, peak_source = peak_flops(precision)
+        torch._dynamo.config.automatic_dynamic_shapes = False
+
+    config = without_adapters(model).config
+    peak, peak_source = peak_flops(run.precision)
+    meter = ThroughputMeter(run.tokens_per_step, flops_per_token(n_params - position_parameters(model),
+                            config.num_hidden_layers, config.hidden_size, run.block_size), peak,
+                            warmup=warmup_steps(run.steps))
     log.info("precision %s; %s of %s parameters trainable; effective batch %d blocks = %d per device x %d "
-             "accumulation x %d devices (%d tokens)%s", precision, f"{n_trainable:,}", f"{n_params:,}",
-             effective_batch, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
-             tokens_per_step, f"; resuming from {resume_from}" if resume_from else "")
-
-    trainer = make_trainer(model, args, blocks, tokenizer, vocab, t.loss_chunk_tokens,
-                           callbacks(live_dir, resume_from is not None, tokens_per_step, flops, peak)
-                           + early_stopping(t.early_stopping_patience))
-    start_step, started = _checkpoint_step(resume_from), time.perf_counter()
+             "accumulation x %d devices (%d tokens); %d steps planned%s", run.precision, f"{n_trainable:,}",
+             f"{n_params:,}", run.effective_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+             run.world_size, run.tokens_per_step, run.steps, f"; resuming from {resume_from}" if resume_from else "")
+    callbacks = [meter_callback(meter), stop_on_non_finite(), live_callback(live_dir, bool(resume_from)),
+                 mark_complete_callback(), *early_stopping(t.early_stopping_patience)]
+    trainer = Trainer(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
+                      data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks)
+    since_reset = reset_peak()  # the reported peak is the training's, not the set-up's
+    started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
-    # throughput is of training: the evaluations inside train() (step 0, every eval_steps) are taken out;
-    # a resumed run's history also holds the earlier run's, up to and including its resume step
-    history = trainer.state.log_history  # the final evaluate() below appends to it too
-    eval_seconds = sum(h["eval_runtime"] for h in history
-                       if "eval_runtime" in h and (h["step"] > start_step or not start_step))
-    evaluated_last_step = t.eval_steps and trainer.state.global_step % t.eval_steps == 0
-    final_eval = {} if evaluated_last_step and not t.load_best_model_at_end else trainer.evaluate()
-
-    step = trainer.state.global_step
-    tokens_per_second = (step - start_step) * tokens_per_step / (seconds - eval_seconds) if seconds else None
-    peak_bytes, peak_kind = peak_memory_used()
-    metrics = {
-        "train_loss": result.training_loss,
-        "final_train_loss": last_logged(history, "loss"),
-        "eval_loss": final_eval.get("eval_loss", last_logged(history, "eval_loss")),
-        "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
-        "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * tokens_per_step,
-        "effective_batch_size": effective_batch, "effective_batch_tokens": tokens_per_step,
-        "tokens_per_second": tokens_per_second, "wall_seconds": seconds, "eval_seconds": eval_seconds,
-        "mfu": tokens_per_second * flops / peak if tokens_per_second else None,
-        "flops_per_token": flops, "device_peak_flops": peak, "device_peak_source": peak_source,
-        "peak_memory_gib": peak_bytes / 1024**3, "peak_memory_kind": peak_kind,
-        "precision": precision, **attention, "world_size": args.world_size,
-        "resumed_from_step": start_step or None, "best_checkpoint": trainer.state.best_model_checkpoint,
-        "parameters": n_params, "trainable_parameters": n_trainable,
-    }
+    memory = memory_metrics(estimate, since_reset)  # before the final evaluation, which is not training
+    metrics = {**run_metrics(trainer, result, seconds, checkpoint_step(resume_from), meter, run), **memory}
+    metrics.update(device_peak_source=peak_source, precision=run.precision, **attention, torch_compile=run.compile,
+                   world_size=args.world_size, parameters=n_params, trainable_parameters=n_trainable)
     if trainer.is_world_process_zero():
         card = model_card(params, json.loads((base_dir / "provenance.json").read_text()), metrics["base_eval_loss"],
                           metrics["eval_loss"], metrics, lock_hashes([str(base_dir), str(data_dir)]), git_commit())
@@ -389,8 +323,39 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     return metrics
 
 
-def _position_count(model: Any) -> int:
-    return sum(p.numel() for module in _position_embeddings(without_adapters(model)) for p in module.parameters())
+def memory_metrics(estimate: MemoryEstimate, since_reset: bool) -> dict:
+    """The training's peak beside its estimate (on CUDA the same measure: tensor memory; on a CPU the
+    peak is the whole process's resident memory, libraries and data included)."""
+    peak, kind = peak_used(since_reset)
+    return {"peak_memory_gib": peak / GIB, "peak_memory_kind": kind, "memory_estimate_gib": estimate.total / GIB}
+
+
+def run_metrics(trainer: Any, result: Any, seconds: float, start_step: int, meter: ThroughputMeter, run: Plan) -> dict:
+    """metrics/train.json: losses, steady and whole-run throughput."""
+    t = trainer.args
+    # whole run: the evaluations inside train() (step 0, every eval_steps) are taken out; a resumed run's
+    # history also holds the earlier run's, up to and including its resume step
+    history = trainer.state.log_history  # the final evaluate() below appends to it too
+    eval_seconds = sum(h["eval_runtime"] for h in history
+                       if "eval_runtime" in h and (h["step"] > start_step or not start_step))
+    evaluated_last_step = t.eval_steps and trainer.state.global_step % t.eval_steps == 0
+    final_eval = {} if evaluated_last_step and not t.load_best_model_at_end else trainer.evaluate()
+    step = trainer.state.global_step
+    tokens_per_second = (step - start_step) * run.tokens_per_step / (seconds - eval_seconds) if seconds else None
+    return {
+        "train_loss": result.training_loss,
+        "final_train_loss": last_logged(history, "loss"),
+        "eval_loss": final_eval.get("eval_loss", last_logged(history, "eval_loss")),
+        "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
+        "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * run.tokens_per_step,
+        "effective_batch_size": run.effective_batch, "effective_batch_tokens": run.tokens_per_step,
+        **meter.steady(),
+        "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * meter.flops_per_token / meter.peak_flops
+        if tokens_per_second else None,
+        "wall_seconds": seconds, "eval_seconds": eval_seconds,
+        "flops_per_token": meter.flops_per_token, "device_peak_flops": meter.peak_flops,
+        "resumed_from_step": start_step or None, "best_checkpoint": trainer.state.best_model_checkpoint,
+    }
 
 
 def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool, card: str) -> None:
@@ -427,6 +392,19 @@ def relaunch_under_torchrun() -> None:
         os.execv(sys.executable, command)
 
 
+def summary_line(m: dict) -> str:
+    """The stage's last log line: losses, steady and whole-run throughput, memory against its estimate."""
+    def rate(tokens: float | None, mfu: float | None) -> str:
+        return f"{tokens:,.0f} tokens/s (MFU {100 * mfu:.1f}%)" if tokens and mfu is not None else "n/a"
+
+    eval_loss = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "n/a"
+    memory = (f"peak memory {m['peak_memory_gib']:.2f} GiB ({m['peak_memory_kind']}; "
+              f"estimate {m['memory_estimate_gib']:.2f})")
+    return (f"train loss {m['train_loss']:.4f}, eval loss {eval_loss}, {m['steps']} steps; steady "
+            f"{rate(m['steady_tokens_per_second'], m['steady_mfu'])} after {m['warmup_steps']} warm-up steps, "
+            f"whole run {rate(m['tokens_per_second'], m['mfu'])}; {memory}")
+
+
 @stage_command
 @params_option
 @click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
@@ -450,10 +428,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
     metrics = train(params, data_dir, base_dir, out, checkpoints, live_dir)
     if is_main_process():
         write_json(metrics_path, metrics)
-        log.info("train loss %.4f, eval loss %s, %d steps, %.0f tokens/s, MFU %.1f%%, peak memory %.2f GiB",
-                 metrics["train_loss"], f"{metrics['eval_loss']:.4f}" if metrics["eval_loss"] is not None else "n/a",
-                 metrics["steps"], metrics["tokens_per_second"] or 0, 100 * (metrics["mfu"] or 0),
-                 metrics["peak_memory_gib"])
+        log.info(summary_line(metrics))
 
 
 if __name__ == "__main__":

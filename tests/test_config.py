@@ -101,6 +101,10 @@ def test_integer_fields_take_whole_numbers_written_as_floats():
     ({"train": {"lora": {"enabled": True}, "freeze": {"layers": 2}}}, r"train.freeze does nothing with"),
     ({"train": {"lora": {"rank": 4}}}, r"train.lora.rank is not a known parameter"),
     ({"train": {"attn_implementation": "flash"}}, r"train.attn_implementation must be one of auto, sdpa, eager"),
+    ({"train": {"torch_compile": 1}}, r"train.torch_compile must be one of auto, true, false; got 1"),
+    ({"train": {"torch_compile": "yes"}}, r"train.torch_compile must be one of auto, true, false"),
+    ({"train": {"dropout": 1.0}}, r"train.dropout must be < 1.0"),
+    ({"train": {"loss_chunk_tokens": 1024}}, r"train.loss_chunk_tokens is not a known parameter"),
 ])
 def test_bad_params_are_rejected_by_name(raw, message):
     with pytest.raises(PipelineError, match=message) as error:
@@ -116,34 +120,36 @@ def test_unreadable_params_file(tmp_path):
         load_params(tmp_path / "missing.yaml")
 
 
+# The published specs; per-device batches are what fits the card each recipe names (tests/test_memory.py), the
+# totals (per-device x accumulation) are the specs'
 EXPECTED_RECIPES = {
-    "a-gpt2-medium.yaml": dict(model="gpt2-medium", learning_rate=5e-5, per_device_train_batch_size=64,
-                               gradient_accumulation_steps=2, total=128, lr_scheduler_type="linear",
+    "a-gpt2-medium.yaml": dict(model="gpt2-medium", learning_rate=5e-5, per_device_train_batch_size=16,
+                               gradient_accumulation_steps=8, total=128, lr_scheduler_type="linear",
                                num_train_epochs=20, optim="adamw_torch", precision="auto"),
-    "b-gpt2-cosine-fp16.yaml": dict(model="gpt2", learning_rate=5e-4, per_device_train_batch_size=64,
-                                    per_device_eval_batch_size=64, gradient_accumulation_steps=8, total=512,
+    "b-gpt2-cosine-fp16.yaml": dict(model="gpt2", learning_rate=5e-4, per_device_train_batch_size=8,
+                                    evaluate_batch_size=64, gradient_accumulation_steps=64, total=512,
                                     seed=42, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                                     lr_scheduler_type="cosine", warmup_steps=1000, num_train_epochs=20,
                                     precision="fp16"),
-    "c-gpt2-xl.yaml": dict(model="gpt2-xl", learning_rate=5e-7, per_device_train_batch_size=4,
-                           per_device_eval_batch_size=4, gradient_accumulation_steps=32, total=128,
-                           num_train_epochs=1),
+    "c-gpt2-xl.yaml": dict(model="gpt2-xl", learning_rate=5e-7, per_device_train_batch_size=1,
+                           per_device_eval_batch_size=4, evaluate_batch_size=4, gradient_accumulation_steps=128,
+                           total=128, num_train_epochs=1),
 }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_published_recipes_map_onto_the_trainer(recipe, tmp_path):
-    from pipeline.train import training_arguments
+    from pipeline.train import Plan, training_arguments
 
     expected = dict(EXPECTED_RECIPES[recipe.name])
     params = from_dict(merge(project_params(), yaml.safe_load(recipe.read_text())))
-    # the Trainer is built in fp32 here (no GPU); the requested precision is checked on the params
-    args = training_arguments(params, "fp32", tmp_path)
+    # the Trainer is built in fp32 on the CPU here (no GPU); the requested precision is checked on the params
+    args = training_arguments(params, Plan("fp32", "cpu", 1, 1024, 1, 1, False), tmp_path)
     assert params.model.name == expected.pop("model")
     assert params.train.precision == expected.pop("precision", "auto")
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == expected.pop("total")
-    if "per_device_eval_batch_size" in expected:
-        assert params.evaluate.batch_size == expected["per_device_eval_batch_size"]
+    if "evaluate_batch_size" in expected:
+        assert params.evaluate.batch_size == expected.pop("evaluate_batch_size")
     for name, value in expected.items():
         actual = getattr(args, name)
         assert (actual.value if hasattr(actual, "value") else actual) == pytest.approx(value), name

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.common import PipelineError
 from pipeline.config import load_params
-from pipeline.train import COMPLETE, fingerprint, resume_checkpoint, start_fresh, train
+from pipeline.checkpoints import COMPLETE, fingerprint, resume_checkpoint, start_fresh
+from pipeline.train import train
 
 
 def test_training_writes_a_loadable_model_and_plots(pipeline_outputs):

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from pipeline.common import PipelineError
 from pipeline.config import FreezeConfig, LoraConfig, load_params
-from pipeline.train import COMPLETE, train
+from pipeline.checkpoints import COMPLETE
+from pipeline.train import train
 from tests.conftest import ROOT, write_params
 
 
@@ -29,7 +30,7 @@ def run(outputs: Path, tmp_path: Path, **train_changes) -> dict:
 
 def test_nan_loss_stops_training_naming_the_step(pipeline_outputs, tmp_path):
     params = load_params(pipeline_outputs / "params.yaml")
-    with pytest.raises(PipelineError, match=r"the training loss became nan at step \d+; lower lr"):
+    with pytest.raises(PipelineError, match=r"the training loss became nan by step \d+; lower lr"):
         train(replace(params, lr=1e30), pipeline_outputs / "data/processed", pipeline_outputs / "models/base",
               tmp_path / "model", tmp_path / "checkpoints", tmp_path / "dvclive")
     assert not (tmp_path / "model").exists()
@@ -79,7 +80,12 @@ def test_run_metrics_have_throughput_memory_and_parameters(pipeline_outputs, tmp
     assert 0 < metrics["eval_seconds"] < metrics["wall_seconds"]
     assert metrics["tokens_seen"] / metrics["tokens_per_second"] == pytest.approx(
         metrics["wall_seconds"] - metrics["eval_seconds"], rel=1e-9)
+    # steady: the logged intervals after the 1 warm-up step without a checkpoint save (saves at 4 and 8 fall
+    # in 4->6 and after 8): 1->2, 2->4 and 6->8
+    assert metrics["warmup_steps"] == 1 and metrics["steady_steps"] == 5
+    assert metrics["steady_tokens_per_second"] > 0 and 0 < metrics["steady_mfu"] < 1
     assert metrics["peak_memory_gib"] > 0.1 and metrics["peak_memory_kind"] == "peak RSS"
+    assert 0 < metrics["memory_estimate_gib"] < metrics["peak_memory_gib"]  # RSS also counts Python and libraries
     assert metrics["trainable_parameters"] == metrics["parameters"] > 50257 * 32
     assert metrics["attention"] in ("sdpa", "eager") and set(metrics["attention_timings_ms"]) == {"sdpa", "eager"}
     rows = (tmp_path / "dvclive/plots/metrics/perf/tokens_per_second.tsv").read_text().splitlines()

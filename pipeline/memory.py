@@ -1,0 +1,346 @@
+"""Training memory: a calibrated estimate of the peak for the preflight, the batch size that fits,
+and the peak the training actually reached.
+
+A training step is at its peak at the end of the forward pass, when the loss's gradient is formed
+while every activation saved for the backward is still held. The estimate adds what is alive then:
+
+    weights            4 bytes per parameter (fp32 master weights)
+    optimizer states   8 per trainable parameter (AdamW's two moments)
+    gradients          4 per trainable parameter, only when they are held across accumulation
+    16-bit copies      2 per parameter: autocast casts each weight once and keeps the copy for the backward
+    activations        n_layer x tokens x hidden x `layer` bytes, plus n_layer x batch x heads x T^2 x
+                       `scores` where attention materialises its score matrix (eager; sdpa on a CPU with
+                       dropout, which falls back to the math kernel)
+    logits             tokens x vocabulary x `logits` bytes (logits, their fp32 copy, the loss's gradient)
+
+and takes the larger of that, the optimizer step (weights, gradients and states) and an evaluation
+batch. The per-unit byte counts are not theory (Korthikanti et al. give 34 bytes per layer-token-hidden
+unit; Hugging Face's GPT-2 keeps 64-86 eagerly, because autocast keeps some of it in fp32): they were
+measured, per device kind, and CALIBRATION says where and when. `python bench/memory.py` prints the
+estimate beside the measured peak for a set of shapes on the machine it runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.common import PipelineError
+
+log = logging.getLogger("pipeline.memory")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Bytes per unit of a training step, measured on one kind of device."""
+
+    layer: float        # per layer x token x hidden unit, saved for the backward
+    scores: float       # per attention score element, where the score matrix is materialised
+    logits: float       # per logit in training: the logits, their fp32 copy, the gradients
+    eval_logits: float  # per logit in an evaluation forward (no gradients)
+    lora: float         # per element of an adapted module's input (LoRA keeps a dropped-out copy)
+    checkpoint: float   # per layer x token x hidden unit with gradient checkpointing (each block's input)
+    source: str
+
+
+_CPU_SOURCE = ("measured with pipeline.memory.PeakTensorMemory on an AMD EPYC (2 cores), torch 2.13.0, "
+               "2026-11-23: GPT-2 shapes d 256-768, T 128-1024, 2-4 layers")
+# CUDA, 16-bit: fitted to torch.cuda.max_memory_allocated of the train stage on one H100 80GB (torch 2.11,
+# 2026-11-23): gpt2 and gpt2-medium at batch 16 (sdpa, and compiled); then checked, not fitted: gpt2-xl batch 4
+# (48.1 GiB measured, 47.9 estimated), LoRA r8 on gpt2-xl batch 8 (69.4, 72.1), gpt2 batch 32 compiled (31.0,
+# 30.0) and the eager attention probe at gpt2 batch 16 (37.9, 38.0). The compiled figures are for the loss
+# computed inside the compiled model, from the Trainer's own compiled GPT-2 loss (14.8 / 28.0 GiB at batch 16/32).
+_H100_SOURCE = "fitted to torch.cuda.max_memory_allocated on one H100 80GB (torch 2.11), 2026-11-23"
+CALIBRATION: dict[tuple[str, str, bool], Calibration] = {
+    # (device type, "16-bit" or "fp32", torch.compile)
+    ("cuda", "16-bit", False): Calibration(86.2, 7.0, 12.25, 10.3, 2.0, 4.1, _H100_SOURCE),
+    ("cuda", "16-bit", True): Calibration(34.1, 7.0, 10.95, 10.3, 2.0, 4.1, _H100_SOURCE),
+    # fp32 keeps the same tensors on every device (no autocast): measured on CPU, not on a GPU
+    ("cuda", "fp32", False): Calibration(120.2, 12.0, 12.1, 8.1, 4.5, 4.1, _CPU_SOURCE),
+    ("cpu", "16-bit", False): Calibration(64.1, 14.0, 12.0, 10.3, 4.5, 4.1, _CPU_SOURCE),
+    ("cpu", "fp32", False): Calibration(120.2, 12.0, 12.1, 8.1, 4.5, 4.1, _CPU_SOURCE),
+}
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adafactor": 0, "sgd": 0}
+
+
+def calibration(device: str, precision: str, compiled: bool) -> Calibration:
+    """The measured coefficients for this device, precision and compile setting. Where compile was not
+    measured (CPU, fp32) the eager figures stand in: compiling saves memory, so they over-estimate."""
+    kind = "fp32" if precision == "fp32" else "16-bit"
+    return CALIBRATION.get((device, kind, compiled)) or CALIBRATION[(device, kind, False)]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know of a model as it will train."""
+
+    parameters: int      # all, vocabulary padding rows included
+    trainable: int
+    block_parameters: int
+    n_layer: int
+    hidden: int
+    heads: int
+    vocab: int           # rows of the output matrix (padded)
+    lora_inputs: int = 0  # per block: the input widths of the modules with LoRA adapters, summed
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How it will train."""
+
+    device: str          # "cuda" or "cpu"
+    precision: str       # fp32, bf16 or fp16
+    batch: int           # per device
+    eval_batch: int
+    block_size: int
+    accumulation: int = 1
+    attention: str = "sdpa"
+    dropout: float = 0.1
+    compiled: bool = False
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw_torch_fused"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    states: int       # weights, optimizer states, held gradients, 16-bit copies
+    activations: int  # saved for the backward, one micro-batch
+    logits: int
+    step: int         # the optimizer step: weights, gradients and states
+    evaluation: int   # an evaluation batch, optimizer states alive
+
+    @property
+    def training(self) -> int:
+        return self.states + self.activations + self.logits
+
+    @property
+    def total(self) -> int:
+        return max(self.training, self.step, self.evaluation)
+
+
+def scores_materialised(run: RunShape) -> bool:
+    """Whether attention keeps its B x heads x T x T score matrix for the backward."""
+    if run.attention == "eager":
+        return True
+    # sdpa: CUDA's flash / memory-efficient kernels keep O(T); on a CPU its fused kernel has no dropout,
+    # so with dropout it falls back to the math kernel, which keeps the scores as eager does
+    return run.attention == "sdpa" and run.device == "cpu" and run.dropout > 0
+
+
+def estimate_memory(model: ModelShape, run: RunShape) -> MemoryEstimate:
+    """Peak bytes of one training step (see the module's docstring)."""
+    c = calibration(run.device, run.precision, run.compiled)
+    sixteen_bit = run.precision in ("bf16", "fp16")
+    state_bytes = OPTIMIZER_STATE_BYTES.get(run.optimizer, 8)
+    tokens = run.batch * run.block_size
+    per_layer = tokens * model.hidden * c.layer + tokens * model.lora_inputs * c.lora
+    if scores_materialised(run):
+        per_layer += run.batch * model.heads * run.block_size**2 * c.scores
+    if run.gradient_checkpointing:  # each block's input, and one block recomputed at a time
+        activations = model.n_layer * tokens * model.hidden * c.checkpoint + per_layer
+        copied = model.parameters - (model.n_layer - 1) * model.block_parameters  # blocks re-cast when recomputed
+    else:
+        activations = model.n_layer * per_layer
+        copied = model.parameters
+    states = (4 * model.parameters + state_bytes * model.trainable
+              + (4 * model.trainable if run.accumulation > 1 else 0) + (2 * copied if sixteen_bit else 0))
+    step = 4 * model.parameters + (4 + state_bytes) * model.trainable
+    evaluation = 4 * model.parameters + state_bytes * model.trainable + \
+        run.eval_batch * run.block_size * model.vocab * c.eval_logits
+    return MemoryEstimate(int(states), int(activations), int(tokens * model.vocab * c.logits), int(step),
+                          int(evaluation))
+
+
+def model_shape(model: Any) -> ModelShape:
+    """The ModelShape of a transformers causal LM (maybe inside a peft wrapper), as it will train."""
+    from pipeline.model import blocks, without_adapters
+
+    base = without_adapters(model)
+    config = base.config
+    params = list(model.parameters())
+    first = blocks(model)[0]
+    adapted = [m for m in first.modules() if hasattr(m, "lora_A")]
+    return ModelShape(
+        parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
+        block_parameters=sum(p.numel() for p in first.parameters()), n_layer=config.num_hidden_layers,
+        hidden=config.hidden_size, heads=config.num_attention_heads,
+        vocab=base.get_output_embeddings().weight.shape[0], lora_inputs=sum(m.in_features for m in adapted))
+
+
+GPT2_SIZES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
+              "gpt2-xl": (48, 1600, 25)}  # n_layer, n_embd, n_head
+
+
+def gpt2_shape(size: str, vocab: int = 50304, lora_r: int = 0, positions: int = 1024) -> ModelShape:
+    """The ModelShape of a GPT-2 size without building it (profiles, docs, the bench): full fine-tuning,
+    or LoRA of rank `lora_r` on c_attn, c_proj and c_fc."""
+    n_layer, d, heads = GPT2_SIZES[size]
+    block = 12 * d * d + 13 * d
+    total = vocab * d + positions * d + n_layer * block + 2 * d
+    # rank x (in + out) of c_attn (d -> 3d), attn.c_proj (d -> d), c_fc (d -> 4d), mlp.c_proj (4d -> d)
+    adapters = n_layer * lora_r * 16 * d
+    return ModelShape(total + adapters, adapters or total, block, n_layer, d, heads, vocab, 7 * d if lora_r else 0)
+
+
+# --- the preflight ---------------------------------------------------------------------------------
+
+def free_memory() -> tuple[int, str]:
+    """Bytes free on the training device, and its name."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, torch.cuda.get_device_name()
+    import psutil
+
+    return psutil.virtual_memory().available, "CPU RAM"
+
+
+def largest_fitting(fits: Callable[[int], bool], most: int) -> int:
+    """The largest batch in 1..most for which `fits` holds (0: not even 1); memory grows with the batch."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def preflight(model: ModelShape, run: RunShape, lora: bool, headroom: float = 0.9) -> MemoryEstimate:
+    """Estimate the peak and fail before training, with the batch size that fits, when the estimate
+    exceeds `headroom` of the free memory. Returns the estimate."""
+    estimate = estimate_memory(model, run)
+    free, where = free_memory()
+    log.info("memory preflight: estimated peak %.1f GiB (states %.1f, activations %.1f, logits %.1f, evaluation "
+             "%.1f); %.1f GiB free on %s", estimate.total / GIB, estimate.states / GIB, estimate.activations / GIB,
+             estimate.logits / GIB, estimate.evaluation / GIB, free / GIB, where)
+    limit = headroom * free
+    if estimate.total <= limit:
+        return estimate
+    raise PipelineError(f"training needs about {estimate.total / GIB:.1f} GiB but {where} has {free / GIB:.1f} GiB "
+                        f"free; {' or '.join(fixes(model, run, lora, limit))}")
+
+
+def fixes(model: ModelShape, run: RunShape, lora: bool, limit: float) -> list[str]:
+    """What to change, most direct first: the batch sizes that fit (keeping the effective batch), then
+    the levers that shrink the rest."""
+    def at(**changes: Any) -> MemoryEstimate:
+        return estimate_memory(model, replace(run, **changes))
+
+    found = []
+    if at().evaluation > limit:
+        fits = largest_fitting(lambda b: at(eval_batch=b).evaluation <= limit, run.eval_batch)
+        if fits:
+            found.append(f"set train.per_device_eval_batch_size: {fits}")
+    if max(at().training, at().step) > limit:
+        fits = largest_fitting(lambda b: max(at(batch=b).training, at().step) <= limit, run.batch)
+        effective = run.batch * run.accumulation
+        keeps = max((b for b in range(1, fits + 1) if effective % b == 0), default=0)
+        if keeps:
+            found.append(f"set train.per_device_train_batch_size: {keeps} with gradient_accumulation_steps: "
+                         f"{effective // keeps} (the same effective batch of {effective} blocks; about "
+                         f"{at(batch=keeps, accumulation=effective // keeps).training / GIB:.1f} GiB)")
+        if not run.gradient_checkpointing:
+            found.append("train.gradient_checkpointing: true")
+        if not lora:
+            found.append("train.lora.enabled: true")
+    return found or ["a device with more memory, or sharding (FSDP/DeepSpeed)"]
+
+
+# --- the peak actually reached ---------------------------------------------------------------------
+
+def reset_peak() -> bool:
+    """Start counting the peak now, so the reported peak is the training's and not the setup's. On CPU
+    this resets the kernel's high-water mark of the process (VmHWM); False where the kernel refuses."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status() -> str:
+    try:
+        return Path("/proc/self/status").read_text()
+    except OSError:
+        return ""
+
+
+def peak_used(since_reset: bool) -> tuple[int, str]:
+    """The peak in bytes and what it counts: the CUDA allocator's peak of tensor memory, or on CPU the
+    process's peak resident memory (which also counts Python, the libraries and the data)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    found = re.search(r"VmHWM:\s+(\d+) kB", _proc_status())
+    if found:
+        return int(found.group(1)) * 1024, "peak RSS" if since_reset else "peak RSS, setup included"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS, setup included"
+
+
+class PeakTensorMemory:
+    """Counts the bytes of live tensor storage under a TorchDispatchMode, so the measure is what
+    torch.cuda.max_memory_allocated counts, on any device (a CPU has no allocator statistics).
+    For calibration and tests: every operation goes through Python, so it is slow.
+
+        with PeakTensorMemory(*model.parameters()) as tracked:
+            ...
+        tracked.peak  # bytes
+    """
+
+    def __init__(self, *existing: Any) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                from torch.utils._pytree import tree_flatten
+
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_flatten(out)[0]:
+                    tracker.track(tensor)
+                return out
+
+        self.live: dict[int, tuple[int, Any]] = {}
+        self.now = self.peak = 0
+        self.mode = Mode()
+        for tensor in existing:
+            self.track(tensor)
+
+    def track(self, tensor: Any) -> None:
+        import torch
+
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        self.live[key] = (storage.nbytes(), weakref.ref(storage, lambda _, key=key: self._free(key)))
+        self.now += storage.nbytes()
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, key: int) -> None:
+        size, _ = self.live.pop(key)
+        self.now -= size
+
+    def __enter__(self) -> PeakTensorMemory:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
