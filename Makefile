@@ -35,7 +35,7 @@ lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/hadolint Dockerfile
 
-bench: setup ## Benchmark the stages against Hugging Face defaults, side by side (about 15 minutes; prints a table)
+bench: setup ## Benchmark the stages against their peers, side by side (CPU: ~15 minutes; GPU: docs/speed.md)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)

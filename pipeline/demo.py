@@ -107,6 +107,15 @@ def dvc(workspace: Path, *args: str, capture: bool = False) -> subprocess.Comple
     return run([str(Path(sys.executable).parent / "dvc"), *args], workspace, capture)
 
 
+def speed(train: dict) -> str:
+    """Steady tokens/s and MFU (after warm-up, without evaluations and saves), and the whole run's."""
+    whole = f"{train['tokens_per_second']:,.0f} tokens/s"
+    if train["steady_tokens_per_second"] is None:
+        return f"{whole} (MFU {train['mfu']:.1%})"
+    steady = f"steady {train['steady_tokens_per_second']:,.0f} tokens/s (MFU {train['steady_mfu']:.1%})"
+    return f"{steady}, whole run {whole}"
+
+
 def report(workspace: Path) -> str:
     """The base-vs-fine-tuned table, samples side by side, and where the files are."""
     ev = json.loads((workspace / "metrics/eval.json").read_text())
@@ -121,9 +130,8 @@ def report(workspace: Path) -> str:
                f"{m['bits_per_byte']:>11.3f}" for name, m in rows],
              f"perplexity {val['perplexity_relative_reduction']:.1%} lower after fine-tuning "
              f"(sliding window: stride {ev['stride']} of {ev['block_size']})",
-             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s, "
-             f"{tr['precision']}, {tr['attention']} attention, MFU {tr['mfu']:.1%}, peak memory "
-             f"{tr['peak_memory_gib']:.1f} GiB",
+             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {speed(tr)}, {tr['precision']}, "
+             f"{tr['attention']} attention, peak memory {tr['peak_memory_gib']:.1f} GiB ({tr['peak_memory_kind']})",
              f"samples: copied 8-grams {gen['finetuned']['copied_8gram_fraction']:.2f} (fine-tuned), "
              f"distinct-2 {gen['finetuned']['distinct_2']:.2f}", "", "samples (prompt | fine-tuned | base):"]
     by_model = {name: [s for s in samples if s["model"] == name] for name in ("finetuned", "base")}

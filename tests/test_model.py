@@ -159,8 +159,9 @@ def test_the_trained_model_is_built_with_the_dropout_asked_for(pipeline_outputs)
     from pipeline.train import prepare_model
 
     params: Params = load_params(pipeline_outputs / "params.yaml")
-    model, _ = prepare_model(replace(params, train=replace(params.train, dropout=0.0)), pipeline_outputs / "models/base")
+    base = pipeline_outputs / "models/base"
+    model, _ = prepare_model(replace(params, train=replace(params.train, dropout=0.0)), base)
     rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     assert rates == {0.0} and model.config.attn_pdrop == 0.0
-    model, _ = prepare_model(params, pipeline_outputs / "models/base")
+    model, _ = prepare_model(params, base)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # null keeps the model's

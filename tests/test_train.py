@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from pipeline.checkpoints import COMPLETE, fingerprint, resume_checkpoint, start_fresh
 from pipeline.common import PipelineError
 from pipeline.config import load_params
-from pipeline.checkpoints import COMPLETE, fingerprint, resume_checkpoint, start_fresh
 from pipeline.train import train
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.checkpoints import COMPLETE
 from pipeline.common import PipelineError
 from pipeline.config import FreezeConfig, LoraConfig, load_params
-from pipeline.checkpoints import COMPLETE
 from pipeline.train import train
 from tests.conftest import ROOT, write_params
 
