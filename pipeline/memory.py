@@ -16,8 +16,9 @@ while every activation saved for the backward is still held. The estimate adds w
 and takes the larger of that, the optimizer step (weights, gradients and states) and an evaluation
 batch. The per-unit byte counts are not theory (Korthikanti et al. give 34 bytes per layer-token-hidden
 unit; Hugging Face's GPT-2 keeps 64-86 eagerly, because autocast keeps some of it in fp32): they were
-measured, per device kind, and CALIBRATION says where and when. `python bench/memory.py` prints the
-estimate beside the measured peak for a set of shapes on the machine it runs on.
+measured, per device kind, and CALIBRATION says where and when. On a GPU, `python bench/bench.py
+--only memory` prints the estimate beside the measured peak of the train stage for GPT-2 shapes up to
+gpt2-xl; on a CPU, tests/test_memory.py holds it to the tensor memory of real steps.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ class Calibration:
 
 _CPU_SOURCE = ("measured with pipeline.memory.PeakTensorMemory on an AMD EPYC (2 cores), torch 2.13.0, "
                "2026-11-23: GPT-2 shapes d 256-768, T 128-1024, 2-4 layers")
-# CUDA, 16-bit: fitted to torch.cuda.max_memory_allocated of the train stage on one H100 80GB (torch 2.11,
-# 2026-11-23): gpt2 and gpt2-medium at batch 16 (sdpa, and compiled); then checked, not fitted: gpt2-xl batch 4
-# (48.1 GiB measured, 47.9 estimated), LoRA r8 on gpt2-xl batch 8 (69.4, 72.1), gpt2 batch 32 compiled (31.0,
-# 30.0) and the eager attention probe at gpt2 batch 16 (37.9, 38.0). The compiled figures are for the loss
-# computed inside the compiled model, from the Trainer's own compiled GPT-2 loss (14.8 / 28.0 GiB at batch 16/32).
+# CUDA, 16-bit: fitted to torch.cuda.max_memory_allocated on one H100 80GB (torch 2.11, 2026-11-23): the train
+# stage on gpt2 and gpt2-medium at batch 16 (sdpa: 23.1 and 46.3 GiB); compiled, the Trainer computing GPT-2's own
+# loss inside the compiled model, as the stage now does (gpt2 batch 16 / 32: 14.8 / 28.0 GiB); `scores` from the
+# eager attention probe's peaks (gpt2 batch 16, gpt2-xl batch 4). Checked, not fitted: gpt2-xl batch 4 (48.1
+# measured, 47.9 estimated) and LoRA r8 on gpt2-xl batch 8 (69.4, 72.2).
 _H100_SOURCE = "fitted to torch.cuda.max_memory_allocated on one H100 80GB (torch 2.11), 2026-11-23"
 CALIBRATION: dict[tuple[str, str, bool], Calibration] = {
     # (device type, "16-bit" or "fp32", torch.compile)
