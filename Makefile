@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-venv demo test lint bench repro params clean docker-build docker-train docker-shell docker-test
+.PHONY: help setup check-venv demo test lint bench repro plots params clean docker-build docker-train docker-shell docker-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,6 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/python -m pipeline.plots
 	touch $@
 
 check-venv:
@@ -40,6 +41,10 @@ bench: setup ## Benchmark the stages against their peers, side by side (CPU: ~15
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)
 	$(BIN)/dvc repro
+
+plots: setup ## dvc plots show, rendered offline (the page: dvc_plots/index.html)
+	test -f .dvc/plots/offline.html || $(BIN)/python -m pipeline.plots
+	$(BIN)/dvc plots show
 
 params: setup ## Check params.yaml and print every parameter with its help
 	$(BIN)/python -m pipeline.config --help-params

@@ -42,6 +42,9 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if not sys.stderr.isatty():  # in a log file a progress bar is a line of garbage per update
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and the Hub's
+            os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
         try:
@@ -104,10 +107,17 @@ def write_text(path: Path | str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path | str, obj: Any) -> None:

@@ -31,6 +31,11 @@ import yaml
 from pipeline.common import PipelineError, params_option, stage_command
 
 PARAMS_FILE = Path("params.yaml")
+# Local inputs live where dvc.yaml declares them as dependencies, so an edit re-runs what it affects and
+# every experiment commit records them: datasets, models and tokenizers of the download stage, and the
+# generate stage's prompt files.
+INPUTS = Path("data/input")
+PROMPTS = Path("data/prompts")
 
 
 def opt(default: Any, help: str, **bounds: float) -> Any:
@@ -115,6 +120,8 @@ class PreprocessConfig:
     batch_size: int = opt(1000, "Documents per datasets.map batch.", ge=1)
 
 
+TRACKERS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "flyte", "kubeflow", "mlflow", "neptune",
+            "swanlab", "tensorboard", "trackio", "wandb")  # the Trainer's report_to, dvclive aside
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
@@ -125,6 +132,15 @@ class FreezeConfig:
     embeddings: bool = opt(False, "Freeze the token and position embeddings (GPT-2 ties the output layer to them, "
                                   "so it is frozen too).")
     layers: int = opt(0, "Freeze the first N transformer blocks.", ge=0)
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    every: int = opt(0, "Every N optimizer steps, continue these prompts with the model being trained and append "
+                        "the samples to dvclive/samples.md (gpt-2-simple's sample_every). 0: off. The random "
+                        "state is put back after sampling, so the training is the same with or without.", ge=0)
+    prompts: list[str] = opt([""], "Prompts to continue; \"\" starts from the document boundary (EOS).")
+    max_new_tokens: int = opt(48, "Tokens per sample.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,10 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "Stop after this many evaluations without improvement (0: off; needs "
                                           "load_best_model_at_end).", ge=0)
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
+    report_to: list[str] = opt([], "Experiment trackers beside dvclive (always on), through the Trainer's "
+                                   "integrations: tensorboard, wandb, mlflow, comet_ml, clearml, neptune, ... Each "
+                                   "needs its package installed (pip install tensorboard).")
+    samples: SamplesConfig = opt(SamplesConfig(), "Samples during training, into dvclive/samples.md.")
 
 
 @dataclass(frozen=True)
@@ -204,7 +224,7 @@ class EvaluateConfig:
 class GenerateConfig:
     prompts: list[str] = opt(["The meaning of life is"], "Prompts to continue.")
     prompts_file: str | None = opt(None, "More prompts: a text file (one per line) or JSONL (a \"prompt\" field "
-                                         "per line). Add it to the generate stage's deps in dvc.yaml.")
+                                         "per line), kept in data/prompts/ (the generate stage's dependency).")
     max_new_tokens: int = opt(64, "Tokens generated per sample.", ge=1)
     do_sample: bool = opt(True, "Sample (true) or greedy decode (false).")
     temperature: float = opt(0.8, "Sampling temperature.", gt=0.0)
@@ -232,6 +252,7 @@ class Params:
 
     def check(self) -> None:
         """Cross-field rules, all in one place."""
+        self.check_inputs()
         overrides = self.model.config_overrides
         if overrides and not self.model.from_scratch:
             fail("model.config_overrides", "is only used with model.from_scratch: true; remove it or set from_scratch")
@@ -257,6 +278,11 @@ class Params:
                                                  f"of eval_steps ({t.eval_steps})")
         if t.early_stopping_patience and not t.load_best_model_at_end:
             fail("train.early_stopping_patience", "needs train.load_best_model_at_end: true")
+        trackers = sorted(set(t.report_to) - set(TRACKERS))
+        if trackers:
+            fail("train.report_to", f"does not know {trackers[0]!r}"
+                                    f"{' (dvclive is always on)' if trackers[0] == 'dvclive' else ''}; use "
+                                    f"{', '.join(TRACKERS)}")
         if t.lora.enabled and (t.freeze.embeddings or t.freeze.layers):
             fail("train.freeze", "does nothing with train.lora.enabled (LoRA keeps every base weight fixed); "
                                  "remove one of them")
@@ -265,6 +291,34 @@ class Params:
                                     f"({self.preprocess.block_size}); windows would skip tokens")
         if not self.generate.do_sample and self.generate.num_return_sequences > 1:
             fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
+
+
+    def check_inputs(self) -> None:
+        """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS)."""
+        from pipeline.sources import is_local
+
+        local = [("data.dataset", self.data.dataset), ("model.tokenizer", self.model.tokenizer)]
+        if not self.model.from_scratch:
+            local.append(("model.name", self.model.name))
+        for key, value in local:
+            if value and is_local(value) and not inside(value, INPUTS):
+                fail(key, f"{shorten(value)} is a local path outside {INPUTS}/; move it into {INPUTS}/ (the download "
+                          "stage's dependency, so DVC re-runs what it changes and versions it with every experiment)")
+        prompts = self.generate.prompts_file
+        if prompts and not inside(prompts, PROMPTS):
+            fail("generate.prompts_file", f"{shorten(prompts)} is outside {PROMPTS}/; move it there (the generate "
+                                          "stage's dependency, so editing it re-runs generate)")
+
+
+def inside(path: str, folder: Path) -> bool:
+    """Whether the relative `path` is `folder` or lies in it (no absolute paths, no way out with ..)."""
+    parts = Path(path).parts
+    return not Path(path).is_absolute() and ".." not in parts and Path(*parts[:len(folder.parts)]) == folder
+
+
+def shorten(value: str, most: int = 80) -> str:
+    """A value quoted for an error line, cut with an ellipsis."""
+    return repr(value if len(value) <= most else value[:most] + "…")
 
 
 def fail(key: str, problem: str) -> typing.NoReturn:

@@ -25,10 +25,11 @@ import yaml
 
 from pipeline.common import PipelineError, stage_command
 from pipeline.config import from_dict, merge
+from pipeline.plots import TEMPLATE, write_template
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_ASSET = "assets/gpt2-tokenizer"
-CORPUS_ASSET = "assets/python-reference"
+TOKENIZER_ASSET = "data/input/gpt2-tokenizer"
+CORPUS_ASSET = "data/input/python-reference"
 
 
 def write_gpt2_tokenizer(out: Path) -> None:
@@ -89,18 +90,35 @@ def make_workspace(dest: Path, overrides: dict) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     shutil.copytree(ROOT / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, dest / name)
+    copy_from_project(dest, ["dvc.yaml", ".dvcignore", ".gitignore", "data/input/README.md", "data/prompts/README.md"])
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_gpt2_tokenizer(dest / TOKENIZER_ASSET)
     write_python_reference(dest / CORPUS_ASSET)
     run(["git", "init", "-q", "-b", "main"], dest)
     for key, value in (("user.name", "pipeline demo"), ("user.email", "demo@localhost"), ("commit.gpgsign", "false")):
         run(["git", "config", key, value], dest)
-    run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], dest)
+    dvc(dest, "init", "-q")  # then this project's DVC settings and plot templates over its defaults
+    templates = [p.relative_to(ROOT).as_posix() for p in (ROOT / ".dvc/plots").glob("*.json")]
+    copy_from_project(dest, [".dvc/config", ".dvc/.gitignore", *templates])
+    if (ROOT / TEMPLATE).exists():  # make setup wrote it
+        shutil.copy(ROOT / TEMPLATE, dest / TEMPLATE)
+    else:
+        write_template(dest / TEMPLATE)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "workspace"], dest)
     return dest
+
+
+def copy_from_project(dest: Path, names: list[str]) -> None:
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, dest / name)
+
+
+def commit_baseline(workspace: Path) -> None:
+    """Commit the run (dvc.lock, metrics, plot data), so experiments have a baseline to compare with."""
+    run(["git", "add", "-A"], workspace)
+    run(["git", "commit", "-q", "-m", "demo: baseline run"], workspace)
 
 
 def dvc(workspace: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
@@ -137,10 +155,12 @@ def report(workspace: Path) -> str:
     by_model = {name: [s for s in samples if s["model"] == name] for name in ("finetuned", "base")}
     for tuned, base in list(zip(by_model["finetuned"], by_model["base"], strict=False))[:4]:
         lines.append(f"  {tuned['prompt']} | {tuned['text'][:60]!r} | {base['text'][:40]!r}")
+    activate = Path(sys.executable).parent / "activate"
     lines += ["", f"files in {workspace}/: models/finetuned (with its README.md model card), metrics/*.json, "
-                  "outputs/samples.md (side by side), dvclive/",
-              f"next: cd {workspace} && PATH={Path(sys.executable).parent}:$PATH dvc exp run -S lr=1e-3 "
-              "&& dvc exp show"]
+                  "outputs/samples.md (side by side), dvclive/; the run is committed there as the baseline.",
+              "next, in any shell (an experiment beside the baseline, compared):",
+              f"  source {activate} && cd {workspace}",
+              "  dvc exp run -S lr=1e-3 && dvc exp show && dvc exp diff && dvc plots diff"]
     return "\n".join(lines)
 
 
@@ -157,6 +177,7 @@ def main(workdir: Path, overrides_path: Path) -> None:
         dvc(workspace, "repro")
     except subprocess.CalledProcessError:
         raise PipelineError(f"the demo pipeline failed (see the stage output above) in {workdir}") from None
+    commit_baseline(workspace)
     click.echo(report(workspace))
     click.echo(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
 

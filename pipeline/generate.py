@@ -7,14 +7,17 @@ users of gpt-2-simple found their models reproducing training jokes verbatim) an
 (repetition). Writes outputs/samples.jsonl (one record per sample), outputs/samples.md (base and
 fine-tuned side by side) and metrics/generate.json (summaries, generation tokens/s).
 
-Ad hoc, on any model directory, printing to the terminal:
-    python -m pipeline.generate --model models/finetuned --prompt "The history of"
+Ad hoc, on any model directory, printing to the terminal (every sampling setting has a flag; '-'
+reads prompts from standard input, one at a time in a terminal):
+    python -m pipeline.generate --model models/finetuned --prompt "The history of" --temperature 0.7
+    python -m pipeline.generate --prompt - --greedy --max-new-tokens 40
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +36,7 @@ from pipeline.common import (
     write_json,
     write_text,
 )
-from pipeline.config import GenerateConfig, load_params
+from pipeline.config import GenerateConfig, from_dict, load_params, merge, read_yaml
 
 log = logging.getLogger("pipeline.generate")
 NGRAM = 8  # memorisation is measured on token 8-grams
@@ -43,24 +46,29 @@ NGRAM = 8  # memorisation is measured on token 8-grams
 
 def load_prompts(cfg: GenerateConfig) -> list[str]:
     """The prompts of params, then those of prompts_file (one per line, or JSONL with "prompt")."""
-    prompts = list(cfg.prompts)
-    if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise PipelineError(f"generate.prompts_file: {path} does not exist; create it or set it to null")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PipelineError(f"generate.prompts_file: line {number} of {path} is not a JSON object "
-                                        'with a "prompt" field') from None
-            else:
-                prompts.append(line)
+    prompts = list(cfg.prompts) + (read_prompts(Path(cfg.prompts_file), "generate.prompts_file")
+                                   if cfg.prompts_file else [])
     if not prompts:
         raise PipelineError("generate: no prompts; set generate.prompts or generate.prompts_file")
+    return prompts
+
+
+def read_prompts(path: Path, key: str) -> list[str]:
+    """A prompts file: one prompt per line (.txt), or a JSON object with "prompt" per line (.jsonl)."""
+    if not path.is_file():
+        raise PipelineError(f"{key}: {path} does not exist; create it or set it to null")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PipelineError(f"{key}: line {number} of {path} is not a JSON object with a \"prompt\" "
+                                    "field") from None
+        else:
+            prompts.append(line)
     return prompts
 
 
@@ -234,6 +242,61 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def write_outputs(by_model: dict[str, list[dict]], metrics: dict, cfg: GenerateConfig, out: Path,
+                  metrics_path: Path) -> None:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "prompts_file")}
+    with atomic_dir(out) as tmp:
+        write_text(tmp / "samples.jsonl", "".join(json.dumps(public(r, name, settings)) + "\n"
+                                                   for name, records in by_model.items() for r in records))
+        write_text(tmp / "samples.md", markdown(by_model, cfg))
+    write_json(metrics_path, metrics)
+
+
+# --- ad hoc sampling from the command line -------------------------------------------------------
+
+def ad_hoc_config(params_path: str, flags: dict[str, Any]) -> tuple[GenerateConfig, bool]:
+    """generate.* of params.yaml (the defaults where there is none) with the flags given on the command
+    line, checked as params are; and model.trust_remote_code."""
+    overrides = {k: v for k, v in flags.items() if k != "greedy"}
+    if flags.get("greedy"):
+        overrides = {"num_return_sequences": 1, **overrides, "do_sample": False}
+    if "stop" in overrides:
+        overrides["stop"] = list(overrides["stop"])
+    raw = read_yaml(params_path) if Path(params_path).exists() else {}
+    params = from_dict(merge(raw, {"generate": overrides}))
+    return params.generate, params.model.trust_remote_code
+
+
+def stdin_prompts() -> Any:
+    """Prompts from standard input, one per line; in a terminal, asked for one at a time."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("prompt (Ctrl-D to end)> ", err=True, nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def print_samples(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig) -> None:
+    records, tokens_per_second = sample(model, tokenizer, prompts, cfg)
+    for r in records:
+        click.echo(f"--- {r['prompt']!r} #{r['sample'] + 1}\n{r['prompt']}{r['text']}")
+    click.echo(f"({tokens_per_second:.0f} tokens/s)", err=True)
+
+
+def ad_hoc(model_dir: Path, prompts: list[str], prompts_file: Path | None, cfg: GenerateConfig, trust: bool) -> None:
+    """Sample the prompts given (then those of stdin where one of them is '-') and print; write nothing."""
+    given = [p for p in prompts if p != "-"] + (read_prompts(prompts_file, "--prompts-file") if prompts_file else [])
+    model, tokenizer = load_model(model_dir, trust), load_tokenizer(model_dir, trust)
+    if given:
+        print_samples(model, tokenizer, given, cfg)
+    if "-" in prompts:
+        for prompt in stdin_prompts():
+            print_samples(model, tokenizer, [prompt], cfg)
+
+
 @stage_command
 @params_option
 @click.option("--model", "model_dir", default="models/finetuned", show_default=True, type=click.Path(path_type=Path),
@@ -247,31 +310,39 @@ def _fmt(value: float | None) -> str:
 @click.option("--metrics", "metrics_path", default="metrics/generate.json", show_default=True,
               type=click.Path(path_type=Path), help="Summary: copying, repetition, tokens/s.")
 @click.option("--prompt", "prompts", multiple=True,
-              help="Ad hoc: sample these prompts from --model and print them; writes nothing.")
+              help="Ad hoc: sample this prompt from --model and print it; writes nothing. Repeat it for more; "
+                   "'-' reads prompts from standard input, one per line (asked for one by one in a terminal).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Ad hoc: the prompts of this file (.txt one per line, .jsonl a \"prompt\" field per line).")
+@click.option("--max-new-tokens", type=int, help="Ad hoc: tokens per sample (generate.max_new_tokens).")
+@click.option("--temperature", type=float, help="Ad hoc: sampling temperature (generate.temperature).")
+@click.option("--top-k", type=int, help="Ad hoc: keep the k most likely tokens, 0 off (generate.top_k).")
+@click.option("--top-p", type=float, help="Ad hoc: nucleus sampling mass (generate.top_p).")
+@click.option("--greedy", is_flag=True, default=None, help="Ad hoc: greedy decoding, one sample per prompt.")
+@click.option("--num-samples", "num_return_sequences", type=int,
+              help="Ad hoc: samples per prompt (generate.num_return_sequences).")
+@click.option("--repetition-penalty", type=float, help="Ad hoc: 1.0 off (generate.repetition_penalty).")
+@click.option("--no-repeat-ngram-size", type=int, help="Ad hoc: never repeat an n-gram of this size, 0 off.")
+@click.option("--stop", multiple=True, help="Ad hoc: cut a sample at this string (repeatable).")
+@click.option("--seed", type=int, help="Ad hoc: sampling seed (generate.seed).")
 def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out: Path, metrics_path: Path,
-         prompts: tuple[str, ...]) -> None:
+         prompts: tuple[str, ...], prompts_file: Path | None, **flags: Any) -> None:
     """Sample continuations of the prompts in params (reproducible under generate.seed), base and
-    fine-tuned side by side, with copying and repetition checks; or, with --prompt, print samples."""
-    if prompts:  # ad hoc: params.yaml's sampling settings when there is one, else the defaults
-        params = load_params(params_path) if Path(params_path).exists() else None
-        cfg, trust = (params.generate, params.model.trust_remote_code) if params else (GenerateConfig(), False)
-        records, tokens_per_second = sample(load_model(model_dir, trust), load_tokenizer(model_dir, trust),
-                                            list(prompts), cfg)
-        for r in records:
-            click.echo(f"--- {r['prompt']!r} #{r['sample'] + 1}\n{r['prompt']}{r['text']}")
-        click.echo(f"({tokens_per_second:.0f} tokens/s)", err=True)
+    fine-tuned side by side, with copying and repetition checks. With --prompt or --prompts-file:
+    sample --model ad hoc and print (settings from params.yaml, where there is one, and the flags)."""
+    flags = {k: v for k, v in flags.items() if v not in (None, ())}
+    if prompts or prompts_file:
+        ad_hoc(model_dir, list(prompts), prompts_file, *ad_hoc_config(params_path, flags))
         return
+    if flags:
+        name = "--" + next(iter(flags)).replace("_", "-").replace("num-return-sequences", "num-samples")
+        raise PipelineError(f"{name} is for ad hoc sampling (with --prompt or --prompts-file); the stage takes its "
+                            "settings from generate.* in params.yaml")
     params = load_params(params_path)
-    cfg = params.generate
     if not (data_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
     by_model, metrics = generate(params, model_dir, base_dir, data_dir)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "prompts_file")}
-    with atomic_dir(out) as tmp:
-        write_text(tmp / "samples.jsonl", "".join(json.dumps(public(r, name, settings)) + "\n"
-                                                   for name, records in by_model.items() for r in records))
-        write_text(tmp / "samples.md", markdown(by_model, cfg))
-    write_json(metrics_path, metrics)
+    write_outputs(by_model, metrics, params.generate, out, metrics_path)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,8 @@ def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: Data
             processed[name], stats[name] = pad(tokens, cfg.block_size, tokenizer.pad_token_id)
         lengths, counts_by_length = length_summary(tokens)
         stats[name].update(counts | lengths)
-        histogram += [{"split": name, "tokens_up_to": str(edge) if i < len(HISTOGRAM_EDGES) else "more",
+        # one row per split and length bin; bin_index keeps the plot's bins in order (.dvc/plots/lengths.json)
+        histogram += [{"split": name, "bin": str(edge) if edge else f">{HISTOGRAM_EDGES[-1]}", "bin_index": i,
                        "documents": n} for i, (edge, n) in enumerate(zip([*HISTOGRAM_EDGES, None], counts_by_length,
                                                                          strict=True))]
         if stats[name]["tokens"] == 0:

@@ -89,9 +89,9 @@ class ThroughputMeter:
     def _open(self, step: int, now: float) -> None:
         self._last, self._paused, self._pure = (step, now), 0.0, True
 
-    def evaluated(self, seconds: float) -> None:
-        """An evaluation of `seconds` ran in the open interval: not training time. (The Trainer times it
-        from just after a synchronised log to its own last copy to the host, so it is exact.)"""
+    def exclude(self, seconds: float) -> None:
+        """An evaluation (or sampling) of `seconds` ran in the open interval: not training time. (Both
+        are timed between two points where the device has finished its work, so the time is exact.)"""
         self._paused += seconds
 
     def saved(self) -> None:
@@ -132,7 +132,7 @@ def meter_callback(meter: ThroughputMeter) -> Any:
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             logs = logs if logs is not None else {}
             if "eval_runtime" in logs:
-                meter.evaluated(logs["eval_runtime"])
+                meter.exclude(logs["eval_runtime"])
             if "loss" in logs:
                 logs.update(meter.log(state.global_step, time.perf_counter()))
 

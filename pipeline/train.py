@@ -22,6 +22,13 @@ from typing import Any
 
 import click
 
+from pipeline.callbacks import (
+    early_stopping,
+    live_callback,
+    progress_callback,
+    samples_callback,
+    stop_on_non_finite,
+)
 from pipeline.card import git_commit, lock_hashes, model_card
 from pipeline.checkpoints import (
     checkpoint_step,
@@ -72,8 +79,7 @@ from pipeline.model import (
 from pipeline.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
 log = logging.getLogger("pipeline.train")
-NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-               "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ def training_arguments(params: Params, run: Plan, checkpoints: Path) -> Any:
         optim=t.optimizer, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm, bf16=run.precision == "bf16", fp16=run.precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing, torch_compile=run.compile,
+        activation_checkpointing=t.gradient_checkpointing, torch_compile=run.compile,
         logging_steps=t.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps or None,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
@@ -132,18 +138,33 @@ def training_arguments(params: Params, run: Plan, checkpoints: Path) -> Any:
         dataloader_num_workers=t.dataloader_num_workers,
         # pinned batches copied without blocking: the host never waits for the GPU between steps
         dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
-        use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        use_cpu=not cuda, report_to=trackers(t.report_to), disable_tqdm=True,
     )
 
 
-def prepare_model(params: Params, base_dir: Path) -> tuple[Any, int]:
-    """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss) and
-    its real vocabulary size."""
+def trackers(names: list[str]) -> list[str] | str:
+    """train.report_to for the Trainer, each integration checked to be installed."""
+    if not names:
+        return "none"  # dvclive is added by the stage itself (live_callback)
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = sorted(set(names) - set(get_available_reporting_integrations()))
+    if missing:
+        raise PipelineError(f"train.report_to: {missing[0]} is not installed; pip install {missing[0]} into this "
+                            "environment, or remove it from train.report_to")
+    return list(names)
+
+
+def prepare_model(params: Params, base_dir: Path, pad_token_id: int) -> tuple[Any, int]:
+    """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss, the
+    tokenizer's pad token) and its real vocabulary size."""
     from transformers import AutoConfig
 
     t, trust = params.train, params.model.trust_remote_code
     overrides = dropout_overrides(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), t.dropout)
-    model = load_model(base_dir, trust, config_overrides=overrides)
+    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id})
+    if model.generation_config is not None:  # GPT-2 has no pad token: EOS stands in (pipeline.common.load_tokenizer)
+        model.generation_config.pad_token_id = pad_token_id
     vocab = pad_vocab(model, t.pad_vocab_multiple_of)
     freeze(model, t.freeze.embeddings, t.freeze.layers)
     if t.lora.enabled:
@@ -214,50 +235,6 @@ def check_memory(model: Any, t: TrainConfig, run: Plan, attention: str) -> Memor
     return estimate_memory(shape, shape_of_run)
 
 
-# --- the Trainer's callbacks ---------------------------------------------------------------------
-
-def live_callback(live_dir: Path, resume: bool) -> Any:
-    from dvclive import Live
-    from transformers.integrations import DVCLiveCallback
-
-    class StepCallback(DVCLiveCallback):
-        """Logs at the Trainer's global step: train and eval rows share the x axis."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            # "loss" is the per-step training loss: plot it as train/loss beside eval/loss; the end-of-run
-            # summary (mean train_loss, runtimes) goes to metrics/train.json instead of the plots
-            logs = {("train_loss" if k == "loss" else k): v for k, v in (logs or {}).items() if k not in NOT_PLOTTED}
-            if not logs:
-                return
-            if self.live is not None:
-                self.live.step = state.global_step
-            super().on_log(args, state, control, logs=logs, **kwargs)
-
-    live = Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False) if is_main_process() else None
-    return StepCallback(live=live)
-
-
-def stop_on_non_finite() -> Any:
-    """Stop at the first logged non-finite training loss. Checked at logging steps, where the Trainer
-    copies the loss to the host anyway, not every step (a per-step check would stall the GPU)."""
-    from transformers import TrainerCallback
-
-    class StopOnNonFinite(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise PipelineError(f"the training loss became {loss} by step {state.global_step}; lower lr (now "
-                                    "too high for this model), raise warmup_steps, or use train.precision: fp32")
-
-    return StopOnNonFinite()
-
-
-def early_stopping(patience: int) -> list:
-    from transformers import EarlyStoppingCallback
-
-    return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []
-
-
 # --- the stage -----------------------------------------------------------------------------------
 
 def load_blocks(data_dir: Path) -> Any:
@@ -270,13 +247,13 @@ def load_blocks(data_dir: Path) -> Any:
 
 def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
     """Run the Trainer, save the model to `out`, and return the run's metrics."""
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     t = params.train
     blocks = load_blocks(data_dir)
     tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
     run = plan(t, resolve_precision(t.precision), len(blocks["train"]), len(blocks["train"][0]["input_ids"]))
-    model, vocab = prepare_model(params, base_dir)
+    model, vocab = prepare_model(params, base_dir, tokenizer.pad_token_id)
     n_params, n_trainable = count_parameters(model, vocab)
     run_id = fingerprint(params, data_dir, base_dir)
     resume_from = resume_checkpoint(checkpoints, run_id)  # every rank decides before rank 0 writes
@@ -304,10 +281,13 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
              "accumulation x %d devices (%d tokens); %d steps planned%s", run.precision, f"{n_trainable:,}",
              f"{n_params:,}", run.effective_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
              run.world_size, run.tokens_per_step, run.steps, f"; resuming from {resume_from}" if resume_from else "")
-    callbacks = [meter_callback(meter), stop_on_non_finite(), live_callback(live_dir, bool(resume_from)),
-                 mark_complete_callback(), *early_stopping(t.early_stopping_patience)]
+    callbacks = [meter_callback(meter), stop_on_non_finite(), progress_callback(run.tokens_per_step),
+                 live_callback(live_dir, bool(resume_from)), mark_complete_callback(),
+                 *samples_callback(t.samples, tokenizer, live_dir, meter, bool(resume_from)),
+                 *early_stopping(t.early_stopping_patience)]
     trainer = Trainer(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
                       data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # its raw dicts: progress_callback says it in one line
     since_reset = reset_peak()  # the reported peak is the training's, not the set-up's
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -338,14 +318,16 @@ def run_metrics(trainer: Any, result: Any, seconds: float, start_step: int, mete
     history = trainer.state.log_history  # the final evaluate() below appends to it too
     eval_seconds = sum(h["eval_runtime"] for h in history
                        if "eval_runtime" in h and (h["step"] > start_step or not start_step))
-    evaluated_last_step = t.eval_steps and trainer.state.global_step % t.eval_steps == 0
-    final_eval = {} if evaluated_last_step and not t.load_best_model_at_end else trainer.evaluate()
+    # with eval_steps the Trainer has evaluated the last step itself; without, evaluate once here
+    final_eval = trainer.evaluate() if t.eval_strategy == "no" else {}
+    # load_best_model_at_end: the saved model is the best checkpoint, whose loss the Trainer kept
+    best = trainer.state.best_metric if t.load_best_model_at_end else None
     step = trainer.state.global_step
     tokens_per_second = (step - start_step) * run.tokens_per_step / (seconds - eval_seconds) if seconds else None
     return {
         "train_loss": result.training_loss,
         "final_train_loss": last_logged(history, "loss"),
-        "eval_loss": final_eval.get("eval_loss", last_logged(history, "eval_loss")),
+        "eval_loss": final_eval.get("eval_loss", best if best is not None else last_logged(history, "eval_loss")),
         "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
         "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * run.tokens_per_step,
         "effective_batch_size": run.effective_batch, "effective_batch_tokens": run.tokens_per_step,

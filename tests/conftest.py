@@ -21,9 +21,9 @@ CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 # A 2-layer, 32-wide GPT-2 on 32-token blocks: seconds per stage on 2 CPU cores.
 TINY = {
     "lr": 5.0e-3,
-    "model": {"name": "tiny-gpt2", "tokenizer": "assets/gpt2-tokenizer", "from_scratch": True,
+    "model": {"name": "tiny-gpt2", "tokenizer": "data/input/gpt2-tokenizer", "from_scratch": True,
               "config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}},
-    "data": {"dataset": "assets/corpus", "config": None},
+    "data": {"dataset": "data/input/corpus", "config": None},
     "preprocess": {"block_size": 32, "add_eos": True, "val_fraction": 0.25},
     "train": {"epochs": 1, "max_steps": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
               "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "precision": "fp32",
@@ -52,8 +52,8 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def project(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with the tiny params.yaml and the assets it names; the test runs there."""
 
-    shutil.copytree(tokenizer_dir, tmp_path / "assets/gpt2-tokenizer")
-    shutil.copytree(CORPUS, tmp_path / "assets/corpus")
+    shutil.copytree(tokenizer_dir, tmp_path / "data/input/gpt2-tokenizer")
+    shutil.copytree(CORPUS, tmp_path / "data/input/corpus")
     write_params(tmp_path, {})
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -82,8 +82,9 @@ def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
     from pipeline.download import save_base, save_raw
     from pipeline.preprocess import main as preprocess_main
 
-    shutil.copytree(tokenizer_dir, root / "assets/gpt2-tokenizer")
-    shutil.copytree(CORPUS, root / "assets/corpus")
+    shutil.copytree(tokenizer_dir, root / "data/input/gpt2-tokenizer")
+    if not (root / "data/input/corpus").exists():  # a test may have written its own corpus there
+        shutil.copytree(CORPUS, root / "data/input/corpus")
     write_params(root, overrides)
     cwd = os.getcwd()
     os.chdir(root)

@@ -46,14 +46,14 @@ def test_bad_params(project, stage, override, message):
 
 
 def test_missing_dataset_path(project):
-    write_params(project, {"data": {"dataset": "assets/no-such-corpus/"}})
+    write_params(project, {"data": {"dataset": "data/input/no-such-corpus/"}})
     assert_clean_failure(run_stage("download", cwd=project), project, "data.dataset: no data files at")
 
 
 def test_model_directory_without_weights(project):
-    (project / "empty-model").mkdir()
-    (project / "empty-model/config.json").write_text("{}")
-    write_params(project, {"model": {"name": "empty-model", "tokenizer": "assets/gpt2-tokenizer",
+    (project / "data/input/empty-model").mkdir()
+    (project / "data/input/empty-model/config.json").write_text("{}")
+    write_params(project, {"model": {"name": "data/input/empty-model", "tokenizer": "data/input/gpt2-tokenizer",
                                      "from_scratch": False, "config_overrides": {}}})
     result = run_stage("download", cwd=project)
     assert_clean_failure(result, project, "empty-model has no model weights (*.safetensors)", ("data/raw",))
@@ -67,7 +67,7 @@ def downloaded(project):
 
 
 def test_empty_corpus(downloaded):
-    for f in (downloaded / "assets/corpus").glob("*.txt"):
+    for f in (downloaded / "data/input/corpus").glob("*.txt"):
         f.write_text("")
     assert run_stage("download", cwd=downloaded).returncode == 0
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
@@ -87,8 +87,8 @@ def test_records_that_do_not_fit_the_params(downloaded, override, message):
 
 def test_block_size_larger_than_the_models_positions(downloaded):
     # a pretrained model's n_positions is only known from its config: preprocess checks it
-    shutil.copytree(downloaded / "models/base", downloaded / "pretrained")
-    write_params(downloaded, {"model": {"name": "pretrained", "tokenizer": None, "from_scratch": False,
+    shutil.copytree(downloaded / "models/base", downloaded / "data/input/pretrained")
+    write_params(downloaded, {"model": {"name": "data/input/pretrained", "tokenizer": None, "from_scratch": False,
                                         "config_overrides": {}}, "preprocess": {"block_size": 128}})
     assert run_stage("download", cwd=downloaded).returncode == 0
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
@@ -105,7 +105,7 @@ def test_stage_run_before_its_inputs_exist(project):
 # --- bad data, each through the CLI ------------------------------------------------------------------
 
 def test_non_utf8_file(project):
-    (project / "assets/corpus/latin1.txt").write_bytes(b"cr\xe8me br\xfbl\xe9e\n")
+    (project / "data/input/corpus/latin1.txt").write_bytes(b"cr\xe8me br\xfbl\xe9e\n")
     assert_clean_failure(run_stage("download", cwd=project), project,
                          "latin1.txt is not UTF-8: byte 0xe8 at offset 2; convert it")
 
@@ -129,10 +129,10 @@ def test_url_checksum_differs(project):
 
 
 def test_csv_without_header(project):
-    shutil.rmtree(project / "assets/corpus")
-    (project / "assets/corpus").mkdir()
-    (project / "assets/corpus/jokes.csv").write_text("Why did the chicken cross the road?,To get to the other side\n"
-                                                     "What is brown and sticky?,A stick\n")
+    shutil.rmtree(project / "data/input/corpus")
+    (project / "data/input/corpus").mkdir()
+    jokes = "Why did the chicken cross the road?,To get to the other side\nWhat is brown and sticky?,A stick\n"
+    (project / "data/input/corpus/jokes.csv").write_text(jokes)
     assert run_stage("download", cwd=project).returncode == 0
     assert_clean_failure(run_stage("preprocess", cwd=project), project,
                          "if the CSV file has no header row, add one naming the columns", DOWNLOADED)

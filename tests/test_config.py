@@ -105,11 +105,30 @@ def test_integer_fields_take_whole_numbers_written_as_floats():
     ({"train": {"torch_compile": "yes"}}, r"train.torch_compile must be one of auto, true, false"),
     ({"train": {"dropout": 1.0}}, r"train.dropout must be < 1.0"),
     ({"train": {"loss_chunk_tokens": 1024}}, r"train.loss_chunk_tokens is not a known parameter"),
+    ({"train": {"report_to": ["tensorbored"]}}, r"train.report_to does not know 'tensorbored'; use azure_ml"),
+    ({"train": {"report_to": ["dvclive"]}}, r"train.report_to does not know 'dvclive' \(dvclive is always on\)"),
+    ({"data": {"dataset": "assets/corpus.txt"}}, r"data.dataset 'assets/corpus.txt' is a local path outside data/in"),
+    ({"data": {"dataset": "/srv/text/*.txt"}}, r"data.dataset '/srv/text/\*.txt' is a local path outside data/in"),
+    ({"data": {"dataset": "data/input/../notes.txt"}}, r"data.dataset .* outside data/input/; move it into"),
+    ({"model": {"tokenizer": "../tokenizers/mine"}}, r"model.tokenizer '../tokenizers/mine' is a local path out"),
+    ({"model": {"name": "./my-model"}}, r"model.name './my-model' is a local path outside data/input/"),
+    ({"generate": {"prompts_file": "prompts.txt"}}, r"generate.prompts_file 'prompts.txt' is outside data/prompts/"),
+    ({"data": {"dataset": "elsewhere/" + "x" * 200 + ".txt"}}, r"data.dataset 'elsewhere/x{70}…' is a local"),
 ])
 def test_bad_params_are_rejected_by_name(raw, message):
     with pytest.raises(PipelineError, match=message) as error:
         from_dict(raw)
     assert "\n" not in str(error.value) and "params.yaml" in str(error.value)
+
+
+@pytest.mark.parametrize("raw", [
+    {"data": {"dataset": "data/input/corpus"}}, {"data": {"dataset": "data/input"}},
+    {"data": {"dataset": "./data/input/notes/*.txt"}}, {"data": {"dataset": "https://example.org/corpus.txt"}},
+    {"data": {"dataset": "Salesforce/wikitext"}}, {"model": {"name": "gpt2-medium", "tokenizer": "data/input/tok"}},
+    {"model": {"name": "anything", "from_scratch": True}}, {"generate": {"prompts_file": "data/prompts/p.jsonl"}},
+])
+def test_inputs_where_dvc_tracks_them_are_accepted(raw):
+    from_dict(raw)
 
 
 def test_unreadable_params_file(tmp_path):

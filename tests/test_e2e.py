@@ -1,14 +1,16 @@
-"""The real pipeline through DVC, as a user runs it, in a temporary git repository: dvc repro,
-then an experiment that changes only lr, then dvc exp show and dvc plots."""
+"""The real pipeline through DVC, as a user runs it, in a temporary git repository: dvc repro, the run
+committed as the baseline, an experiment that changes only lr, and what a user compares them with
+(dvc exp show, dvc exp diff, dvc plots); then an edited prompt file, which only generate reads."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 
-from pipeline.demo import dvc, make_workspace, run
+from pipeline.demo import commit_baseline, dvc, make_workspace
 from tests.conftest import CORPUS, TINY
 
 pytestmark = pytest.mark.e2e
@@ -16,59 +18,81 @@ pytestmark = pytest.mark.e2e
 DECLARED = ["models/base/model.safetensors", "models/base/provenance.json", "data/raw/dataset_dict.json",
             "data/processed/dataset_dict.json", "models/finetuned/model.safetensors", "models/finetuned/tokenizer.json",
             "models/finetuned/README.md", "metrics/data.json", "metrics/train.json", "metrics/eval.json",
-            "metrics/perplexity.json", "metrics/generate.json", "outputs/samples.jsonl",
+            "metrics/perplexity.json", "metrics/generate.json", "metrics/summary.json", "outputs/samples.jsonl",
             "outputs/samples.md", "dvclive/plots/metrics/train/loss.tsv", "dvclive/plots/metrics/eval/loss.tsv",
             "checkpoints/fingerprint.json"]
+HEADLINE = {"ppl", "ppl_base", "ppl_gain", "eval_loss", "tokens_s", "mfu", "peak_gib", "copied", "train_min"}
 
 
-def exp_rows(workspace) -> list[dict]:
-    """(name, train loss, fine-tuned perplexity, lr) of every row `dvc exp show` lists."""
+def exp_rows(workspace) -> dict[str, dict]:
+    """lr -> {"name", "metrics" (metrics/summary.json), "detail"} for every row `dvc exp show --json` lists."""
     shown = json.loads(dvc(workspace, "exp", "show", "--json", capture=True).stdout)
-    rows = []
+    rows = {}
     for commit in shown:
         for run_ in [commit] + [exp for e in commit.get("experiments") or [] for exp in e.get("revs", [])]:
             data = run_.get("data") or {}
-            metrics, params = data.get("metrics", {}), data.get("params", {}).get("params.yaml", {}).get("data", {})
-            if "metrics/train.json" in metrics:
-                rows.append({"name": run_.get("name") or run_.get("rev"),
-                             "train_loss": metrics["metrics/train.json"]["data"]["train_loss"],
-                             "perplexity": metrics["metrics/eval.json"]["data"]["validation"]["finetuned"][
-                                 "perplexity"],
-                             "lr": params.get("lr")})
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {})
+            if "metrics/summary.json" in metrics:
+                rows[params.get("lr")] = {"name": run_.get("name") or run_.get("rev"), "detail": set(metrics),
+                                          "metrics": metrics["metrics/summary.json"]["data"]}
     return rows
 
 
-def test_dvc_repro_then_an_lr_experiment(tmp_path):
-    workspace = make_workspace(tmp_path / "ws", TINY)
-    shutil.copytree(CORPUS, workspace / "assets/corpus")
-
+@pytest.fixture(scope="module")
+def experimented(tmp_path_factory):
+    """A workspace where `dvc repro` ran, was committed as the baseline, and `dvc exp run -S lr=5e-4` followed."""
+    workspace = make_workspace(tmp_path_factory.mktemp("e2e") / "ws",
+                               {**TINY, "generate": {**TINY["generate"], "prompts_file": "data/prompts/extra.txt"}})
+    shutil.copytree(CORPUS, workspace / "data/input/corpus")
+    (workspace / "data/prompts/extra.txt").write_text("The mountain\n")
     dvc(workspace, "repro")
+    commit_baseline(workspace)
+    ran = dvc(workspace, "exp", "run", "-S", "lr=5e-4", capture=True)
+    workspace.joinpath("exp-run.log").write_text(ran.stdout + ran.stderr)
+    return workspace
+
+
+def test_repro_writes_every_declared_output_and_a_clean_lock(experimented):
     for path in DECLARED:
-        assert (workspace / path).exists(), path
-    lock = (workspace / "dvc.lock").read_text()
-    assert all(f"  {stage}:" in lock for stage in ("download", "preprocess", "train", "evaluate", "generate"))
-    baseline = json.loads((workspace / "metrics/eval.json").read_text())["validation"]
-    assert baseline["finetuned"]["perplexity"] < baseline["base"]["perplexity"]
-    assert "Data and pipelines are up to date" in dvc(workspace, "status", capture=True).stdout
-    run(["git", "add", "-A"], workspace)
-    run(["git", "commit", "-q", "-m", "baseline"], workspace)
+        assert (experimented / path).exists(), path
+    lock = (experimented / "dvc.lock").read_text()
+    assert all(f"  {stage}:" in lock for stage in ("download", "preprocess", "train", "evaluate", "generate", "report"))
+    assert "Data and pipelines are up to date" in dvc(experimented, "status", capture=True).stdout
 
-    processed = {p: p.stat().st_mtime_ns for p in (workspace / "data/processed").rglob("*") if p.is_file()}
-    result = dvc(workspace, "exp", "run", "-S", "lr=5e-4", capture=True)
-    log = result.stdout + result.stderr
-    assert "Stage 'download' didn't change, skipping" in log
-    assert "Stage 'preprocess' didn't change, skipping" in log
-    assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
-    assert processed == {p: p.stat().st_mtime_ns for p in (workspace / "data/processed").rglob("*") if p.is_file()}
 
-    rows = exp_rows(workspace)
-    assert len(rows) >= 2, rows
-    by_lr = {row["lr"]: row for row in rows}
-    assert set(by_lr) >= {TINY["lr"], 5e-4}, rows
-    assert by_lr[TINY["lr"]]["train_loss"] != by_lr[5e-4]["train_loss"]
-    assert all(row["perplexity"] > 0 for row in rows)
+def test_an_lr_experiment_reruns_training_only_and_compares_with_the_baseline(experimented):
+    log = (experimented / "exp-run.log").read_text()
+    assert "Stage 'download' didn't change, skipping" in log and "Stage 'preprocess' didn't change, skipping" in log
+    assert "Running stage 'train'" in log and "Running stage 'report'" in log
+    rows = exp_rows(experimented)
+    assert set(rows) == {TINY["lr"], 5e-4}, rows
+    for row in rows.values():
+        assert set(row["metrics"]) == HEADLINE and row["detail"] == {"metrics/summary.json"}
+        assert row["metrics"]["ppl"] < row["metrics"]["ppl_base"] and row["metrics"]["ppl_gain"] > 1
+    assert rows[TINY["lr"]]["metrics"]["eval_loss"] != rows[5e-4]["metrics"]["eval_loss"]
+    assert rows[TINY["lr"]]["metrics"]["ppl_base"] == rows[5e-4]["metrics"]["ppl_base"]  # the same base model
+    diff = dvc(experimented, "exp", "diff", capture=True).stdout  # the experiment (workspace) against HEAD
+    assert re.search(r"metrics/summary\.json\s+eval_loss\s+[\d.]+\s+[\d.]+\s+-?[\d.]+", diff), diff
+    assert re.search(r"params\.yaml\s+lr\s+0\.005\s+0\.0005\s+-0\.0045", diff), diff
 
-    plots = json.loads(dvc(workspace, "plots", "show", "--json", capture=True).stdout)
-    assert {"loss", "learning_rate", "perplexity"} <= set(plots["data"]), plots["data"].keys()
-    files = {row["filename"] for row in plots["data"]["loss"][0]["content"]["data"]["values"]}
-    assert files == {"train/loss.tsv", "eval/loss.tsv"}
+
+def test_only_generate_reruns_when_its_prompt_file_changes(experimented):
+    (experimented / "data/prompts/extra.txt").write_text("The mountain\nA storm at sea\n")
+    status = dvc(experimented, "status", capture=True).stdout
+    assert "generate:" in status and "modified:           data/prompts" in status, status
+    assert "train:" not in status and "evaluate:" not in status and "download:" not in status, status
+
+
+def test_plots_render_offline(experimented):
+    """The page dvc plots show writes needs no network: no script comes from an http(s) address."""
+    dvc(experimented, "plots", "show", "-o", "plots-page")
+    html = (experimented / "plots-page/index.html").read_text()
+    assert not re.search(r"<script[^>]*\ssrc=[\"']?https?:", html)
+    assert "vegaEmbed" in html and html.count("<script") > 5  # the inline bundle, then one call per plot
+    shown = json.loads(dvc(experimented, "plots", "show", "--json", capture=True).stdout)
+    assert {"loss", "perplexity", "learning_rate", "throughput", "mfu", "grad_norm", "doc_lengths"} <= set(
+        shown["data"]), shown["data"].keys()
+    evals = [row["step"] for row in shown["data"]["loss"][0]["content"]["data"]["values"]
+             if row["filename"] == "eval/loss.tsv"]
+    assert len(evals) == len(set(evals)), evals  # one evaluation per step: the last one is not run twice

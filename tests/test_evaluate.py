@@ -115,7 +115,7 @@ def test_sliding_stream_leaves_padding_out():
 
 def test_pad_mode_sliding_window_is_the_document(pipeline_outputs):
     """One document per block: no window reaches into the previous document, so both figures agree."""
-    tokenizer = load_tokenizer(pipeline_outputs / "assets/gpt2-tokenizer")
+    tokenizer = load_tokenizer(pipeline_outputs / "data/input/gpt2-tokenizer")
     docs = [tokenizer("The river ran south.")["input_ids"], tokenizer("A game of chess, then tea.")["input_ids"]]
     width = max(map(len, docs)) + 3
     rows = [d + [50256] * (width - len(d)) for d in docs]

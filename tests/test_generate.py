@@ -111,3 +111,50 @@ def test_ad_hoc_prints_and_writes_nothing(pipeline_outputs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("--- 'The river'") == 2 and "tokens/s" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def ad_hoc(outputs, *args, stdin: str | None = None, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(outputs / "models/finetuned"),
+                           *args], cwd=cwd or outputs, input=stdin, text=True, capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_ad_hoc_flags_set_every_sampling_setting(pipeline_outputs):
+    greedy = [ad_hoc(pipeline_outputs, "--prompt", "The river", "--greedy", "--max-new-tokens", "5") for _ in "ab"]
+    assert greedy[0].returncode == 0, greedy[0].stderr[-2000:]
+    assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.count("--- ") == 1  # one greedy answer
+    sampled = [ad_hoc(pipeline_outputs, "--prompt", "The river", "--num-samples", "3", "--temperature", "1.5",
+                      "--top-k", "0", "--top-p", "0.9", "--seed", str(seed), "--max-new-tokens", "6")
+               for seed in (1, 2)]
+    assert sampled[0].stdout.count("--- 'The river' #") == 3 and sampled[0].stdout != sampled[1].stdout
+    stopped = ad_hoc(pipeline_outputs, "--prompt", "The river", "--greedy", "--max-new-tokens", "8", "--stop", " ")
+    continuation = "\n".join(stopped.stdout.splitlines()[1:])[len("The river"):]
+    assert " " not in continuation and stopped.returncode == 0, stopped.stdout  # cut at the first space
+
+
+def test_ad_hoc_prompts_from_a_file_and_from_stdin(pipeline_outputs, tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "A game"}\n{"prompt": "The sea"}\n')
+    from_file = ad_hoc(pipeline_outputs, "--prompts-file", str(tmp_path / "p.jsonl"), "--greedy")
+    assert from_file.returncode == 0, from_file.stderr[-2000:]
+    assert "--- 'A game' #1" in from_file.stdout and "--- 'The sea' #1" in from_file.stdout
+    piped = ad_hoc(pipeline_outputs, "--prompt", "-", "--greedy", "--max-new-tokens", "4", stdin="The river\nA game\n")
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "--- 'The river' #1" in piped.stdout and "--- 'A game' #1" in piped.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0.5"], "--temperature is for ad hoc sampling (with --prompt or --prompts-file)"),
+    (["--num-samples", "3"], "--num-samples is for ad hoc sampling"),
+    (["--prompt", "x", "--temperature", "-1"], "generate.temperature must be > 0.0"),
+    (["--prompt", "x", "--top-p", "2"], "generate.top_p must be <= 1.0"),
+    (["--prompts-file", "missing.txt"], "--prompts-file: missing.txt does not exist"),
+])
+def test_bad_ad_hoc_flags_are_one_line(pipeline_outputs, tmp_path, args, message):
+    failed = ad_hoc(pipeline_outputs, *args, cwd=tmp_path)
+    assert failed.returncode == 2 and message in failed.stderr and failed.stderr.count("\n") == 1, failed.stderr

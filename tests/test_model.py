@@ -160,8 +160,8 @@ def test_the_trained_model_is_built_with_the_dropout_asked_for(pipeline_outputs)
 
     params: Params = load_params(pipeline_outputs / "params.yaml")
     base = pipeline_outputs / "models/base"
-    model, _ = prepare_model(replace(params, train=replace(params.train, dropout=0.0)), base)
+    model, _ = prepare_model(replace(params, train=replace(params.train, dropout=0.0)), base, 50256)
     rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     assert rates == {0.0} and model.config.attn_pdrop == 0.0
-    model, _ = prepare_model(params, base)
+    model, _ = prepare_model(params, base, 50256)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # null keeps the model's

@@ -106,7 +106,7 @@ def test_build_blocks_counts_and_checks(tokenizer):
     per_doc = len(tokenizer("a few words of text here").input_ids) + 1
     assert stats["train"]["tokens"] == 9 * per_doc and stats["train"]["length_p50"] == per_doc
     assert stats["train"]["blocks"] * 8 + stats["train"]["dropped_tokens"] == stats["train"]["tokens"]
-    assert {"split": "train", "tokens_up_to": "16", "documents": 9} in histogram
+    assert {"split": "train", "bin": "16", "bin_index": 0, "documents": 9} in histogram
     with pytest.raises(PipelineError, match=r"block_size \(8\) exceeds the model's n_positions \(4\)"):
         build_blocks(raw, tokenizer, 4, DataConfig(dataset="x"), cfg, seed=0)
     with pytest.raises(PipelineError, match="fewer than one block"):

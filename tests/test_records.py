@@ -146,7 +146,7 @@ def test_data_examples_run_through_download_and_preprocess(example, tmp_path, to
     stats = json.loads((tmp_path / "metrics/data.json").read_text())
     train = datasets.load_from_disk(str(tmp_path / "data/processed"))["train"]
     assert len(train) > 0 and stats["train"]["blocks"] == len(train)
-    tokenizer = load_tokenizer(tmp_path / "assets/gpt2-tokenizer")
+    tokenizer = load_tokenizer(tmp_path / "data/input/gpt2-tokenizer")
     text = tokenizer.decode([t for t in train[0]["input_ids"] if t != tokenizer.eos_token_id])
     if example == "plain-corpus.yaml":
         cleaning = [s for s in stats.values() if isinstance(s, dict)]  # one per split

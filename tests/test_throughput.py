@@ -21,7 +21,7 @@ def run(meter: ThroughputMeter, events: list[tuple]) -> None:
         if event[0] == "log":
             meter.log(event[1], event[2])
         elif event[0] == "eval":
-            meter.evaluated(event[1])
+            meter.exclude(event[1])
         else:
             meter.saved()
 
@@ -60,7 +60,7 @@ def test_each_interval_is_logged_with_its_rate():
     meter = ThroughputMeter(tokens_per_step=10, flops_per_token=2.0, peak_flops=100.0)
     meter.begin(0, 0.0)
     assert meter.log(0, 1.0) == {}  # no step ran
-    meter.evaluated(3.0)
+    meter.exclude(3.0)
     assert meter.log(4, 5.0) == {"perf/tokens_per_second": pytest.approx(40 / 1.0), "perf/mfu": pytest.approx(0.8)}
 
 

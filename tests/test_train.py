@@ -50,7 +50,7 @@ def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs):
     assert fingerprint(params, data, base) == same
     assert fingerprint(replace(params, lr=params.lr * 2), data, base) != same
     assert fingerprint(replace(params, train=replace(params.train, max_steps=9)), data, base) != same
-    assert fingerprint(params, data, pipeline_outputs / "assets") != same
+    assert fingerprint(params, data, pipeline_outputs / "data/input") != same
 
 
 def checkpoint(root, step: int, complete: bool) -> None:

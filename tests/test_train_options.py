@@ -138,3 +138,26 @@ def test_killed_run_resumes_to_the_same_result(long_run, sig):
     a = load_file(long_run / tag / "model/model.safetensors")
     b = load_file(long_run / "straight/model/model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_samples_while_training_leave_the_training_unchanged(pipeline_outputs, tmp_path):
+    from pipeline.config import SamplesConfig
+
+    run(pipeline_outputs, tmp_path / "sampled", samples=SamplesConfig(every=3, prompts=["", "The river"],
+                                                                      max_new_tokens=5))
+    text = (tmp_path / "sampled/dvclive/samples.md").read_text()
+    assert text.count("## step ") == 2 and "## step 3" in text and "## step 6" in text
+    assert "- 'The river' → '" in text and "- '' → '" in text
+    sampled = load_file(tmp_path / "sampled/model/model.safetensors")
+    straight = load_file(pipeline_outputs / "models/finetuned/model.safetensors")
+    assert all(torch.equal(sampled[k], straight[k]) for k in straight)  # the RNG was put back
+
+
+def test_a_tracker_that_is_not_installed_is_named(pipeline_outputs, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard"):
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(PipelineError, match="train.report_to: tensorboard is not installed; pip install tensorboard"):
+        run(pipeline_outputs, tmp_path, report_to=["tensorboard"])
+    assert not (tmp_path / "model").exists()
