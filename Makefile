@@ -73,7 +73,7 @@ GPUS            = 1
 # that override file as an experiment (checked and expanded in the container), EXP's flags after it.
 EXP             =
 RECIPE          =
-TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.config --recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
+TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
 
 # `dvc exp run` commits: the container uses your git identity (git config user.name / user.email).
 docker-train docker-shell docker-test: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)

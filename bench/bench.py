@@ -52,7 +52,7 @@ CONFIGS = {  # name: (GPT2Config overrides, block size, per-device batch, optimi
 def prepare(work: Path) -> None:
     """Tokenizer, raw text, base models and blocks, once, under `work`."""
     from pipeline.common import load_tokenizer
-    from pipeline.config import DataConfig, ModelConfig, PreprocessConfig
+    from pipeline.config import project_section
     from pipeline.demo import write_gpt2_tokenizer, write_python_reference
     from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
@@ -60,14 +60,14 @@ def prepare(work: Path) -> None:
 
     write_gpt2_tokenizer(work / "tokenizer")
     write_python_reference(work / "text")
-    raw, _ = load_raw(DataConfig(dataset=str(work / "text"), config=None), work)
+    raw, _ = load_raw(project_section("data", dataset=str(work / "text"), config=None), work)
     raw.save_to_disk(str(work / "raw"))
     tokenizer = load_tokenizer(work / "tokenizer")
     for name, (overrides, block, _, _) in CONFIGS.items():
-        save_base(ModelConfig(name=name, tokenizer=str(work / "tokenizer"), from_scratch=True,
+        save_base(project_section("model", name=name, tokenizer=str(work / "tokenizer"), from_scratch=True,
                               config_overrides=overrides), 0, work / name / "base")
-        blocks, _, _ = build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x"),
-                                    PreprocessConfig(block_size=block, val_fraction=0.1), 0)
+        blocks, _, _ = build_blocks(raw, tokenizer, 1024, project_section("data", dataset="x"),
+                                    project_section("preprocess", block_size=block, val_fraction=0.1), 0)
         blocks.save_to_disk(str(work / name / "blocks"))
 
 
@@ -77,12 +77,12 @@ def case_train_pipeline(work: Path, name: str) -> dict:
     from dataclasses import replace
 
     from pipeline.common import keep_freed_memory
-    from pipeline.config import Params
+    from pipeline.config import project_params
     from pipeline.train import train
 
     keep_freed_memory()  # what the stage's CLI does first
     _, block, batch, steps = CONFIGS[name]
-    params = Params(seed=0, lr=5e-5)
+    params = replace(project_params(), seed=0, lr=5e-5)
     variant = json.loads(os.environ.get("BENCH_TRAIN", "{}"))  # e.g. BENCH_TRAIN='{"dropout": 0.0}'
     params = replace(params, train=replace(params.train, max_steps=steps, per_device_train_batch_size=batch,
                                            logging_steps=1, eval_steps=0, save_steps=10**6, **variant))
@@ -130,14 +130,15 @@ def case_preprocess_pipeline(work: Path) -> dict:
     import datasets
 
     from pipeline.common import load_tokenizer
-    from pipeline.config import DataConfig, PreprocessConfig
+    from pipeline.config import project_section
     from pipeline.preprocess import build_blocks
 
     datasets.disable_caching()
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": raw_text(work)})})
     tokenizer = load_tokenizer(work / "tokenizer")
     start = time.perf_counter()
-    _, stats, _ = build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x"), PreprocessConfig(block_size=512), 0)
+    _, stats, _ = build_blocks(raw, tokenizer, 1024, project_section("data", dataset="x"),
+                               project_section("preprocess", block_size=512), 0)
     seconds = time.perf_counter() - start
     tokens = stats["train"]["tokens"] + stats["validation"]["tokens"]
     return {"tokens_per_second": tokens / seconds, "tokens": tokens, "setup": "batched map, EOS, numpy chunking"}
@@ -225,7 +226,7 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     import datasets
 
     from pipeline.common import load_tokenizer
-    from pipeline.config import DataConfig, ModelConfig, PreprocessConfig
+    from pipeline.config import project_section
     from pipeline.demo import write_gpt2_tokenizer, write_python_reference
     from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
@@ -234,17 +235,17 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     if not (work / "tokenizer").exists():
         write_gpt2_tokenizer(work / "tokenizer")
         write_python_reference(work / "text")
-        raw, _ = load_raw(DataConfig(dataset=str(work / "text"), config=None), work)
+        raw, _ = load_raw(project_section("data", dataset=str(work / "text"), config=None), work)
         raw.save_to_disk(str(work / "raw"))
     if not (work / "gpu-blocks").exists():
         texts = raw_text(work, copies=max(8, GPU_STEPS * max(GPU_BATCHES) // 100))  # ~113 blocks per copy
         raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
-        blocks, _, _ = build_blocks(raw, load_tokenizer(work / "tokenizer"), 1024, DataConfig(dataset="x"),
-                                    PreprocessConfig(block_size=1024, val_fraction=0.01), 0)
+        blocks, _, _ = build_blocks(raw, load_tokenizer(work / "tokenizer"), 1024, project_section("data", dataset="x"),
+                                    project_section("preprocess", block_size=1024, val_fraction=0.01), 0)
         blocks.save_to_disk(str(work / "gpu-blocks"))
     for size in sizes:
         if not (work / size / "base").exists():
-            save_base(ModelConfig(name=size, tokenizer=str(work / "tokenizer"), from_scratch=True,
+            save_base(project_section("model", name=size, tokenizer=str(work / "tokenizer"), from_scratch=True,
                                   config_overrides=GPU_SIZES[size]), 0, work / size / "base")
 
 
@@ -286,14 +287,15 @@ def case_gpu_peer(work: Path, spec: str) -> dict:
 def case_gpu_pipeline(work: Path, spec: str) -> dict:
     """The train stage on a GPT-2 of `size` (steps, batch and train params from the spec)."""
     from pipeline.common import keep_freed_memory
-    from pipeline.config import from_dict
+    from pipeline.config import PROJECT_PARAMS, from_dict, merge, read_yaml
     from pipeline.train import train
 
     keep_freed_memory()
     spec = json.loads(spec)
     train_params = {"max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"], "logging_steps": 10,
                     "eval_steps": 0, "save_steps": 10**6, **spec["train"]}
-    params = from_dict({"seed": 0, "lr": 5e-5, "model": {"name": spec["size"]}, "train": train_params})
+    params = from_dict(merge(read_yaml(PROJECT_PARAMS), {"seed": 0, "lr": 5e-5, "model": {"name": spec["size"]},
+                                                          "train": train_params}))
     out = Path(tempfile.mkdtemp(dir=work))
     metrics = train(params, work / "gpu-blocks", work / spec["size"] / "base", out / "model", out / "ckpt",
                     out / "live")

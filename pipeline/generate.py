@@ -36,7 +36,7 @@ from pipeline.common import (
     write_json,
     write_text,
 )
-from pipeline.config import GenerateConfig, from_dict, load_params, merge, read_yaml
+from pipeline.config import PROJECT_PARAMS, GenerateConfig, from_dict, load_params, merge, read_yaml
 
 log = logging.getLogger("pipeline.generate")
 NGRAM = 8  # memorisation is measured on token 8-grams
@@ -262,8 +262,8 @@ def ad_hoc_config(params_path: str, flags: dict[str, Any]) -> tuple[GenerateConf
         overrides = {"num_return_sequences": 1, **overrides, "do_sample": False}
     if "stop" in overrides:
         overrides["stop"] = list(overrides["stop"])
-    raw = read_yaml(params_path) if Path(params_path).exists() else {}
-    params = from_dict(merge(raw, {"generate": overrides}))
+    raw = read_yaml(params_path if Path(params_path).exists() else PROJECT_PARAMS)
+    params = from_dict(merge(raw, {"generate": overrides}) if overrides else raw)
     return params.generate, params.model.trust_remote_code
 
 

@@ -1,43 +1,26 @@
-"""pipeline/config.py: params.yaml mirrored one to one, coercion, rejection by name, recipes."""
+"""pipeline/config.py: params.yaml mirrored one to one, the only source of values; coercion, rejection
+by name in one line, the rules across fields, the parameter reference."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.config import (
-    Params,
-    apply_set_params,
-    from_dict,
-    help_lines,
-    load_params,
-    markdown_table,
-    merge,
-    set_args,
-)
+from pipeline.config import documented, from_dict, help_lines, load_params, markdown_table, merge
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "examples/recipes").glob("*.yaml"))
 
 
 def project_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def keys(obj: object, prefix: str = "") -> set[str]:
-    out = set()
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        out |= keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name}
-    return out
+def changed(override: dict):
+    """The project's params with `override` merged in, validated."""
+    return from_dict(merge(project_params(), override))
 
 
 def flat(mapping: dict, prefix: str = "") -> set[str]:
@@ -48,7 +31,7 @@ def flat(mapping: dict, prefix: str = "") -> set[str]:
 
 
 def test_params_yaml_mirrors_the_config_one_to_one():
-    assert flat(project_params()) == keys(Params())
+    assert flat(project_params()) == {key for key, _, _ in documented()}
 
 
 def test_params_yaml_is_the_real_job():
@@ -58,23 +41,38 @@ def test_params_yaml_is_the_real_job():
     assert not params.model.from_scratch and not params.model.trust_remote_code
 
 
-def test_every_parameter_has_help():
+def test_every_parameter_has_help_and_shows_its_value_in_params_yaml():
     lines = help_lines()
-    assert len(lines) == len(keys(Params()))
-    assert all(line.split(": ", 1)[1].strip() for line in lines)
+    assert len(lines) == len(flat(project_params()))
+    assert all(line.split("): ", 1)[1].strip() for line in lines)
+    assert "preprocess.add_eos (params.yaml: False): " in "\n".join(lines)  # the file's value, not a code default
+
+
+@pytest.mark.parametrize("key", ["train", "train.dropout", "generate.prompts", "seed"])
+def test_every_key_is_required(key):
+    raw = project_params()
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    with pytest.raises(PipelineError, match=rf"params: {key} is missing; add it"):
+        from_dict(raw)
 
 
 @pytest.mark.parametrize("text, expected", [("5e-4", 5e-4), ("1E-3", 1e-3), ("0.001", 1e-3), (2, 2.0)])
 def test_numeric_strings_are_coerced(text, expected):
     # PyYAML reads `lr: 5e-4` (no dot) as the string "5e-4"
     assert yaml.safe_load("lr: 5e-4")["lr"] == "5e-4"
-    assert from_dict({"lr": text}).lr == pytest.approx(expected)
+    assert changed({"lr": text}).lr == pytest.approx(expected)
 
 
-def test_integer_fields_take_whole_numbers_written_as_floats():
-    assert from_dict({"train": {"warmup_steps": "1e3"}}).train.warmup_steps == 1000
-    with pytest.raises(PipelineError, match=r"train.warmup_steps must be a whole number"):
-        from_dict({"train": {"warmup_steps": 2.5}})
+def test_integer_fields_take_whole_numbers():
+    assert changed({"train": {"warmup_steps": "1000"}}).train.warmup_steps == 1000
+    assert changed({"model": {"from_scratch": True, "config_overrides": {"n_layer": "4"}}}).model.config_overrides == \
+        {"n_layer": 4}
+    with pytest.raises(PipelineError, match=r"train.warmup_steps must be a whole number; got 2.5"):
+        changed({"train": {"warmup_steps": 2.5}})
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -117,7 +115,7 @@ def test_integer_fields_take_whole_numbers_written_as_floats():
 ])
 def test_bad_params_are_rejected_by_name(raw, message):
     with pytest.raises(PipelineError, match=message) as error:
-        from_dict(raw)
+        changed(raw)
     assert "\n" not in str(error.value) and "params.yaml" in str(error.value)
 
 
@@ -128,7 +126,7 @@ def test_bad_params_are_rejected_by_name(raw, message):
     {"model": {"name": "anything", "from_scratch": True}}, {"generate": {"prompts_file": "data/prompts/p.jsonl"}},
 ])
 def test_inputs_where_dvc_tracks_them_are_accepted(raw):
-    from_dict(raw)
+    changed(raw)
 
 
 def test_unreadable_params_file(tmp_path):
@@ -139,128 +137,8 @@ def test_unreadable_params_file(tmp_path):
         load_params(tmp_path / "missing.yaml")
 
 
-# The published specs; per-device batches are what fits the card each recipe names (tests/test_memory.py), the
-# totals (per-device x accumulation) are the specs'
-EXPECTED_RECIPES = {
-    "a-gpt2-medium.yaml": dict(model="gpt2-medium", learning_rate=5e-5, per_device_train_batch_size=16,
-                               gradient_accumulation_steps=8, total=128, lr_scheduler_type="linear",
-                               num_train_epochs=20, optim="adamw_torch", precision="auto"),
-    "b-gpt2-cosine-fp16.yaml": dict(model="gpt2", learning_rate=5e-4, per_device_train_batch_size=8,
-                                    evaluate_batch_size=64, gradient_accumulation_steps=64, total=512,
-                                    seed=42, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                                    lr_scheduler_type="cosine", warmup_steps=1000, num_train_epochs=20,
-                                    precision="fp16"),
-    "c-gpt2-xl.yaml": dict(model="gpt2-xl", learning_rate=5e-7, per_device_train_batch_size=1,
-                           per_device_eval_batch_size=4, evaluate_batch_size=4, gradient_accumulation_steps=128,
-                           total=128, num_train_epochs=1),
-}
-
-
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_published_recipes_map_onto_the_trainer(recipe, tmp_path):
-    from pipeline.train import Plan, training_arguments
-
-    expected = dict(EXPECTED_RECIPES[recipe.name])
-    params = from_dict(merge(project_params(), yaml.safe_load(recipe.read_text())))
-    # the Trainer is built in fp32 on the CPU here (no GPU); the requested precision is checked on the params
-    args = training_arguments(params, Plan("fp32", "cpu", 1, 1024, 1, 1, False), tmp_path)
-    assert params.model.name == expected.pop("model")
-    assert params.train.precision == expected.pop("precision", "auto")
-    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == expected.pop("total")
-    if "evaluate_batch_size" in expected:
-        assert params.evaluate.batch_size == expected.pop("evaluate_batch_size")
-    for name, value in expected.items():
-        actual = getattr(args, name)
-        assert (actual.value if hasattr(actual, "value") else actual) == pytest.approx(value), name
-
-
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_a_recipe_that_changes_the_model_sets_its_revision(recipe):
-    # params.yaml pins gpt2's commit; that commit does not exist in another model's repository
-    model = yaml.safe_load(recipe.read_text()).get("model", {})
-    assert model.get("name", "gpt2") == "gpt2" or "revision" in model
-
-
-def test_recipes_are_complete():
-    assert {p.name for p in RECIPES} == set(EXPECTED_RECIPES)
-
-
-OVERRIDES = [*RECIPES, ROOT / "examples/gpu.yaml", ROOT / "examples/demo.yaml",
-             *sorted((ROOT / "examples/data").glob("*.yaml"))]
-
-
-@pytest.fixture
-def fake_dvc(tmp_path) -> dict:
-    """An environment whose `dvc` writes its argv, NUL-separated, to tmp_path/argv."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "dvc").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {tmp_path / "argv"}\n')
-    (bin_dir / "dvc").chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-
-
-def run_recipe(recipe: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.config", "--recipe", str(recipe), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-
-
-@pytest.mark.parametrize("recipe", OVERRIDES, ids=lambda p: p.relative_to(ROOT / "examples").as_posix())
-def test_recipe_runs_as_an_experiment_like_its_params(recipe, fake_dvc, tmp_path):
-    """`--recipe F --run -S ...` runs `dvc exp run` with F's -S arguments then the user's, no shell in
-    between; DVC parses each value as YAML and sets it at its dotted key, giving F merged onto params."""
-    override = yaml.safe_load(recipe.read_text())
-    done = run_recipe(recipe, "--run", "-S", "seed=7", env=fake_dvc)
-    assert done.returncode == 0, done.stderr
-    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
-    assert argv[:2] == ["exp", "run"] and argv[-2:] == ["-S", "seed=7"]
-    args = argv[2:-2]
-    params = project_params()
-    for flag, assignment in zip(args[::2], args[1::2], strict=True):
-        assert flag == "-S"
-        key, value = assignment.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    assert args == set_args(override) and args
-    assert from_dict(params) == from_dict(merge(project_params(), override))
-
-
-def test_a_bad_recipe_never_reaches_dvc(fake_dvc, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("data:\n  templat: '{title}'\n")
-    done = run_recipe(bad, "--run", env=fake_dvc)
-    assert done.returncode == 2 and not (tmp_path / "argv").exists()
-    assert "data.templat is not a known parameter" in done.stderr and "Traceback" not in done.stderr
-    done = run_recipe(ROOT / "examples/data/recipes.yaml", "--run", "-S", "train.max_steps=many", env=fake_dvc)
-    assert done.returncode == 2 and "train.max_steps" in done.stderr and not (tmp_path / "argv").exists()
-    done = run_recipe(ROOT / "examples/gpu.yaml", "-S", "seed=7", env=fake_dvc)
-    assert done.returncode == 2 and "add --run" in done.stderr and not (tmp_path / "argv").exists()
-
-
-def test_user_set_params_are_checked_with_the_recipe():
-    """The forms `dvc exp run` takes: -S, --set-param, --set-param=, and file:key (another file: not ours)."""
-    params = {"lr": 1.0, "train": {"max_steps": -1, "lora": {"r": 8}}}
-    args = ("-S", "params.yaml:train.max_steps=30", "--set-param", "train.lora.r=16", "--set-param=lr=5e-4",
-            "-S", "other.yaml:lr=9", "-n", "my-exp")
-    assert apply_set_params(params, args) == {"lr": "5e-4", "train": {"max_steps": 30, "lora": {"r": 16}}}
-    assert params == {"lr": 1.0, "train": {"max_steps": -1, "lora": {"r": 8}}}, "the input was changed"
-    with pytest.raises(PipelineError, match="expected key=value"):
-        apply_set_params(params, ("-S", "lr"))
-
-
-def test_docs_run_recipes_through_the_config_module():
-    """A recipe printed into `$(...)` loses its quotes (templates, lists break) and an invalid one
-    still starts `dvc exp run` with the bare params: the docs use --run."""
-    docs = [ROOT / "README.md", *OVERRIDES]
-    uses = [line for path in docs for line in path.read_text().splitlines() if "--recipe examples/" in line]
-    assert len(uses) >= 9
-    assert all(re.search(r"python -m pipeline\.config --recipe examples/\S+\.yaml --run", line) for line in uses)
-
-
-def test_readme_documents_every_parameter():
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("--markdown) -->\n")[1].split("\n<!-- params:end")[0]
-    assert table == markdown_table(), "regenerate the README table: python -m pipeline.config --markdown"
-    assert all(f"| `{key}` |" in table for key in keys(Params()))
+def test_the_parameter_reference_is_generated():
+    reference = (ROOT / "docs/params.md").read_text()
+    table = reference.split("--markdown -->\n")[1].split("\n<!-- params:end")[0]
+    assert table == markdown_table(), "regenerate docs/params.md: python -m pipeline.config --markdown"
+    assert all(f"| `{key}` | `{value!r}` |" in table for key, value, _ in documented())

@@ -70,12 +70,6 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
-def test_the_dockerfile_parses_into_the_expected_instructions():
-    kinds = [kw for kw, _ in instructions()]
-    assert kinds[0] == "FROM", kinds
-    assert {"FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "CMD"} <= set(kinds), kinds
-
-
 def test_the_base_image_is_pinned_to_an_exact_tag_that_matches_the_locked_torch():
     for args in args_of("FROM"):
         image = words(args)[0]
@@ -115,7 +109,6 @@ def test_dependencies_are_installed_from_the_lock_before_the_source_is_copied():
     assert install is not None, "no RUN pip install in the Dockerfile"
     run = steps[install][1]
     assert re.search(r"pip install .*-r requirements\.lock", run), f"the install does not use requirements.lock: {run}"
-    assert "--no-cache-dir" in run, run
     assert lock_copy < install, "requirements.lock must be copied before the pip install that reads it"
     source_copy = next(i for i, (kw, a) in enumerate(steps) if kw == "COPY" and "pipeline" in a)
     assert install < source_copy, "the source is copied before the dependencies: every edit would reinstall torch"
@@ -182,20 +175,18 @@ def dockerignored(path: str) -> bool:
     return excluded
 
 
-@pytest.mark.parametrize("path", [
-    ".git/HEAD", ".venv/bin/python", "data/raw/dataset_dict.json", "models/base/model.safetensors",
-    "checkpoints/checkpoint-4/optimizer.pt", "dvclive/metrics.json", ".dvc/cache/files/md5/ab/cdef",
-    ".dvc/tmp/rwlock", ".demo/params.yaml", "outputs/samples.md", "__pycache__", "pipeline/__pycache__",
-    "tests/__pycache__/conftest.cpython-312.pyc",
-    ".pytest_cache/v/cache/nodeids", ".ruff_cache/0.17.6/123"])
-def test_dockerignore_keeps_out_the_repo_data_models_and_caches(path):
-    assert dockerignored(path), f".dockerignore lets {path} into the build context"
+OUT_OF_THE_IMAGE = [".git/HEAD", ".venv/bin/python", "data/raw/dataset_dict.json", "data/input/corpus/a.txt",
+                    "models/base/model.safetensors", "checkpoints/checkpoint-4/optimizer.pt", "dvclive/metrics.json",
+                    ".dvc/cache/files/md5/ab/cdef", ".dvc/tmp/rwlock", ".demo/params.yaml", "outputs/samples.md",
+                    "pipeline/__pycache__", "tests/__pycache__/conftest.cpython-312.pyc",
+                    ".pytest_cache/v/cache/nodeids", ".ruff_cache/0.17.6/123"]
+IN_THE_IMAGE = ["requirements.lock", "pipeline/train.py", "dvc.yaml", "params.yaml", ".dvc/config",
+                ".dvc/plots/perplexity.json", "Makefile", "tests/fixtures/corpus"]
 
 
-@pytest.mark.parametrize("path", ["requirements.lock", "pipeline/train.py", "dvc.yaml", "params.yaml",
-                                  ".dvc/config", "Makefile", "tests/fixtures/corpus"])
-def test_dockerignore_keeps_the_source(path):
-    assert not dockerignored(path), f".dockerignore drops {path}, which the image needs"
+def test_dockerignore_keeps_data_models_and_caches_out_and_the_source_in():
+    assert [path for path in OUT_OF_THE_IMAGE if not dockerignored(path)] == [], "let into the build context"
+    assert [path for path in IN_THE_IMAGE if dockerignored(path)] == [], "dropped, though the image needs them"
 
 
 # --- the Makefile's docker targets, as `make -n` renders them ---------------------------------------
@@ -247,7 +238,7 @@ def test_docker_train_runs_a_recipe_in_the_container():
     """RECIPE is checked and expanded by the image's Python (the host needs none), EXP's flags after it."""
     argv = docker_line(make("-n", "docker-train", "RECIPE=examples/gpu.yaml", "EXP=-S lr=5e-4").stdout, "run")
     image = next(i for i, a in enumerate(argv) if a.startswith(f"{IMAGE}:"))
-    assert argv[image + 1:] == ["python", "-m", "pipeline.config", "--recipe", "examples/gpu.yaml", "--run",
+    assert argv[image + 1:] == ["python", "-m", "pipeline.recipe", "examples/gpu.yaml", "--run",
                                 "-S", "lr=5e-4"], argv
     assert (ROOT / "examples/gpu.yaml").exists()
 

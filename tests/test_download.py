@@ -10,15 +10,20 @@ import pytest
 import torch
 
 from pipeline.common import PipelineError
-from pipeline.config import DataConfig, ModelConfig
+from pipeline.config import project_section
 from pipeline.download import save_base, save_raw
 from pipeline.sources import is_local, load_raw, local_files
 from tests.conftest import CORPUS, ROOT, run_stage
 
 
-def tiny_model_config(tokenizer_dir: Path, **overrides) -> ModelConfig:
-    return ModelConfig(name="tiny", tokenizer=str(tokenizer_dir), from_scratch=True,
-                       config_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, **overrides})
+def data_params(**changes):
+    """The project's data params with these changes, no Hub config."""
+    return project_section("data", config=None, **changes)
+
+
+def tiny_model_config(tokenizer_dir: Path, **overrides):
+    return project_section("model", name="tiny", tokenizer=str(tokenizer_dir), from_scratch=True,
+                           config_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, **overrides})
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +63,7 @@ def test_unknown_config_override_is_rejected(tmp_path, tokenizer_dir):
 
 def test_local_model_directory_is_copied(tmp_path, tokenizer_dir):
     save_base(tiny_model_config(tokenizer_dir), 0, tmp_path / "first")
-    save_base(ModelConfig(name=str(tmp_path / "first")), 0, tmp_path / "second")
+    save_base(project_section("model", name=str(tmp_path / "first")), 0, tmp_path / "second")
     a, b = weights(tmp_path / "first"), weights(tmp_path / "second")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -67,10 +72,10 @@ def test_model_directory_without_weights(tmp_path, tokenizer_dir):
     save_base(tiny_model_config(tokenizer_dir), 0, tmp_path / "m")
     (tmp_path / "m/model.safetensors").unlink()
     with pytest.raises(PipelineError, match="has no model weights"):
-        save_base(ModelConfig(name=str(tmp_path / "m")), 0, tmp_path / "out")
+        save_base(project_section("model", name=str(tmp_path / "m")), 0, tmp_path / "out")
     (tmp_path / "m/pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(PipelineError, match="only pickle weights"):
-        save_base(ModelConfig(name=str(tmp_path / "m")), 0, tmp_path / "out")
+        save_base(project_section("model", name=str(tmp_path / "m")), 0, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -83,10 +88,10 @@ def test_hub_ids_and_paths_are_told_apart(name, local):
 
 
 def test_txt_directory_one_document_per_file(tmp_path):
-    raw, provenance = load_raw(DataConfig(dataset=str(CORPUS), config=None), tmp_path)
+    raw, provenance = load_raw(data_params(dataset=str(CORPUS)), tmp_path)
     assert raw["train"].num_rows == len(list(CORPUS.glob("*.txt")))
     assert set(provenance["files"]) == {str(p) for p in sorted(CORPUS.glob("*.txt"))}
-    paragraphs, _ = load_raw(DataConfig(dataset=str(CORPUS), config=None, txt_sample_by="paragraph"), tmp_path)
+    paragraphs, _ = load_raw(data_params(dataset=str(CORPUS), txt_sample_by="paragraph"), tmp_path)
     assert paragraphs["train"].num_rows > raw["train"].num_rows
 
 
@@ -97,7 +102,7 @@ def test_txt_directory_one_document_per_file(tmp_path):
 ])
 def test_txt_sample_by(tmp_path, sample_by, expected):
     (tmp_path / "doc.txt").write_text("Line one\nline two\n\nSecond paragraph\n")
-    raw, _ = load_raw(DataConfig(dataset=str(tmp_path / "doc.txt"), config=None, txt_sample_by=sample_by),
+    raw, _ = load_raw(data_params(dataset=str(tmp_path / "doc.txt"), txt_sample_by=sample_by),
                       tmp_path / "scratch")
     assert list(raw["train"]["text"]) == expected
 
@@ -114,7 +119,7 @@ def test_structured_local_files(tmp_path, suffix):
                ".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
                ".parquet": lambda: frame.to_parquet(path)}
     writers[suffix]()
-    raw, _ = load_raw(DataConfig(dataset=str(path), config=None), tmp_path / "scratch")
+    raw, _ = load_raw(data_params(dataset=str(path)), tmp_path / "scratch")
     assert raw["train"]["text"] == frame["text"].tolist()
 
 
@@ -130,7 +135,7 @@ def test_missing_or_mixed_local_files(tmp_path):
 def test_raw_dataset_is_saved_with_provenance(tmp_path):
     import datasets
 
-    save_raw(DataConfig(dataset=str(CORPUS), config=None), tmp_path / "raw")
+    save_raw(data_params(dataset=str(CORPUS)), tmp_path / "raw")
     assert datasets.load_from_disk(str(tmp_path / "raw"))["train"].num_rows == 8
     assert json.loads((tmp_path / "raw/provenance.json").read_text())["splits"] == {"train": 8}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.common import PipelineError, load_model, load_tokenizer
-from pipeline.config import GenerateConfig
+from pipeline.config import project_section
 from pipeline.generate import copied_fraction, cut_at_stop, distinct, load_prompts, sample, training_ngrams
 from tests.conftest import run_stage
 
@@ -22,7 +22,7 @@ def model_and_tokenizer(pipeline_outputs):
     return load_model(path), load_tokenizer(path)
 
 
-CFG = GenerateConfig(prompts=["The river", "A game of chess is", "Bread"], max_new_tokens=12,
+CFG = project_section("generate", prompts=["The river", "A game of chess is", "Bread"], max_new_tokens=12,
                      num_return_sequences=2, seed=5, batch_size=2)
 
 
@@ -77,15 +77,16 @@ def test_prompts_files(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "from json"}\n')
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
-    assert load_prompts(GenerateConfig(prompts=["a"], prompts_file=str(tmp_path / "p.txt"))) == [
+    assert load_prompts(project_section("generate", prompts=["a"], prompts_file=str(tmp_path / "p.txt"))) == [
         "a", "first prompt", "second prompt"]
-    assert load_prompts(GenerateConfig(prompts=[], prompts_file=str(tmp_path / "p.jsonl"))) == ["from json"]
+    only_file = project_section("generate", prompts=[], prompts_file=str(tmp_path / "p.jsonl"))
+    assert load_prompts(only_file) == ["from json"]
     with pytest.raises(PipelineError, match='line 1 of .*bad.jsonl is not a JSON object with a "prompt" field'):
-        load_prompts(GenerateConfig(prompts_file=str(tmp_path / "bad.jsonl")))
+        load_prompts(project_section("generate", prompts_file=str(tmp_path / "bad.jsonl")))
     with pytest.raises(PipelineError, match="prompts_file: .*missing.txt does not exist"):
-        load_prompts(GenerateConfig(prompts_file=str(tmp_path / "missing.txt")))
+        load_prompts(project_section("generate", prompts_file=str(tmp_path / "missing.txt")))
     with pytest.raises(PipelineError, match="no prompts"):
-        load_prompts(GenerateConfig(prompts=[]))
+        load_prompts(project_section("generate", prompts=[]))
 
 
 def test_stage_writes_side_by_side_samples_and_metrics(pipeline_outputs, tmp_path):

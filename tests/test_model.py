@@ -9,9 +9,13 @@ import pytest
 import torch
 
 import pipeline.model as model_module
-from pipeline.config import Params, TrainConfig
+from pipeline.config import Params, project_section
 from pipeline.model import dropout_overrides, use_compile
 from pipeline.train import Plan, choose_attention, plan
+
+
+def train_params(**changes):
+    return project_section("train", **changes)
 
 
 class Recorder(torch.nn.Module):
@@ -44,8 +48,8 @@ def blocks(n: int = 16, length: int = 64) -> list[dict]:
     return [{"input_ids": list(range(i, i + length)), "labels": list(range(i, i + length))} for i in range(n)]
 
 
-def cuda_plan(precision: str = "bf16", batch: int = 16) -> tuple[TrainConfig, Plan]:
-    return (TrainConfig(per_device_train_batch_size=batch), Plan(precision, "cuda", 1, 64, 100, batch, False))
+def cuda_plan(precision: str = "bf16", batch: int = 16) -> tuple:
+    return (train_params(per_device_train_batch_size=batch), Plan(precision, "cuda", 1, 64, 100, batch, False))
 
 
 @pytest.mark.parametrize("flash_installed, precision, expected", [
@@ -64,7 +68,7 @@ def test_auto_attention_on_cuda_runs_nothing(monkeypatch, flash_installed, preci
 
 def test_on_a_cpu_auto_times_one_block_not_the_training_batch():
     model = Recorder().eval()  # as from_pretrained hands it over
-    t = TrainConfig(per_device_train_batch_size=8)
+    t = train_params(per_device_train_batch_size=8)
     chosen = choose_attention(model, t, Plan("fp32", "cpu", 1, 64, 100, 8, False), blocks(), resumed=None)
     assert model.batches and set(model.batches) == {1}  # warm-ups and two timed rounds, each on one block
     assert chosen["attention"] in ("sdpa", "eager") and set(chosen["attention_timings_ms"]) == {"sdpa", "eager"}
@@ -74,7 +78,7 @@ def test_on_a_cpu_auto_times_one_block_not_the_training_batch():
 def test_on_a_cpu_auto_does_not_time_eager_when_even_one_block_would_raise_the_peak():
     # no dropout: sdpa's fused CPU kernel keeps no score matrix, and the training batch is one block
     model = Recorder(runnable=False, dropout=0.0)
-    t = TrainConfig(per_device_train_batch_size=1, dropout=0.0)
+    t = train_params(per_device_train_batch_size=1, dropout=0.0)
     assert choose_attention(model, t, Plan("fp32", "cpu", 1, 64, 100, 1, False), blocks(), None) == \
         {"attention": "sdpa"}
 
@@ -141,7 +145,7 @@ def test_compile_auto_is_on_for_long_cuda_runs_only(requested, device, tokens, e
 @pytest.mark.parametrize("epochs, max_steps, expected", [(3.0, -1, 21), (1.5, -1, 11), (3.0, 5, 5)])
 def test_planned_steps_count_as_the_trainer_does(epochs, max_steps, expected):
     # 100 blocks, 8 per batch -> 13 batches an epoch -> 7 optimizer steps with accumulation 2
-    t = TrainConfig(epochs=epochs, max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    t = train_params(epochs=epochs, max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=2)
     planned = plan(t, "fp32", train_blocks=100, block_size=64)
     assert planned.steps == expected and planned.effective_batch == 16 and planned.tokens_per_step == 1024
 

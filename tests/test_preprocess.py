@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
-from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.config import project_section
 from pipeline.preprocess import build_blocks, pack, pad, split_documents, tokenize
 
 EOS = 50256
@@ -16,6 +16,14 @@ EOS = 50256
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
+
+
+def data_params(**changes):
+    return project_section("data", **changes)
+
+
+def prep_params(**changes):
+    return project_section("preprocess", **changes)
 
 
 def docs(*texts: str) -> datasets.Dataset:
@@ -77,7 +85,7 @@ def test_pad_mode_one_document_per_block_with_attention_mask():
 
 def test_split_off_validation_is_seeded_and_disjoint():
     raw = datasets.DatasetDict({"train": docs(*[f"doc {i}" for i in range(20)])})
-    data = DataConfig(dataset="x", validation_split="validation")
+    data = data_params(dataset="x", validation_split="validation")
     a = split_documents(raw, data, val_fraction=0.25, seed=1)
     b = split_documents(raw, data, val_fraction=0.25, seed=1)
     c = split_documents(raw, data, val_fraction=0.25, seed=2)
@@ -87,20 +95,20 @@ def test_split_off_validation_is_seeded_and_disjoint():
 
 def test_the_datasets_own_validation_and_test_splits_are_used():
     raw = datasets.DatasetDict({"train": docs("a", "b"), "validation": docs("v"), "test": docs("t")})
-    splits = split_documents(raw, DataConfig(dataset="x"), val_fraction=0.5, seed=0)
+    splits = split_documents(raw, data_params(dataset="x"), val_fraction=0.5, seed=0)
     assert {k: v["text"] for k, v in splits.items()} == {"train": ["a", "b"], "validation": ["v"], "test": ["t"]}
 
 
 def test_unknown_text_column(tokenizer):
     raw = datasets.DatasetDict({"train": docs("a", "b")})
     with pytest.raises(PipelineError, match="data.text_column: field 'body' is not in the records; they have text"):
-        build_blocks(raw, tokenizer, 1024, DataConfig(dataset="x", text_column="body"), PreprocessConfig(), 0)
+        build_blocks(raw, tokenizer, 1024, data_params(dataset="x", text_column="body"), prep_params(), 0)
 
 
 def test_build_blocks_counts_and_checks(tokenizer):
     raw = datasets.DatasetDict({"train": docs(*["a few words of text here"] * 12)})
-    cfg = PreprocessConfig(block_size=8, add_eos=True, val_fraction=0.25)
-    processed, stats, histogram = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, seed=0)
+    cfg = prep_params(block_size=8, add_eos=True, val_fraction=0.25)
+    processed, stats, histogram = build_blocks(raw, tokenizer, 64, data_params(dataset="x"), cfg, seed=0)
     assert set(processed) == {"train", "validation"}
     assert stats["train"]["documents"] == 9 and stats["validation"]["documents"] == 3
     per_doc = len(tokenizer("a few words of text here").input_ids) + 1
@@ -108,11 +116,11 @@ def test_build_blocks_counts_and_checks(tokenizer):
     assert stats["train"]["blocks"] * 8 + stats["train"]["dropped_tokens"] == stats["train"]["tokens"]
     assert {"split": "train", "bin": "16", "bin_index": 0, "documents": 9} in histogram
     with pytest.raises(PipelineError, match=r"block_size \(8\) exceeds the model's n_positions \(4\)"):
-        build_blocks(raw, tokenizer, 4, DataConfig(dataset="x"), cfg, seed=0)
+        build_blocks(raw, tokenizer, 4, data_params(dataset="x"), cfg, seed=0)
     with pytest.raises(PipelineError, match="fewer than one block"):
-        build_blocks(raw, tokenizer, 4096, DataConfig(dataset="x"), PreprocessConfig(block_size=4096), seed=0)
+        build_blocks(raw, tokenizer, 4096, data_params(dataset="x"), prep_params(block_size=4096), seed=0)
     empty = datasets.DatasetDict({"train": docs("", "", "")})
     with pytest.raises(PipelineError, match="empty corpus: the train split has no text"):
-        build_blocks(empty, tokenizer, 64, DataConfig(dataset="x"), PreprocessConfig(block_size=8), seed=0)
+        build_blocks(empty, tokenizer, 64, data_params(dataset="x"), prep_params(block_size=8), seed=0)
     with pytest.raises(PipelineError, match="empty corpus: no train documents left after cleaning"):
-        build_blocks(empty, tokenizer, 64, DataConfig(dataset="x"), PreprocessConfig(block_size=8, min_chars=1), 0)
+        build_blocks(empty, tokenizer, 64, data_params(dataset="x"), prep_params(block_size=8, min_chars=1), 0)

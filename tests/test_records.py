@@ -9,7 +9,7 @@ import datasets
 import pytest
 
 from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
-from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.config import project_section
 from pipeline.preprocess import build_blocks, render, tokenize
 from pipeline.records import check_columns, clean, dialogue_turns, template_fields
 
@@ -24,24 +24,32 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
-def rendered(rows: list[dict], data: DataConfig, tokenizer, cfg: PreprocessConfig | None = None) -> datasets.Dataset:
-    return render(datasets.Dataset.from_list(rows), data, cfg or PreprocessConfig(), tokenizer)
+def data_params(**changes):
+    return project_section("data", **changes)
+
+
+def prep_params(**changes):
+    return project_section("preprocess", **changes)
+
+
+def rendered(rows: list[dict], data, tokenizer, cfg=None) -> datasets.Dataset:
+    return render(datasets.Dataset.from_list(rows), data, cfg or prep_params(), tokenizer)
 
 
 def test_template_over_record_fields_joins_lists(tokenizer):
-    data = DataConfig(dataset="x", template="{title}\nIngredients: {ingredients}\nDirections: {directions}")
+    data = data_params(dataset="x", template="{title}\nIngredients: {ingredients}\nDirections: {directions}")
     assert rendered(RECIPES, data, tokenizer)["text"][0] == (
         "Toast\nIngredients: bread, butter\nDirections: Toast the bread. Butter it.")
     assert template_fields(data.template) == ["title", "ingredients", "directions"]
 
 
 def test_missing_field_names_the_field_and_the_fields_there():
-    data = DataConfig(dataset="x", template="{title}: {steps}")
+    data = data_params(dataset="x", template="{title}: {steps}")
     with pytest.raises(PipelineError, match="data.template: field 'steps' is not in the records; they have title, "
                                             "ingredients, directions"):
         check_columns(["title", "ingredients", "directions"], data)
     with pytest.raises(PipelineError, match="if the CSV file has no header row, add one"):
-        check_columns(["Toast", "bread"], DataConfig(dataset="x"), csv=True)
+        check_columns(["Toast", "bread"], data_params(dataset="x"), csv=True)
 
 
 def test_dialogue_layouts():
@@ -57,14 +65,14 @@ def test_dialogue_layouts():
 
 def test_dialogue_rendered_with_speaker_labels(tokenizer):
     rows = [{"turns": ["I need a table for two", "For what time?"]}]
-    text = rendered(rows, DataConfig(dataset="x", dialogue_column="turns"), tokenizer)["text"][0]
+    text = rendered(rows, data_params(dataset="x", dialogue_column="turns"), tokenizer)["text"][0]
     assert text == "User: I need a table for two\nAssistant: For what time?"
     with pytest.raises(PipelineError, match="the tokenizer has no chat template"):
-        rendered(rows, DataConfig(dataset="x", dialogue_column="turns", use_chat_template=True), tokenizer)
+        rendered(rows, data_params(dataset="x", dialogue_column="turns", use_chat_template=True), tokenizer)
 
 
 def test_prompt_response_masks_the_prompt_from_the_loss(tokenizer):
-    data = DataConfig(dataset="x", prompt_template="Question: {q}\nAnswer:", response_template=" {a}")
+    data = data_params(dataset="x", prompt_template="Question: {q}\nAnswer:", response_template=" {a}")
     docs = rendered([{"q": "What is two plus two?", "a": "Four."}], data, tokenizer)
     tokens = tokenize(docs, tokenizer, add_eos=True, num_proc=1, batch_size=8)
     ids, labels = tokens["input_ids"][0], tokens["labels"][0]
@@ -76,9 +84,9 @@ def test_prompt_response_masks_the_prompt_from_the_loss(tokenizer):
 
 def test_prompt_response_blocks_keep_the_mask_in_both_modes(tokenizer):
     rows = [{"q": f"Question {i}?", "a": f"Answer number {i}."} for i in range(40)]
-    data = DataConfig(dataset="x", prompt_template="Q: {q}\nA:", response_template=" {a}")
+    data = data_params(dataset="x", prompt_template="Q: {q}\nA:", response_template=" {a}")
     for mode in ("pack", "pad"):
-        cfg = PreprocessConfig(block_size=16, mode=mode, val_fraction=0.1)
+        cfg = prep_params(block_size=16, mode=mode, val_fraction=0.1)
         processed, stats, _ = build_blocks(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
                                            tokenizer, 64, data, cfg, 0)
         block = processed["train"][0]
@@ -89,12 +97,12 @@ def test_prompt_response_blocks_keep_the_mask_in_both_modes(tokenizer):
 
 
 def test_cleaning_strip_short_and_duplicates(tokenizer):
-    cfg = PreprocessConfig(strip=True, min_chars=3, dedup=True)
+    cfg = prep_params(strip=True, min_chars=3, dedup=True)
     rows = [{"text": t} for t in ["  alpha  ", "alpha", "", "ab", "beta\n", "gamma"]]
-    docs, counts, hashes = clean(rendered(rows, DataConfig(dataset="x"), tokenizer, cfg), cfg)
+    docs, counts, hashes = clean(rendered(rows, data_params(dataset="x"), tokenizer, cfg), cfg)
     assert docs["text"] == ["alpha", "beta", "gamma"]
     assert counts == {"short_or_empty_dropped": 2, "duplicates_dropped": 1, "seen_in_train_dropped": 0}
-    held_out = rendered([{"text": "gamma"}, {"text": "delta"}], DataConfig(dataset="x"), tokenizer, cfg)
+    held_out = rendered([{"text": "gamma"}, {"text": "delta"}], data_params(dataset="x"), tokenizer, cfg)
     kept, counts, _ = clean(held_out, cfg, seen=hashes)
     assert kept["text"] == ["delta"] and counts["seen_in_train_dropped"] == 1
 
@@ -104,8 +112,8 @@ def test_cleaning_counts_reach_the_stats(tokenizer):
     held_out = ["the same document", "a new one, long enough"]
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
                                 "validation": datasets.Dataset.from_dict({"text": held_out})})
-    cfg = PreprocessConfig(block_size=4, strip=True, min_chars=1, dedup=True)
-    _, stats, _ = build_blocks(raw, tokenizer, 64, DataConfig(dataset="x"), cfg, 0)
+    cfg = prep_params(block_size=4, strip=True, min_chars=1, dedup=True)
+    _, stats, _ = build_blocks(raw, tokenizer, 64, data_params(dataset="x"), cfg, 0)
     assert stats["train"]["duplicates_dropped"] == 4 and stats["train"]["short_or_empty_dropped"] == 2
     assert stats["train"]["documents"] == 13 and stats["validation"]["seen_in_train_dropped"] == 1
 

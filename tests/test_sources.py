@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.config import DataConfig
+from pipeline.config import project_section
 from pipeline.sources import first_bad_byte, load_raw
 from tests.conftest import CORPUS
 
@@ -31,15 +31,20 @@ def server(tmp_path_factory):
     httpd.shutdown()
 
 
+def data_params(**changes):
+    """The project's data params with these changes, no Hub config."""
+    return project_section("data", config=None, **changes)
+
+
 def test_url_with_matching_sha256(server, tmp_path):
     digest = hashlib.sha256(JSONL).hexdigest()
-    raw, provenance = load_raw(DataConfig(dataset=f"{server}/records.jsonl", config=None, sha256=digest), tmp_path)
+    raw, provenance = load_raw(data_params(dataset=f"{server}/records.jsonl", sha256=digest), tmp_path)
     assert raw["train"]["text"] == ["first record", "second record"]
     assert provenance["sha256"] == digest and provenance["url"].endswith("/records.jsonl")
 
 
 def test_url_without_sha256_records_it(server, tmp_path):
-    raw, provenance = load_raw(DataConfig(dataset=f"{server}/corpus.txt", config=None), tmp_path)
+    raw, provenance = load_raw(data_params(dataset=f"{server}/corpus.txt"), tmp_path)
     assert raw["train"]["text"] == ["one document served over HTTP\n"]  # one document per file, as written
     assert len(provenance["sha256"]) == 64
 
@@ -47,12 +52,12 @@ def test_url_without_sha256_records_it(server, tmp_path):
 def test_url_checksum_mismatch(server, tmp_path):
     with pytest.raises(PipelineError, match=r"data.sha256: .*records.jsonl has SHA-256 [0-9a-f]{64}, not the "
                                             r"expected 00ff; the file changed"):
-        load_raw(DataConfig(dataset=f"{server}/records.jsonl", config=None, sha256="00ff"), tmp_path)
+        load_raw(data_params(dataset=f"{server}/records.jsonl", sha256="00ff"), tmp_path)
 
 
 def test_url_not_found(server, tmp_path):
     with pytest.raises(PipelineError, match="answered HTTP 404"):
-        load_raw(DataConfig(dataset=f"{server}/missing.txt", config=None), tmp_path)
+        load_raw(data_params(dataset=f"{server}/missing.txt"), tmp_path)
 
 
 def test_non_utf8_stops_with_file_and_offset_or_is_repaired(tmp_path):
@@ -61,10 +66,10 @@ def test_non_utf8_stops_with_file_and_offset_or_is_repaired(tmp_path):
     assert first_bad_byte(bad) == (len("café au lait and cr".encode()), 0xE8)
     with pytest.raises(PipelineError, match=r"latin1.txt is not UTF-8: byte 0xe8 at offset 20; convert it .*"
                                             r"or set data.encoding_errors: replace"):
-        load_raw(DataConfig(dataset=str(bad), config=None), tmp_path / "scratch")
-    raw, _ = load_raw(DataConfig(dataset=str(bad), config=None, encoding_errors="replace"), tmp_path / "scratch")
+        load_raw(data_params(dataset=str(bad)), tmp_path / "scratch")
+    raw, _ = load_raw(data_params(dataset=str(bad), encoding_errors="replace"), tmp_path / "scratch")
     assert raw["train"]["text"] == ["café au lait and cr\ufffdme\n"]
-    raw, _ = load_raw(DataConfig(dataset=str(bad), config=None, encoding_errors="ignore"), tmp_path / "scratch2")
+    raw, _ = load_raw(data_params(dataset=str(bad), encoding_errors="ignore"), tmp_path / "scratch2")
     assert raw["train"]["text"] == ["café au lait and crme\n"]
 
 
@@ -75,15 +80,15 @@ def test_a_character_split_across_reads_is_not_an_error(tmp_path):
 
 
 def test_streaming_gives_the_same_rows(tmp_path):
-    plain, _ = load_raw(DataConfig(dataset=str(CORPUS), config=None), tmp_path / "a")
+    plain, _ = load_raw(data_params(dataset=str(CORPUS)), tmp_path / "a")
     (tmp_path / "b").mkdir()
-    streamed, provenance = load_raw(DataConfig(dataset=str(CORPUS), config=None, streaming=True), tmp_path / "b")
+    streamed, provenance = load_raw(data_params(dataset=str(CORPUS), streaming=True), tmp_path / "b")
     assert sorted(streamed["train"]["text"]) == sorted(plain["train"]["text"]) and provenance["streaming"]
 
 
 def test_max_samples(tmp_path):
-    raw, provenance = load_raw(DataConfig(dataset=str(CORPUS), config=None, max_samples=3), tmp_path)
+    raw, provenance = load_raw(data_params(dataset=str(CORPUS), max_samples=3), tmp_path)
     assert raw["train"].num_rows == 3 and provenance["splits"] == {"train": 3}
     (tmp_path / "s").mkdir()
-    streamed, _ = load_raw(DataConfig(dataset=str(CORPUS), config=None, max_samples=3, streaming=True), tmp_path / "s")
+    streamed, _ = load_raw(data_params(dataset=str(CORPUS), max_samples=3, streaming=True), tmp_path / "s")
     assert streamed["train"].num_rows == 3

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoints import COMPLETE
 from pipeline.common import PipelineError
-from pipeline.config import FreezeConfig, LoraConfig, load_params
+from pipeline.config import load_params, project_section
 from pipeline.train import train
 from tests.conftest import ROOT, write_params
 
@@ -39,7 +39,7 @@ def test_nan_loss_stops_training_naming_the_step(pipeline_outputs, tmp_path):
 def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    metrics = run(pipeline_outputs, tmp_path, lora=LoraConfig(enabled=True, r=4, alpha=8))
+    metrics = run(pipeline_outputs, tmp_path, lora=project_section("train.lora", enabled=True, r=4, alpha=8))
     assert 0 < metrics["trainable_parameters"] < 0.05 * metrics["parameters"]
     saved = load_file(tmp_path / "model/model.safetensors")
     base = load_file(pipeline_outputs / "models/base/model.safetensors")
@@ -52,7 +52,7 @@ def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_p
 
 
 def test_freezing_keeps_embeddings_and_first_blocks_fixed(pipeline_outputs, tmp_path):
-    metrics = run(pipeline_outputs, tmp_path, freeze=FreezeConfig(embeddings=True, layers=1))
+    metrics = run(pipeline_outputs, tmp_path, freeze=project_section("train.freeze", embeddings=True, layers=1))
     saved = load_file(tmp_path / "model/model.safetensors")
     base = load_file(pipeline_outputs / "models/base/model.safetensors")
     frozen = [k for k in base if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
@@ -63,7 +63,7 @@ def test_freezing_keeps_embeddings_and_first_blocks_fixed(pipeline_outputs, tmp_
 
 def test_freezing_more_layers_than_the_model_has(pipeline_outputs, tmp_path):
     with pytest.raises(PipelineError, match=r"train.freeze.layers \(5\) exceeds the model's 2 blocks"):
-        run(pipeline_outputs, tmp_path, freeze=FreezeConfig(layers=5))
+        run(pipeline_outputs, tmp_path, freeze=project_section("train.freeze", layers=5))
 
 
 def test_padded_vocabulary_trains_the_same_and_saves_unpadded(pipeline_outputs, tmp_path):
@@ -141,10 +141,10 @@ def test_killed_run_resumes_to_the_same_result(long_run, sig):
 
 
 def test_samples_while_training_leave_the_training_unchanged(pipeline_outputs, tmp_path):
-    from pipeline.config import SamplesConfig
+    from pipeline.config import project_section
 
-    run(pipeline_outputs, tmp_path / "sampled", samples=SamplesConfig(every=3, prompts=["", "The river"],
-                                                                      max_new_tokens=5))
+    samples = project_section("train.samples", every=3, prompts=["", "The river"], max_new_tokens=5)
+    run(pipeline_outputs, tmp_path / "sampled", samples=samples)
     text = (tmp_path / "sampled/dvclive/samples.md").read_text()
     assert text.count("## step ") == 2 and "## step 3" in text and "## step 6" in text
     assert "- 'The river' → '" in text and "- '' → '" in text
