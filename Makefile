@@ -47,8 +47,8 @@ plots: setup ## dvc plots show, rendered offline (the page: dvc_plots/index.html
 	$(BIN)/dvc plots show
 
 params: setup ## Check params.yaml and print every parameter with its help
-	$(BIN)/python -m pipeline.config --help-params
-	$(BIN)/python -m pipeline.config
+	$(BIN)/python -m pipeline.params --help-params
+	$(BIN)/python -m pipeline.params
 
 clean: ## Remove the demo workspace and caches (not .venv, not DVC outputs)
 	rm -rf .demo .pytest_cache

@@ -51,10 +51,10 @@ CONFIGS = {  # name: (GPT2Config overrides, block size, per-device batch, optimi
 
 def prepare(work: Path) -> None:
     """Tokenizer, raw text, base models and blocks, once, under `work`."""
-    from pipeline.common import load_tokenizer
-    from pipeline.config import project_section
     from pipeline.demo import write_gpt2_tokenizer, write_python_reference
     from pipeline.download import save_base
+    from pipeline.loading import load_tokenizer
+    from pipeline.params import project_section
     from pipeline.preprocess import build_blocks
     from pipeline.sources import load_raw
 
@@ -76,8 +76,8 @@ def prepare(work: Path) -> None:
 def case_train_pipeline(work: Path, name: str) -> dict:
     from dataclasses import replace
 
-    from pipeline.common import keep_freed_memory
-    from pipeline.config import project_params
+    from pipeline.device import keep_freed_memory
+    from pipeline.params import project_params
     from pipeline.train import train
 
     keep_freed_memory()  # what the stage's CLI does first
@@ -129,8 +129,8 @@ def raw_text(work: Path, copies: int = 8) -> list[str]:
 def case_preprocess_pipeline(work: Path) -> dict:
     import datasets
 
-    from pipeline.common import load_tokenizer
-    from pipeline.config import project_section
+    from pipeline.loading import load_tokenizer
+    from pipeline.params import project_section
     from pipeline.preprocess import build_blocks
 
     datasets.disable_caching()
@@ -177,8 +177,9 @@ def case_preprocess_baseline(work: Path) -> dict:
 def case_evaluate_pipeline(work: Path, name: str) -> dict:
     import datasets
 
-    from pipeline.common import keep_freed_memory, load_model, resolve_precision
+    from pipeline.device import keep_freed_memory, resolve_precision
     from pipeline.evaluate import token_nll
+    from pipeline.loading import load_model
 
     keep_freed_memory()
     blocks = datasets.load_from_disk(str(work / name / "blocks"))["validation"]
@@ -225,10 +226,10 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     batch would make the compiled runs compile again), and a base model of each size, from its config."""
     import datasets
 
-    from pipeline.common import load_tokenizer
-    from pipeline.config import project_section
     from pipeline.demo import write_gpt2_tokenizer, write_python_reference
     from pipeline.download import save_base
+    from pipeline.loading import load_tokenizer
+    from pipeline.params import project_section
     from pipeline.preprocess import build_blocks
     from pipeline.sources import load_raw
 
@@ -286,8 +287,8 @@ def case_gpu_peer(work: Path, spec: str) -> dict:
 
 def case_gpu_pipeline(work: Path, spec: str) -> dict:
     """The train stage on a GPT-2 of `size` (steps, batch and train params from the spec)."""
-    from pipeline.common import keep_freed_memory
-    from pipeline.config import PROJECT_PARAMS, from_dict, merge, read_yaml
+    from pipeline.device import keep_freed_memory
+    from pipeline.params import PROJECT_PARAMS, from_dict, merge, read_yaml
     from pipeline.train import train
 
     keep_freed_memory()

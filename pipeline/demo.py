@@ -24,7 +24,7 @@ import click
 import yaml
 
 from pipeline.common import PipelineError, stage_command
-from pipeline.config import from_dict, merge
+from pipeline.params import from_dict, merge
 from pipeline.plots import TEMPLATE, write_template
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,15 @@ from typing import Any
 
 import click
 
-from pipeline.common import PipelineError, atomic_dir, check_weights, params_option, stage_command, write_json
-from pipeline.config import DataConfig, ModelConfig, load_params
+from pipeline.common import PipelineError, atomic_dir, params_option, stage_command, write_json
+from pipeline.config import DataConfig, ModelConfig
+from pipeline.loading import check_weights
+from pipeline.params import load_params
 from pipeline.sources import from_hub, is_local, load_raw
 
 log = logging.getLogger("pipeline.download")
 
-OFFLINE_SIGNS = ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service",
-                 "resolve host")
+
 # --- model ---------------------------------------------------------------------------------------
 
 def load_base_tokenizer(cfg: ModelConfig) -> Any:

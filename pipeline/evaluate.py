@@ -24,21 +24,11 @@ from typing import Any
 
 import click
 
-from pipeline.common import (
-    IGNORE_INDEX,
-    PipelineError,
-    collate_blocks,
-    device,
-    keep_freed_memory,
-    load_model,
-    load_tokenizer,
-    params_option,
-    resolve_precision,
-    stage_command,
-    write_json,
-)
-from pipeline.config import load_params
-from pipeline.loss import pad_vocab, summed_nll
+from pipeline.common import IGNORE_INDEX, PipelineError, params_option, stage_command, write_json
+from pipeline.device import autocast_dtype, device, keep_freed_memory, resolve_precision
+from pipeline.loading import load_model, load_saved_dataset, load_tokenizer
+from pipeline.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
+from pipeline.params import load_params
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -52,9 +42,9 @@ def make_scorer(model: Any, precision: str) -> Any:
     import torch
 
     dev = device()
-    vocab = pad_vocab(model, 64)
+    vocab = pad_vocab(model, TENSOR_CORE_ROWS)
     model.to(dev).eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
 
     def score(input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, int]:
         mask = attention_mask.to(dev) if attention_mask is not None else None
@@ -67,9 +57,11 @@ def make_scorer(model: Any, precision: str) -> Any:
 
 def block_nll(score: Any, blocks: Any, batch_size: int) -> tuple[float, int]:
     """Summed NLL and predicted tokens over the non-overlapping `blocks`."""
+    from transformers import default_data_collator
+
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        batch = collate_blocks(blocks.select(range(start, min(start + batch_size, len(blocks)))))
+        batch = default_data_collator(list(blocks.select(range(start, min(start + batch_size, len(blocks))))))
         nll, n = score(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
         total, count = total + nll, count + n
     return total, count
@@ -134,20 +126,13 @@ def sliding_nll(score: Any, ids: Any, scored: Any, window: int, stride: int,
 
 # --- bytes, for bits per byte --------------------------------------------------------------------
 
-def byte_level_alphabet() -> set[str]:
-    """The 256 characters byte-level BPE (GPT-2) writes bytes as: printable Latin-1 as itself, the
-    rest shifted past 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [256 + n for n in range(256 - len(printable))]
-    return {chr(c) for c in printable + shifted}
-
-
 def token_bytes(tokenizer: Any) -> Any:
     """UTF-8 bytes per token id: exact for byte-level BPE (GPT-2's: one vocabulary character per
     byte), decoded otherwise; special tokens count 0."""
     import numpy as np
+    from tokenizers.pre_tokenizers import ByteLevel
 
-    byte_chars = byte_level_alphabet()
+    byte_chars = set(ByteLevel.alphabet())  # the 256 characters byte-level BPE writes bytes as
     vocab = tokenizer.get_vocab()
     sizes = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
     special = set(tokenizer.all_special_ids)
@@ -215,11 +200,8 @@ def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_si
 
 def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: int, trust_remote_code: bool,
              precision: str = "fp32", stride: int | None = None) -> dict:
-    import datasets
 
-    if not (data_dir / "dataset_dict.json").exists():
-        raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
-    processed = datasets.load_from_disk(str(data_dir))
+    processed = load_saved_dataset(data_dir, "preprocess")
     block_size = len(processed["validation"][0]["input_ids"])
     stride = stride or block_size // 2
     if stride > block_size:

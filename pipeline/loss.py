@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.common import IGNORE_INDEX
 
 EVAL_CHUNK = 1024  # tokens per chunk of the output layer in evaluation
+TENSOR_CORE_ROWS = 64  # GPT-2's 50257 rows -> 50304: a multiple tensor cores and vector units take whole
 
 
 def pad_vocab(model: Any, multiple: int) -> int:

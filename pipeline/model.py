@@ -1,6 +1,5 @@
-"""The model as it will train: padded vocabulary, dropout, frozen parts or LoRA adapters, the loss
-it computes, its attention implementation and whether it is compiled. Each choice is made here,
-before the Trainer exists, and logged."""
+"""The model as it will train: dropout, padded vocabulary, frozen parts or LoRA adapters, the loss it
+computes (prepare_model); and the rules behind its attention implementation and torch.compile."""
 
 from __future__ import annotations
 
@@ -9,11 +8,39 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline.common import PipelineError
+from pipeline.config import TrainConfig
+from pipeline.device import autocast_dtype
+from pipeline.loading import load_model
+from pipeline.loss import causal_lm_loss, pad_vocab
 
 log = logging.getLogger("pipeline.model")
+
+
+def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int) -> tuple[Any, int]:
+    """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss, the
+    tokenizer's pad token) and its real vocabulary size."""
+    from transformers import AutoConfig
+
+    overrides = dropout_overrides(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), t.dropout)
+    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id})
+    if model.generation_config is not None:  # GPT-2 has no pad token: EOS stands in (pipeline.loading.load_tokenizer)
+        model.generation_config.pad_token_id = pad_token_id
+    vocab = pad_vocab(model, t.pad_vocab_multiple_of)
+    freeze(model, t.freeze.embeddings, t.freeze.layers)
+    if t.lora.enabled:
+        model = add_lora(model, t.lora)
+    if t.gradient_checkpointing:
+        model.config.use_cache = False
+    base = without_adapters(model)
+    # transformers 5 names no loss type for GPT2LMHeadModel; without "ForCausalLM" the Trainer counts position 0
+    # of every block as a target and scales train and eval losses by (T-1)/T
+    base.loss_type = "ForCausalLM"
+    base.loss_function = causal_lm_loss(vocab)  # the padding rows out of the loss, computed inside the model
+    return model, vocab
 
 
 def dropout_overrides(config: Any, dropout: float | None) -> dict[str, float]:
@@ -121,7 +148,7 @@ def fastest_attention(model: Any, batch: Any, precision: str, trials: int = 2) -
     dropout is part of the cost (with dropout sdpa on a CPU leaves its fused kernel)."""
     import torch
 
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = autocast_dtype(precision)
     device_type = next(model.parameters()).device.type
     rng = torch.get_rng_state()
     was_training = model.training

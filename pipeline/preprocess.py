@@ -18,22 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.common import (
-    IGNORE_INDEX,
-    PipelineError,
-    atomic_dir,
-    digest,
-    load_tokenizer,
-    params_option,
-    stage_command,
-    write_json,
-)
-from pipeline.config import DataConfig, PreprocessConfig, load_params
+from pipeline.common import IGNORE_INDEX, PipelineError, atomic_dir, digest, params_option, stage_command, write_json
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.loading import load_saved_dataset, load_tokenizer
+from pipeline.params import load_params
 from pipeline.records import check_columns, clean, renderer
 
 log = logging.getLogger("pipeline.preprocess")
@@ -254,6 +248,16 @@ def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: Data
     return datasets.DatasetDict(processed), {**summary, **stats}, histogram
 
 
+RECORD_KEYS = ("train_split", "validation_split", "text_column", "template", "dialogue_column", "speakers",
+               "use_chat_template", "prompt_template", "response_template")
+
+
+def data_provenance(source: dict, data: DataConfig, cfg: PreprocessConfig) -> dict:
+    """What the blocks are made of: the raw data's provenance (data/raw/provenance.json), how records
+    became text, and the preprocessing. The train stage's model card reads it from here."""
+    return {"source": source, "records": {key: getattr(data, key) for key in RECORD_KEYS}, "preprocess": asdict(cfg)}
+
+
 def _source(data: DataConfig) -> str:
     if data.prompt_template:
         return "prompt_template + response_template"
@@ -282,15 +286,15 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
 
     params = load_params(params_path)
     datasets.disable_caching()  # map() would otherwise write cache files into data/raw, another stage's output
-    if not (raw_dir / "dataset_dict.json").exists():
-        raise PipelineError(f"{raw_dir} is not a saved dataset; run the download stage first (dvc repro download)")
+    raw = load_saved_dataset(raw_dir, "download")
     provenance = json.loads((raw_dir / "provenance.json").read_text()) if (raw_dir / "provenance.json").exists() else {}
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
-    processed, stats, histogram = build_blocks(datasets.load_from_disk(str(raw_dir)), tokenizer,
+    processed, stats, histogram = build_blocks(raw, tokenizer,
                                                model_max_positions(model_dir), params.data, params.preprocess,
                                                params.seed, csv=provenance.get("format") == "csv")
     with atomic_dir(out) as tmp:
         processed.save_to_disk(str(tmp))
+        write_json(tmp / "provenance.json", data_provenance(provenance, params.data, params.preprocess))
     write_json(stats_path, stats)
     write_json(lengths_path, histogram)
 

@@ -21,7 +21,7 @@ import click
 import yaml
 
 from pipeline.common import PipelineError, params_option, stage_command
-from pipeline.config import PARAMS_FILE, from_dict, merge, read_yaml
+from pipeline.params import PARAMS_FILE, from_dict, merge, read_yaml
 
 
 def set_args(override: dict, prefix: str = "") -> list[str]:

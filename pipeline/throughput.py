@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.device import autocast_dtype
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets; fp32 falls back to a measurement.
 GPU_PEAK_16BIT = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12, "H100 PCIe": 756e12,
                   "H100": 756e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "A10": 125e12, "L4": 121e12,
@@ -28,7 +30,7 @@ def measured_matmul_flops(dtype_name: str, size: int = 2048, seconds: float = 0.
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32)
+    dtype = autocast_dtype(dtype_name) or torch.float32
     a, b = (torch.randn(size, size, device=dev, dtype=dtype) for _ in range(2))
     a @ b  # warm up
     runs, start = 0, time.perf_counter()

@@ -1,34 +1,25 @@
 """Stage 3, train: fine-tune models/base on data/processed with the Hugging Face Trainer.
 
-setup (precision; the model with padding, dropout, freezing or LoRA and its own loss; attention; compile;
-memory preflight) -> run (the Trainer, resuming an interrupted run) -> save (merged, unpadded, safetensors)
-and metrics: steady and whole-run throughput, the training's peak memory beside its estimate.
-
-Multi-GPU (torchrun, see NPROC_PER_NODE) and mixed precision come from the Trainer. Per-step plots go
-through dvclive (dvcyaml=False: dvc.yaml declares them). Checkpoints: pipeline.checkpoints.
+set_up (the plan: steps, precision, compile, attention, memory; the model with dropout, padding, freezing or
+LoRA and its own loss; checkpoints to resume) -> run (the Trainer) -> save (merged, unpadded, safetensors,
+with its model card) and the metrics: steady and whole-run throughput, the training's peak memory beside
+its estimate. Multi-GPU (torchrun, see NPROC_PER_NODE) and mixed precision come from the Trainer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.callbacks import (
-    early_stopping,
-    live_callback,
-    progress_callback,
-    samples_callback,
-    stop_on_non_finite,
-)
+from pipeline.callbacks import early_stopping, live_callback, progress_callback, samples_callback, stop_on_non_finite
 from pipeline.card import git_commit, lock_hashes, model_card
 from pipeline.checkpoints import (
     checkpoint_step,
@@ -41,80 +32,26 @@ from pipeline.checkpoints import (
 from pipeline.common import (
     PipelineError,
     atomic_dir,
-    collate_blocks,
     is_main_process,
-    keep_freed_memory,
-    load_model,
-    load_tokenizer,
     params_option,
-    resolve_precision,
     stage_command,
     write_json,
     write_text,
 )
-from pipeline.config import Params, TrainConfig, load_params
-from pipeline.loss import causal_lm_loss, pad_vocab
-from pipeline.memory import (
-    GIB,
-    MemoryEstimate,
-    RunShape,
-    estimate_memory,
-    model_shape,
-    peak_used,
-    preflight,
-    reset_peak,
-)
-from pipeline.model import (
-    add_lora,
-    auto_attention,
-    check_attention,
-    count_parameters,
-    dropout_overrides,
-    fastest_attention,
-    freeze,
-    position_parameters,
-    use_compile,
-    without_adapters,
-)
+from pipeline.config import Params
+from pipeline.device import keep_freed_memory, resolve_precision
+from pipeline.loading import load_saved_dataset, load_tokenizer
+from pipeline.memory import GIB, MemoryEstimate
+from pipeline.model import count_parameters, position_parameters, prepare_model, without_adapters
+from pipeline.params import load_params
+from pipeline.peak import peak_used, reset_peak
+from pipeline.plan import Plan, check_memory, choose_attention, plan
 from pipeline.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
 log = logging.getLogger("pipeline.train")
 
 
-
 # --- setup ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Plan:
-    """What the run will do, decided before the Trainer exists."""
-
-    precision: str
-    device: str
-    world_size: int
-    block_size: int
-    steps: int              # optimizer steps planned
-    effective_batch: int    # blocks per optimizer step, all devices
-    compile: bool
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.effective_batch * self.block_size
-
-
-def plan(t: TrainConfig, precision: str, train_blocks: int, block_size: int) -> Plan:
-    """Steps as the Trainer counts them (optimizer steps per epoch rounded up, times epochs), and the
-    compile decision, which depends on the tokens the run will train on."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = math.ceil(train_blocks / (t.per_device_train_batch_size * world))
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * math.ceil(batches / t.gradient_accumulation_steps))
-    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
-    compiled, why = use_compile(t.torch_compile, device, steps * effective * block_size)
-    log.info("torch.compile: %s (%s)", "on" if compiled else "off", why)
-    return Plan(precision, device, world, block_size, steps, effective, compiled)
-
 
 def training_arguments(params: Params, run: Plan, checkpoints: Path) -> Any:
     """TrainingArguments from params: the one place train.* meets the Trainer's names."""
@@ -155,111 +92,36 @@ def trackers(names: list[str]) -> list[str] | str:
     return list(names)
 
 
-def prepare_model(params: Params, base_dir: Path, pad_token_id: int) -> tuple[Any, int]:
-    """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss, the
-    tokenizer's pad token) and its real vocabulary size."""
-    from transformers import AutoConfig
 
-    t, trust = params.train, params.model.trust_remote_code
-    overrides = dropout_overrides(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), t.dropout)
-    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id})
-    if model.generation_config is not None:  # GPT-2 has no pad token: EOS stands in (pipeline.common.load_tokenizer)
-        model.generation_config.pad_token_id = pad_token_id
-    vocab = pad_vocab(model, t.pad_vocab_multiple_of)
-    freeze(model, t.freeze.embeddings, t.freeze.layers)
-    if t.lora.enabled:
-        model = add_lora(model, t.lora)
-    if t.gradient_checkpointing:
-        model.config.use_cache = False
-    base = without_adapters(model)
-    # transformers 5 names no loss type for GPT2LMHeadModel; without "ForCausalLM" the Trainer counts position 0
-    # of every block as a target and scales train and eval losses by (T-1)/T
-    base.loss_type = "ForCausalLM"
-    base.loss_function = causal_lm_loss(vocab)  # the padding rows out of the loss, computed inside the model
-    return model, vocab
+@dataclass
+class Setup:
+    """Everything decided before the Trainer starts."""
+
+    run: Plan
+    blocks: Any
+    tokenizer: Any
+    model: Any
+    vocab: int                  # the real vocabulary (the output matrix may be padded beyond it)
+    parameters: tuple[int, int]  # total and trainable, padding rows not counted
+    resume_from: str | None
+    attention: dict
+    estimate: MemoryEstimate
+    args: Any
+    meter: ThroughputMeter
+    peak_source: str
 
 
-def run_shape(t: TrainConfig, run: Plan, attention: str, model: Any) -> RunShape:
-    dropout = t.dropout if t.dropout is not None else max(
-        (m.p for m in model.modules() if type(m).__name__ == "Dropout"), default=0.0)
-    return RunShape(run.device, run.precision, t.per_device_train_batch_size, t.per_device_eval_batch_size,
-                    run.block_size, t.gradient_accumulation_steps, attention, dropout, run.compile,
-                    t.gradient_checkpointing, t.optimizer)
-
-
-def choose_attention(model: Any, t: TrainConfig, run: Plan, blocks: Any, resumed: str | None) -> dict:
-    """Set the attention implementation. A resumed run keeps the one it started with (the same numerics)."""
-    check_attention(t.attn_implementation, run.precision)
-    auto = not resumed and t.attn_implementation == "auto"
-    chosen = auto_attention_here(model, t, run, blocks) if auto else {"attention": resumed or t.attn_implementation}
-    model.set_attn_implementation(chosen["attention"])
-    timings = chosen.get("attention_timings_ms")
-    log.info("attention: %s%s", chosen["attention"], f" (timed forward+backward on one block: "
-             f"{', '.join(f'{k} {v:.0f} ms' for k, v in timings.items())})" if timings else "")
-    return chosen
-
-
-def auto_attention_here(model: Any, t: TrainConfig, run: Plan, blocks: Any) -> dict:
-    """`auto`: nothing is run on CUDA (pipeline.model.auto_attention); on a CPU sdpa and eager are timed
-    on one block, unless the estimate says eager on one block needs more memory than the training."""
-    named = auto_attention(run.device, run.precision)
-    if named:
-        return {"attention": named}
-    shape, training = model_shape(model), run_shape(t, run, "sdpa", model)
-    probe = replace(training, batch=1, eval_batch=1, accumulation=1, attention="eager")
-    if estimate_memory(shape, probe).training > estimate_memory(shape, training).training:
-        log.info("attention auto: not timed, eager attention on one block would need more memory than the training")
-        return {"attention": "sdpa"}
-    one = {k: v.to(run.device) for k, v in collate_blocks([blocks[0]]).items()}
-    best, timings = agree_across_ranks(fastest_attention(model, one, run.precision))
-    return {"attention": best, "attention_timings_ms": {k: round(v * 1000, 1) for k, v in timings.items()}}
-
-
-def agree_across_ranks(value: Any) -> Any:
-    """Rank 0's value on every rank (measured choices must not differ between DDP processes)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def check_memory(model: Any, t: TrainConfig, run: Plan, attention: str) -> MemoryEstimate:
-    """The estimate of the training's peak; with memory_preflight, a stop (with the batch that fits)
-    when it exceeds the free memory."""
-    shape, shape_of_run = model_shape(model), run_shape(t, run, attention, model)
-    if t.memory_preflight:
-        return preflight(shape, shape_of_run, t.lora.enabled)
-    return estimate_memory(shape, shape_of_run)
-
-
-# --- the stage -----------------------------------------------------------------------------------
-
-def load_blocks(data_dir: Path) -> Any:
-    import datasets
-
-    if not (data_dir / "dataset_dict.json").exists():
-        raise PipelineError(f"{data_dir} is not a processed dataset; run preprocess first (dvc repro preprocess)")
-    return datasets.load_from_disk(str(data_dir))
-
-
-def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
-    """Run the Trainer, save the model to `out`, and return the run's metrics."""
-    from transformers import PrinterCallback, Trainer
-
+def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) -> Setup:
     t = params.train
-    blocks = load_blocks(data_dir)
+    blocks = load_saved_dataset(data_dir, "preprocess")
     tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
     run = plan(t, resolve_precision(t.precision), len(blocks["train"]), len(blocks["train"][0]["input_ids"]))
-    model, vocab = prepare_model(params, base_dir, tokenizer.pad_token_id)
-    n_params, n_trainable = count_parameters(model, vocab)
+    model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
     run_id = fingerprint(params, data_dir, base_dir)
     resume_from = resume_checkpoint(checkpoints, run_id)  # every rank decides before rank 0 writes
     args = training_arguments(params, run, checkpoints)
-    # on the CPU it is loaded on: CUDA needs no measuring, and the preflight must run before the weights
-    # take their share of the GPU (the Trainer moves the model there)
+    # on the CPU the model is loaded on: CUDA needs no measuring, and the preflight must run before the
+    # weights take their share of the GPU (the Trainer moves the model there)
     attention = choose_attention(model, t, run, blocks["train"],
                                  started_with(checkpoints).get("attention") if resume_from else None)
     estimate = check_memory(model, t, run, attention["attention"])
@@ -271,36 +133,66 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         import torch._dynamo
 
         torch._dynamo.config.automatic_dynamic_shapes = False
-
-    config = without_adapters(model).config
-    peak, peak_source = peak_flops(run.precision)
-    meter = ThroughputMeter(run.tokens_per_step, flops_per_token(n_params - position_parameters(model),
-                            config.num_hidden_layers, config.hidden_size, run.block_size), peak,
-                            warmup=warmup_steps(run.steps))
+    parameters = count_parameters(model, vocab)
+    meter, peak_source = throughput_meter(model, run, parameters[0])
     log.info("precision %s; %s of %s parameters trainable; effective batch %d blocks = %d per device x %d "
-             "accumulation x %d devices (%d tokens); %d steps planned%s", run.precision, f"{n_trainable:,}",
-             f"{n_params:,}", run.effective_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+             "accumulation x %d devices (%d tokens); %d steps planned%s", run.precision, f"{parameters[1]:,}",
+             f"{parameters[0]:,}", run.effective_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
              run.world_size, run.tokens_per_step, run.steps, f"; resuming from {resume_from}" if resume_from else "")
-    callbacks = [meter_callback(meter), stop_on_non_finite(), progress_callback(run.tokens_per_step),
-                 live_callback(live_dir, bool(resume_from)), mark_complete_callback(),
-                 *samples_callback(t.samples, tokenizer, live_dir, meter, bool(resume_from)),
+    return Setup(run, blocks, tokenizer, model, vocab, parameters, resume_from, attention, estimate, args, meter,
+                 peak_source)
+
+
+def throughput_meter(model: Any, run: Plan, n_params: int) -> tuple[ThroughputMeter, str]:
+    """The meter of this run's throughput (FLOPs per token of this model), and where the peak comes from."""
+    config = without_adapters(model).config
+    peak, source = peak_flops(run.precision)
+    flops = flops_per_token(n_params - position_parameters(model), config.num_hidden_layers, config.hidden_size,
+                            run.block_size)
+    return ThroughputMeter(run.tokens_per_step, flops, peak, warmup=warmup_steps(run.steps)), source
+
+
+def make_trainer(s: Setup, params: Params, live_dir: Path) -> Any:
+    from transformers import PrinterCallback, Trainer, default_data_collator
+
+    t, resume = params.train, s.resume_from is not None
+    callbacks = [meter_callback(s.meter), stop_on_non_finite(), progress_callback(s.run.tokens_per_step),
+                 live_callback(live_dir, resume), mark_complete_callback(),
+                 *samples_callback(t.samples, s.tokenizer, live_dir, s.meter, resume),
                  *early_stopping(t.early_stopping_patience)]
-    trainer = Trainer(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
-                      data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks)
+    trainer = Trainer(model=s.model, args=s.args, train_dataset=s.blocks["train"], eval_dataset=s.blocks["validation"],
+                      data_collator=default_data_collator, processing_class=s.tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # its raw dicts: progress_callback says it in one line
+    return trainer
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
+    """Set up, run the Trainer, save the model to `out`; returns the run's metrics."""
+    s = set_up(params, data_dir, base_dir, checkpoints)
+    trainer = make_trainer(s, params, live_dir)
     since_reset = reset_peak()  # the reported peak is the training's, not the set-up's
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = trainer.train(resume_from_checkpoint=s.resume_from)
     seconds = time.perf_counter() - started
-    memory = memory_metrics(estimate, since_reset)  # before the final evaluation, which is not training
-    metrics = {**run_metrics(trainer, result, seconds, checkpoint_step(resume_from), meter, run), **memory}
-    metrics.update(device_peak_source=peak_source, precision=run.precision, **attention, torch_compile=run.compile,
-                   world_size=args.world_size, parameters=n_params, trainable_parameters=n_trainable)
+    memory = memory_metrics(s.estimate, since_reset)  # before the final evaluation, which is not training
+    metrics = {**run_metrics(trainer, result, seconds, checkpoint_step(s.resume_from), s.meter, s.run), **memory,
+               "device_peak_source": s.peak_source, "precision": s.run.precision, **s.attention,
+               "torch_compile": s.run.compile, "world_size": s.args.world_size, "parameters": s.parameters[0],
+               "trainable_parameters": s.parameters[1]}
     if trainer.is_world_process_zero():
-        card = model_card(params, json.loads((base_dir / "provenance.json").read_text()), metrics["base_eval_loss"],
-                          metrics["eval_loss"], metrics, lock_hashes([str(base_dir), str(data_dir)]), git_commit())
-        save(trainer, args, out, vocab, t.lora.enabled, card)
+        card = model_card(params.train, params.seed, params.lr, provenance(base_dir), provenance(data_dir),
+                          (metrics["base_eval_loss"], metrics["eval_loss"]), metrics,
+                          lock_hashes([str(base_dir), str(data_dir)]), git_commit())
+        save(trainer, s.args, out, s.vocab, params.train.lora.enabled, card)
     return metrics
+
+
+def provenance(directory: Path) -> dict:
+    """The provenance.json an earlier stage wrote beside its output ({} for older outputs without one)."""
+    path = directory / "provenance.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def memory_metrics(estimate: MemoryEstimate, since_reset: bool) -> dict:

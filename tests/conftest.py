@@ -61,7 +61,7 @@ def project(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 
 def write_params(directory: Path, overrides: dict) -> Path:
     """params.yaml = the project's params.yaml + TINY + overrides."""
-    from pipeline.config import merge
+    from pipeline.params import merge
 
     params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), overrides)
     path = directory / "params.yaml"
@@ -78,8 +78,8 @@ def run_stage(stage: str, *args: str, cwd: Path | None = None, env: dict | None 
 
 def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
     """Assets, params.yaml (TINY + overrides), then download and preprocess run in `root` (in process)."""
-    from pipeline.config import load_params
     from pipeline.download import save_base, save_raw
+    from pipeline.params import load_params
     from pipeline.preprocess import main as preprocess_main
 
     shutil.copytree(tokenizer_dir, root / "data/input/gpt2-tokenizer")
@@ -101,10 +101,31 @@ def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A directory where download, preprocess and train have run once on the tiny params (in process)."""
-    from pipeline.config import load_params
+    from pipeline.params import load_params
     from pipeline.train import train
 
     root = prepare(tmp_path_factory.mktemp("outputs"), tokenizer_dir, {})
     train(load_params(root / "params.yaml"), root / "data/processed", root / "models/base",
           root / "models/finetuned", root / "checkpoints", root / "dvclive")
     return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    from pipeline.loading import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def data_params(**changes: object):
+    """The project's data params with these changes."""
+    from pipeline.params import project_section
+
+    return project_section("data", **changes)
+
+
+def prep_params(**changes: object):
+    """The project's preprocess params with these changes."""
+    from pipeline.params import project_section
+
+    return project_section("preprocess", **changes)

@@ -10,16 +10,17 @@ import pytest
 
 from tests.conftest import run_stage, write_params
 
-STAGES = ["download", "preprocess", "train", "evaluate", "generate"]
+STAGES = ["download", "preprocess", "train", "evaluate", "generate", "report"]
 DOWNLOADED = ("data/raw", "models/base")
 OUTPUTS = ["data/raw", "models/base", "data/processed", "metrics", "models/finetuned", "outputs", "checkpoints"]
 
 
-@pytest.mark.parametrize("stage", STAGES + ["config", "demo"])
+@pytest.mark.parametrize("stage", STAGES + ["params", "recipe", "plots", "demo"])
 def test_help(stage):
     result = run_stage(stage, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout
-    assert ("--workdir" if stage == "demo" else "--params") in result.stdout
+    assert {"demo": "--workdir", "plots": "--out", "recipe": "--run", "report": "--train"}.get(stage, "--params") \
+        in result.stdout
 
 
 def assert_clean_failure(result, project: Path, message: str, existing: tuple[str, ...] = ()) -> None:
@@ -97,9 +98,10 @@ def test_block_size_larger_than_the_models_positions(downloaded):
 
 
 def test_stage_run_before_its_inputs_exist(project):
-    assert_clean_failure(run_stage("train", cwd=project), project, "data/processed is not a processed dataset; run")
-    assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a processed dataset")
-    assert_clean_failure(run_stage("generate", cwd=project), project, "data/processed is not a processed dataset")
+    missing = "data/processed is not a saved dataset; run the preprocess stage first (dvc repro preprocess)"
+    assert_clean_failure(run_stage("train", cwd=project), project, missing)
+    assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a saved dataset")
+    assert_clean_failure(run_stage("generate", cwd=project), project, "data/processed is not a saved dataset")
 
 
 # --- bad data, each through the CLI ------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline.common import PipelineError
-from pipeline.config import project_section
 from pipeline.download import save_base, save_raw
+from pipeline.params import project_section
 from pipeline.sources import is_local, load_raw, local_files
 from tests.conftest import CORPUS, ROOT, run_stage
 

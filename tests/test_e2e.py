@@ -77,11 +77,21 @@ def test_an_lr_experiment_reruns_training_only_and_compares_with_the_baseline(ex
     assert re.search(r"params\.yaml\s+lr\s+0\.005\s+0\.0005\s+-0\.0045", diff), diff
 
 
-def test_only_generate_reruns_when_its_prompt_file_changes(experimented):
-    (experimented / "data/prompts/extra.txt").write_text("The mountain\nA storm at sea\n")
-    status = dvc(experimented, "status", capture=True).stdout
-    assert "generate:" in status and "modified:           data/prompts" in status, status
-    assert "train:" not in status and "evaluate:" not in status and "download:" not in status, status
+@pytest.mark.parametrize("path, edit", [
+    ("data/prompts/extra.txt", lambda text: text + "A storm at sea\n"),
+    ("params.yaml", lambda text: text.replace("temperature: 0.8", "temperature: 0.7")),
+    ("pipeline/generate.py", lambda text: text + "\n# an edit of generate's code\n"),
+], ids=["prompt file", "generate param", "generate code"])
+def test_a_generate_only_change_leaves_train_and_evaluate_up_to_date(experimented, path, edit):
+    before = (experimented / path).read_text()
+    try:
+        (experimented / path).write_text(edit(before))
+        assert (experimented / path).read_text() != before
+        status = dvc(experimented, "status", capture=True).stdout
+        assert "generate:" in status, status
+        assert all(f"{stage}:" not in status for stage in ("download", "preprocess", "train", "evaluate")), status
+    finally:
+        (experimented / path).write_text(before)  # the workspace is shared by this module's tests
 
 
 def test_plots_render_offline(experimented):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common import IGNORE_INDEX, load_model, load_tokenizer
+from pipeline.common import IGNORE_INDEX
 from pipeline.evaluate import (
     block_nll,
     compare,
@@ -26,6 +26,7 @@ from pipeline.evaluate import (
     token_nll,
     token_stream,
 )
+from pipeline.loading import load_model, load_tokenizer
 
 
 def blocks(rows: list[list[int]], labels: list[list[int]] | None = None) -> datasets.Dataset:
@@ -184,7 +185,7 @@ def test_bf16_evaluation_is_close_to_fp32(pipeline_outputs):
     import torch as _torch
 
     if not _torch.cuda.is_available():
-        from pipeline.common import cpu_has_native_bf16
+        from pipeline.device import cpu_has_native_bf16
 
         if not cpu_has_native_bf16():
             pytest.skip("no native bf16 here")

@@ -10,9 +10,11 @@ import datasets
 import numpy as np
 import pytest
 
-from pipeline.common import PipelineError, load_model, load_tokenizer
-from pipeline.config import project_section
-from pipeline.generate import copied_fraction, cut_at_stop, distinct, load_prompts, sample, training_ngrams
+from pipeline.common import PipelineError
+from pipeline.generate import copied_fraction, distinct, training_ngrams
+from pipeline.loading import load_model, load_tokenizer
+from pipeline.params import project_section
+from pipeline.sampling import cut_at_stop, load_prompts, sample
 from tests.conftest import run_stage
 
 
@@ -57,8 +59,9 @@ def test_empty_prompt_and_stop_strings(model_and_tokenizer):
 
 def test_copying_check_on_constructed_samples(pipeline_outputs, tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
-    train_ngrams = training_ngrams(pipeline_outputs / "data/processed")
-    blocks = np.asarray(datasets.load_from_disk(str(pipeline_outputs / "data/processed"))["train"]["input_ids"])
+    train = datasets.load_from_disk(str(pipeline_outputs / "data/processed"))["train"]
+    train_ngrams = training_ngrams(train)
+    blocks = np.asarray(train["input_ids"])
     copied = blocks.reshape(-1)[100:140].tolist()  # 40 tokens straight from the training text
     assert copied_fraction(copied[:5], copied[5:], train_ngrams) == 1.0
     fresh = tokenizer(" Quantum marmalade orbits seventeen purple violins beneath Tuesday's humming glacier"

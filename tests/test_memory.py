@@ -12,11 +12,9 @@ import torch
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.config import from_dict, merge
 from pipeline.loss import causal_lm_loss, pad_vocab
 from pipeline.memory import (
     GIB,
-    PeakTensorMemory,
     RunShape,
     estimate_memory,
     gpt2_shape,
@@ -24,6 +22,8 @@ from pipeline.memory import (
     model_shape,
     preflight,
 )
+from pipeline.params import from_dict, merge
+from pipeline.peak import PeakTensorMemory
 from tests.conftest import ROOT
 
 # torch.cuda.max_memory_allocated of the train stage on one H100 80GB, torch 2.11, 2026-11-23
@@ -126,7 +126,7 @@ def test_the_stage_estimates_the_peak_of_its_own_trainer(pipeline_outputs, tmp_p
     from transformers import TrainerCallback
 
     import pipeline.train
-    from pipeline.config import load_params
+    from pipeline.params import load_params
 
     tracked = {}
 

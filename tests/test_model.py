@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import pipeline.model as model_module
-from pipeline.config import Params, project_section
+from pipeline.config import Params
 from pipeline.model import dropout_overrides, use_compile
-from pipeline.train import Plan, choose_attention, plan
+from pipeline.params import project_section
+from pipeline.plan import Plan, choose_attention, plan
 
 
 def train_params(**changes):
@@ -159,13 +160,13 @@ def test_dropout_override_names_every_dropout_field_of_the_config():
 
 
 def test_the_trained_model_is_built_with_the_dropout_asked_for(pipeline_outputs):
-    from pipeline.config import load_params
-    from pipeline.train import prepare_model
+    from pipeline.model import prepare_model
+    from pipeline.params import load_params
 
     params: Params = load_params(pipeline_outputs / "params.yaml")
     base = pipeline_outputs / "models/base"
-    model, _ = prepare_model(replace(params, train=replace(params.train, dropout=0.0)), base, 50256)
+    model, _ = prepare_model(replace(params.train, dropout=0.0), False, base, 50256)
     rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     assert rates == {0.0} and model.config.attn_pdrop == 0.0
-    model, _ = prepare_model(params, base, 50256)
+    model, _ = prepare_model(params.train, False, base, 50256)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # null keeps the model's

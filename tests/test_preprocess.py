@@ -6,24 +6,11 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
-from pipeline.config import project_section
+from pipeline.common import IGNORE_INDEX, PipelineError
 from pipeline.preprocess import build_blocks, pack, pad, split_documents, tokenize
+from tests.conftest import data_params, prep_params
 
 EOS = 50256
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
-
-
-def data_params(**changes):
-    return project_section("data", **changes)
-
-
-def prep_params(**changes):
-    return project_section("preprocess", **changes)
 
 
 def docs(*texts: str) -> datasets.Dataset:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.config import from_dict, merge
+from pipeline.params import from_dict, merge
 from pipeline.recipe import apply_set_params, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,8 @@ EXPECTED_RECIPES = {
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_published_recipes_map_onto_the_trainer(recipe, tmp_path):
-    from pipeline.train import Plan, training_arguments
+    from pipeline.plan import Plan
+    from pipeline.train import training_arguments
 
     expected = dict(EXPECTED_RECIPES[recipe.name])
     params = from_dict(merge(project_params(), yaml.safe_load(recipe.read_text())))

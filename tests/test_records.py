@@ -8,28 +8,16 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pipeline.common import IGNORE_INDEX, PipelineError, load_tokenizer
-from pipeline.config import project_section
+from pipeline.common import IGNORE_INDEX, PipelineError
+from pipeline.loading import load_tokenizer
 from pipeline.preprocess import build_blocks, render, tokenize
 from pipeline.records import check_columns, clean, dialogue_turns, template_fields
+from tests.conftest import data_params, prep_params
 
 RECIPES = [
     {"title": "Toast", "ingredients": ["bread", "butter"], "directions": "Toast the bread. Butter it."},
     {"title": "Tea", "ingredients": ["tea leaves", "water"], "directions": "Boil water. Steep the leaves."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
-
-
-def data_params(**changes):
-    return project_section("data", **changes)
-
-
-def prep_params(**changes):
-    return project_section("preprocess", **changes)
 
 
 def rendered(rows: list[dict], data, tokenizer, cfg=None) -> datasets.Dataset:

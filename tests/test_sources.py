@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.config import project_section
+from pipeline.params import project_section
 from pipeline.sources import first_bad_byte, load_raw
 from tests.conftest import CORPUS
 

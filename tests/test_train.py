@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import datasets
 import pytest
 
 from pipeline.checkpoints import COMPLETE, fingerprint, resume_checkpoint, start_fresh
 from pipeline.common import PipelineError
-from pipeline.config import load_params
+from pipeline.params import load_params
 from pipeline.train import train
 
 
@@ -43,11 +44,16 @@ def test_run_metrics(pipeline_outputs, tmp_path):
                                                 pipeline_outputs / "models/base")
 
 
-def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs):
+def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs, tmp_path):
+    import shutil
+
     params = load_params(pipeline_outputs / "params.yaml")
     data, base = pipeline_outputs / "data/processed", pipeline_outputs / "models/base"
     same = fingerprint(params, data, base)
-    assert fingerprint(params, data, base) == same
+    moved = tmp_path / "elsewhere"  # the same inputs at another path (another clone): the same run
+    shutil.copytree(data, moved / "processed")
+    shutil.copytree(base, moved / "base")
+    assert fingerprint(params, moved / "processed", moved / "base") == same
     assert fingerprint(replace(params, lr=params.lr * 2), data, base) != same
     assert fingerprint(replace(params, train=replace(params.train, max_steps=9)), data, base) != same
     assert fingerprint(params, data, pipeline_outputs / "data/input") != same
@@ -123,9 +129,15 @@ def test_train_summary_is_written_by_the_cli(project):
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["steps"] == 8 and metrics["effective_batch_size"] == 4
     assert metrics["tokens_seen"] == 8 * 4 * 32 and metrics["precision"] == "fp32"
-    assert metrics["tokens_per_second"] > 0 and metrics["eval_loss"] < metrics["train_loss"] + 5
+    logged_eval = (project / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()
+    assert metrics["eval_loss"] == pytest.approx(float(logged_eval[-1].split("\t")[1]))  # the last evaluation's
+    assert metrics["base_eval_loss"] == pytest.approx(float(logged_eval[1].split("\t")[1]))  # step 0: the base
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert metrics["tokens_seen"] / metrics["tokens_per_second"] == pytest.approx(
+        metrics["wall_seconds"] - metrics["eval_seconds"])
     data = json.loads((project / "metrics/data.json").read_text())
-    assert data["train"]["blocks"] > 0 and data["block_size"] == 32 and data["add_eos"] is True
+    blocks = datasets.load_from_disk(str(project / "data/processed"))
+    assert data["train"]["blocks"] == len(blocks["train"]) and data["block_size"] == 32 and data["add_eos"] is True
 
 
 def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_path):

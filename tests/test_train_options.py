@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoints import COMPLETE
 from pipeline.common import PipelineError
-from pipeline.config import load_params, project_section
+from pipeline.params import load_params, project_section
 from pipeline.train import train
 from tests.conftest import ROOT, write_params
 
@@ -98,15 +98,19 @@ def train_command(root: Path, tag: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def long_run(pipeline_outputs):
-    """A 60-step run of the tiny model, uninterrupted, as the reference."""
-    write_params(pipeline_outputs, {"train": {"max_steps": 60, "save_steps": 5, "eval_steps": 30,
-                                              "logging_steps": 5}}).rename(pipeline_outputs / "params-long.yaml")
-    write_params(pipeline_outputs, {})  # the fixture's own params.yaml as it was
-    done = subprocess.run(train_command(pipeline_outputs, "straight"), cwd=pipeline_outputs, env=env(),
-                          capture_output=True, text=True, timeout=600)
+def long_run(pipeline_outputs, tmp_path_factory):
+    """A 60-step run of the tiny model, uninterrupted, as the reference; in a copy of the session's outputs
+    (their data and base model), which other tests read unchanged."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("long") / "run"
+    shutil.copytree(pipeline_outputs, root, ignore=shutil.ignore_patterns("checkpoints", "finetuned", "dvclive"))
+    write_params(root, {"train": {"max_steps": 60, "save_steps": 5, "eval_steps": 30, "logging_steps": 5}}).rename(
+        root / "params-long.yaml")
+    done = subprocess.run(train_command(root, "straight"), cwd=root, env=env(), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return pipeline_outputs
+    return root
 
 
 def env() -> dict:
@@ -141,7 +145,7 @@ def test_killed_run_resumes_to_the_same_result(long_run, sig):
 
 
 def test_samples_while_training_leave_the_training_unchanged(pipeline_outputs, tmp_path):
-    from pipeline.config import project_section
+    from pipeline.params import project_section
 
     samples = project_section("train.samples", every=3, prompts=["", "The river"], max_new_tokens=5)
     run(pipeline_outputs, tmp_path / "sampled", samples=samples)

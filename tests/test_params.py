@@ -1,5 +1,5 @@
-"""pipeline/config.py: params.yaml mirrored one to one, the only source of values; coercion, rejection
-by name in one line, the rules across fields, the parameter reference."""
+"""pipeline/params.py reads params.yaml into pipeline/config.py's schema: the file mirrored one to one and
+the only source of values; coercion, rejection by name in one line, the rules across fields, the reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.common import PipelineError
-from pipeline.config import documented, from_dict, help_lines, load_params, markdown_table, merge
+from pipeline.params import documented, from_dict, help_lines, load_params, markdown_table, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,5 +140,5 @@ def test_unreadable_params_file(tmp_path):
 def test_the_parameter_reference_is_generated():
     reference = (ROOT / "docs/params.md").read_text()
     table = reference.split("--markdown -->\n")[1].split("\n<!-- params:end")[0]
-    assert table == markdown_table(), "regenerate docs/params.md: python -m pipeline.config --markdown"
+    assert table == markdown_table(), "regenerate docs/params.md: python -m pipeline.params --markdown"
     assert all(f"| `{key}` | `{value!r}` |" in table for key, value, _ in documented())

@@ -1,0 +1,261 @@
+"""Reading params.yaml into the schema (pipeline.config): pydantic's errors turned into one line that
+names the key and the fix, the numeric strings PyYAML makes of YAML 1.1 numbers read as numbers
+(`lr: 5e-4` arrives as "5e-4"), and the rules across fields checked in one place (`check`).
+
+    python -m pipeline.params                 # check params.yaml
+    python -m pipeline.params --help-params   # every key, its value in params.yaml, its help
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from pipeline.common import PipelineError, params_option, stage_command
+from pipeline.config import TRACKERS, DataConfig, Params, TrainConfig
+
+PARAMS_FILE = Path("params.yaml")
+PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the project's own, with every key
+# Local inputs live where dvc.yaml declares them as dependencies, so an edit re-runs what it affects and
+# every experiment commit records them: datasets, models and tokenizers of the download stage, and the
+# generate stage's prompt files.
+INPUTS = Path("data/input")
+PROMPTS = Path("data/prompts")
+
+
+# --- rules across fields -----------------------------------------------------------------------------
+
+def check(p: Params) -> None:
+    """Rules across fields, all in one place."""
+    check_inputs(p)
+    check_model(p)
+    check_data(p.data)
+    check_train(p.train)
+    if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
+        fail("evaluate.stride", f"({p.evaluate.stride}) exceeds preprocess.block_size ({p.preprocess.block_size}); "
+                                "windows would skip tokens")
+    if not p.generate.do_sample and p.generate.num_return_sequences > 1:
+        fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
+
+
+def check_model(p: Params) -> None:
+    overrides = p.model.config_overrides
+    if overrides and not p.model.from_scratch:
+        fail("model.config_overrides", "is only used with model.from_scratch: true; remove it or set from_scratch")
+    n_embd, n_head, n_positions = (overrides.get(k) for k in ("n_embd", "n_head", "n_positions"))
+    if n_embd and n_head and n_embd % n_head:
+        fail("model.config_overrides", f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    if n_positions is not None and p.preprocess.block_size > n_positions:
+        fail("preprocess.block_size", f"({p.preprocess.block_size}) exceeds model.config_overrides.n_positions "
+                                      f"({n_positions}); lower block_size or raise n_positions")
+
+
+def check_data(d: DataConfig) -> None:
+    if (d.prompt_template is None) != (d.response_template is None):
+        fail("data.prompt_template", "and data.response_template go together (prompt/response fine-tuning); "
+                                     "set both or neither")
+    shapes = [name for name, on in (("data.template", d.template), ("data.dialogue_column", d.dialogue_column),
+                                    ("data.prompt_template", d.prompt_template)) if on]
+    if len(shapes) > 1:
+        fail(shapes[1], f"conflicts with {shapes[0]}; records become text one way: set only one of them")
+
+
+def check_train(t: TrainConfig) -> None:
+    if t.warmup_steps and t.max_steps > 0 and t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", f"({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})")
+    if t.load_best_model_at_end and (t.eval_steps == 0 or t.save_steps % t.eval_steps):
+        fail("train.load_best_model_at_end", f"needs eval_steps > 0 and save_steps ({t.save_steps}) a multiple "
+                                             f"of eval_steps ({t.eval_steps})")
+    if t.early_stopping_patience and not t.load_best_model_at_end:
+        fail("train.early_stopping_patience", "needs train.load_best_model_at_end: true")
+    unknown = sorted(set(t.report_to) - set(TRACKERS))
+    if unknown:
+        always = " (dvclive is always on)" if unknown[0] == "dvclive" else ""
+        fail("train.report_to", f"does not know {unknown[0]!r}{always}; use {', '.join(TRACKERS)}")
+    if t.lora.enabled and (t.freeze.embeddings or t.freeze.layers):
+        fail("train.freeze", "does nothing with train.lora.enabled (LoRA keeps every base weight fixed); "
+                             "remove one of them")
+
+
+def check_inputs(p: Params) -> None:
+    """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS)."""
+    from pipeline.sources import is_local
+
+    local = [("data.dataset", p.data.dataset), ("model.tokenizer", p.model.tokenizer)]
+    if not p.model.from_scratch:
+        local.append(("model.name", p.model.name))
+    for key, value in local:
+        if value and is_local(value) and not inside(value, INPUTS):
+            fail(key, f"{shorten(value)} is a local path outside {INPUTS}/; move it into {INPUTS}/ (the download "
+                      "stage's dependency, so DVC re-runs what it changes and versions it with every experiment)")
+    prompts = p.generate.prompts_file
+    if prompts and not inside(prompts, PROMPTS):
+        fail("generate.prompts_file", f"{shorten(prompts)} is outside {PROMPTS}/; move it there (the generate "
+                                      "stage's dependency, so editing it re-runs generate)")
+
+
+def inside(path: str, folder: Path) -> bool:
+    """Whether the relative `path` is `folder` or lies in it (no absolute paths, no way out with ..)."""
+    parts = Path(path).parts
+    return not Path(path).is_absolute() and ".." not in parts and Path(*parts[:len(folder.parts)]) == folder
+
+
+def shorten(value: Any, most: int = 80) -> str:
+    """A value quoted for an error line, cut with an ellipsis."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= most else value[:most] + "…")
+    text = repr(value)
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def fail(key: str, problem: str) -> typing.NoReturn:
+    """A params error: names the key and what to change."""
+    raise PipelineError(f"params: {key} {problem} (fix it in params.yaml or your -S override)")
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+WHOLE, NUMBER, BOOLEAN = "must be a whole number", "must be a number", "must be true or false"
+MESSAGES = {  # pydantic error type -> what the user reads after the key
+    "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}", "bool_type": BOOLEAN,
+    "bool_parsing": BOOLEAN, "int_type": WHOLE, "int_parsing": WHOLE, "int_from_float": WHOLE, "float_type": NUMBER,
+    "float_parsing": NUMBER, "finite_number": "must be a finite number", "string_type": "must be a string",
+    "string_too_short": "must be a non-empty string", "list_type": "must be a list of strings",
+    "dict_type": "must be a mapping", "dataclass_type": "must be a mapping of {class_name} keys",
+}
+
+
+def one_line(error: dict) -> str:
+    """A pydantic error as `params: <dotted key> <problem>; got <value> (fix ...)`."""
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("literal[", "function-"))]
+    key = ".".join(loc)
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
+        known = list(section(loc[:-1]).__pydantic_fields__)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else f"known keys here: {', '.join(known)}"
+        return f"params: {key} is not a known parameter; {hint} (fix it in params.yaml or your -S override)"
+    if kind in ("missing", "missing_argument"):
+        return f"params: {key} is missing; add it (the project's params.yaml lists every key with its value)"
+    ctx = {k: str(v).replace("'", "").replace(" or ", ", ").replace("True", "true").replace("False", "false")
+           for k, v in (error.get("ctx") or {}).items()}
+    problem = MESSAGES[kind].format(**ctx) if kind in MESSAGES else error["msg"]
+    return f"params: {key} {problem}; got {shorten(error.get('input'))} (fix it in params.yaml or your -S override)"
+
+
+def section(loc: list[str]) -> type:
+    """The dataclass at a dotted location of Params (for the keys it knows)."""
+    cls: Any = Params
+    for part in loc:
+        annotation = cls.__pydantic_fields__[part].annotation
+        cls = next((a for a in typing.get_args(annotation) if hasattr(a, "__pydantic_fields__")), annotation)
+    return cls
+
+
+def from_dict(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML) into Params."""
+    if not isinstance(raw, dict):
+        raise PipelineError("params: the file must be a YAML mapping of sections (seed, lr, model, data, ...)")
+    try:
+        params = TypeAdapter(Params).validate_python(raw)
+    except ValidationError as e:
+        raise PipelineError(one_line(e.errors()[0])) from None
+    check(params)
+    return params
+
+
+def read_yaml(path: Path | str) -> dict:
+    """A YAML mapping from a file, or a one-line error."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"params: {path} is not valid YAML{where}; fix the syntax") from None
+    return raw or {}
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    return from_dict(read_yaml(path))
+
+
+@functools.cache
+def project_params() -> Params:
+    """The project's own params.yaml: the values everything else is a change of (tests, bench, ad hoc sampling)."""
+    return load_params(PROJECT_PARAMS)
+
+
+def project_section(path: str, **changes: Any) -> Any:
+    """A section of the project's params.yaml ("data", "train.lora", ...) with `changes`: for the tests,
+    the bench and ad hoc use, which start from the same values as the pipeline."""
+    node: Any = project_params()
+    for part in path.split("."):
+        node = getattr(node, part)
+    return dataclasses.replace(node, **changes)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge an override mapping (a recipe, the demo's overrides) onto a params mapping, as
+    `dvc exp run -S` would; an empty mapping replaces (`config_overrides: {}` clears it)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --- the reference -----------------------------------------------------------------------------------
+
+def documented(cls: type = Params, values: dict | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value in the project's params.yaml, help) for every parameter."""
+    values = read_yaml(PROJECT_PARAMS) if values is None else values
+    rows = []
+    for name, info in cls.__pydantic_fields__.items():
+        inner = next((a for a in typing.get_args(info.annotation) if hasattr(a, "__pydantic_fields__")),
+                     info.annotation)
+        if hasattr(inner, "__pydantic_fields__"):
+            rows += documented(inner, values.get(name, {}), prefix + name + ".")
+        else:
+            rows.append((prefix + name, values.get(name), info.description))
+    return rows
+
+
+def help_lines() -> list[str]:
+    return [f"{key} (params.yaml: {value!r}): {text}" for key, value, text in documented()]
+
+
+def markdown_table() -> str:
+    """The parameter reference (docs/params.md)."""
+    rows = [f"| `{key}` | `{value!r}` | {text} |" for key, value, text in documented()]
+    return "\n".join(["| key | params.yaml | meaning |", "|---|---|---|", *rows])
+
+
+@stage_command
+@params_option
+@click.option("--help-params", is_flag=True, help="Print every parameter with its value in the project's params.yaml.")
+@click.option("--markdown", is_flag=True, help="Print the parameter reference as a Markdown table (docs/params.md).")
+def main(params_path: str, help_params: bool, markdown: bool) -> None:
+    """Validate params.yaml, or describe every parameter."""
+    if help_params:
+        click.echo("\n".join(help_lines()))
+    elif markdown:
+        click.echo(markdown_table())
+    else:
+        load_params(params_path)
+        click.echo(f"{params_path}: ok", err=True)
+
+
+if __name__ == "__main__":
+    main()
