@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,22 @@ def freeze(model: Any, embeddings: bool, layers: int) -> None:
 
 def add_lora(model: Any, cfg: Any) -> Any:
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    # GPT-2's layers are Conv1D (weights stored transposed); peft needs to be told, or it warns and guesses
+    targets = [m for name, m in model.named_modules() if name.split(".")[-1] in cfg.target_modules]
+    transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
     try:
-        return get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                                                      fan_in_fan_out=transposed))
     except ValueError as e:
         raise PipelineError(f"params: train.lora.target_modules {cfg.target_modules} do not fit this model "
                             f"({str(e).splitlines()[0]}); name its linear layers") from None
+    # checkpoints and the saved adapter hold the adapters alone: LoRA leaves the embeddings as they were, and
+    # peft would otherwise copy them into every checkpoint because vocabulary padding changed their size
+    peft_model.save_pretrained = partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
 
 
 def count_parameters(model: Any, vocab: int) -> tuple[int, int]:

@@ -238,7 +238,7 @@ def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool, card: str) 
     model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_dir(out) as tmp:
         if lora:
-            model.save_pretrained(tmp / "adapter")
+            model.save_pretrained(tmp / "adapter")  # the adapters alone (model.add_lora), for the unpadded base
             model = model.merge_and_unload()
         if model.get_input_embeddings().weight.shape[0] != vocab:
             model.resize_token_embeddings(vocab)

@@ -46,9 +46,32 @@ def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_p
     assert saved.keys() == base.keys()  # no lora_A/lora_B, no base_model.model. prefix
     assert not torch.equal(saved["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
     assert torch.equal(saved["transformer.wte.weight"], base["transformer.wte.weight"])
-    assert (tmp_path / "model/adapter/adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # plain transformers, no peft
     assert type(model).__name__ == "GPT2LMHeadModel"
+    adapter = load_file(tmp_path / "model/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)  # the adapters alone, no embedding copy
+    from peft import PeftModel  # the adapter on the unpadded base is the merged model
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pipeline_outputs / "models/base"),
+                                      tmp_path / "model/adapter")
+    ids = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_checkpoints_hold_the_adapters_alone_and_resume_to_the_same_model(pipeline_outputs, tmp_path):
+    import shutil
+
+    lora = project_section("train.lora", enabled=True, r=4, alpha=8)
+    run(pipeline_outputs, tmp_path / "straight", lora=lora)
+    checkpoints = sorted((tmp_path / "straight/checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    assert all(all("lora_" in k for k in load_file(c / "adapter_model.safetensors")) for c in checkpoints)
+    shutil.copytree(tmp_path / "straight/checkpoints", tmp_path / "resumed/checkpoints")
+    shutil.rmtree(tmp_path / "resumed/checkpoints" / checkpoints[1].name)  # as if killed before the second
+    metrics = run(pipeline_outputs, tmp_path / "resumed", lora=lora)
+    assert metrics["resumed_from_step"] == int(checkpoints[0].name.split("-")[1])
+    straight, resumed = (load_file(tmp_path / f"{r}/model/model.safetensors") for r in ("straight", "resumed"))
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
 
 
 def test_freezing_keeps_embeddings_and_first_blocks_fixed(pipeline_outputs, tmp_path):
