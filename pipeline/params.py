@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import string
 import typing
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def check(p: Params) -> None:
     """Rules across fields, all in one place."""
     check_inputs(p)
     check_model(p)
+    check_source(p.data)
     check_data(p.data)
     check_train(p.train)
     if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
@@ -58,7 +60,23 @@ def check_model(p: Params) -> None:
                                       f"({n_positions}); lower block_size or raise n_positions")
 
 
+def check_source(d: DataConfig) -> None:
+    """Settings that mean something for one kind of dataset source only are refused for the others."""
+    from pipeline.sources import is_local, is_url
+
+    kind = "a URL" if is_url(d.dataset) else "a local path" if is_local(d.dataset) else "a Hub id"
+    if d.sha256 is not None and kind != "a URL":
+        fail("data.sha256", f"only checks a URL download, and data.dataset is {kind}; set it to null")
+    for key, value in (("data.config", d.config), ("data.revision", d.revision)):
+        if value is not None and kind != "a Hub id":
+            fail(key, f"only applies to a Hub dataset, and data.dataset is {kind}; set it to null")
+
+
 def check_data(d: DataConfig) -> None:
+    for key, template in (("data.template", d.template), ("data.prompt_template", d.prompt_template),
+                          ("data.response_template", d.response_template)):
+        if template is not None:
+            check_template(key, template)
     if (d.prompt_template is None) != (d.response_template is None):
         fail("data.prompt_template", "and data.response_template go together (prompt/response fine-tuning); "
                                      "set both or neither")
@@ -85,6 +103,17 @@ def check_train(t: TrainConfig) -> None:
                              "remove one of them")
 
 
+def check_template(key: str, template: str) -> None:
+    """A format string over a record's fields: it must parse and name at least one field."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        fail(key, f"is not a valid format string ({e}); write fields as {{name}} and a literal brace as {{{{ or }}}}")
+    if not any(fields):
+        fail(key, f"{shorten(template)} names no field, so every record would become the same text; put the "
+                  "record's fields in braces, e.g. {text}")
+
+
 def check_inputs(p: Params) -> None:
     """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS)."""
     from pipeline.sources import is_local
@@ -92,6 +121,11 @@ def check_inputs(p: Params) -> None:
     local = [("data.dataset", p.data.dataset), ("model.tokenizer", p.model.tokenizer)]
     if not p.model.from_scratch:
         local.append(("model.name", p.model.name))
+    for key, value in [*local, ("generate.prompts_file", p.generate.prompts_file)]:
+        long = next((part for part in Path(value or "").parts if len(part.encode()) > 255), None)
+        if long:
+            fail(key, f"has a path component of {len(long.encode())} bytes ({shorten(long, 40)}), over the file "
+                      "system's 255; shorten it")
     for key, value in local:
         if value and is_local(value) and not inside(value, INPUTS):
             fail(key, f"{shorten(value)} is a local path outside {INPUTS}/; move it into {INPUTS}/ (the download "
@@ -131,6 +165,8 @@ MESSAGES = {  # pydantic error type -> what the user reads after the key
     "float_parsing": NUMBER, "finite_number": "must be a finite number", "string_type": "must be a string",
     "string_too_short": "must be a non-empty string", "list_type": "must be a list of strings",
     "dict_type": "must be a mapping", "dataclass_type": "must be a mapping of {class_name} keys",
+    "string_too_long": "must be at most {max_length} characters", "too_long": "must have at most {max_length} items",
+    "string_pattern_mismatch": "must be 64 hexadecimal digits (a SHA-256)",
 }
 
 
@@ -173,18 +209,41 @@ def from_dict(raw: Any) -> Params:
     return params
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently; DVC refuses the file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path | str) -> dict:
     """A YAML mapping from a file, or a one-line error."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
+    except IsADirectoryError:
+        raise PipelineError(f"params: {path} is a directory; pass the params file") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"params: {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise PipelineError(f"params: {path} is not valid YAML{where}; fix the syntax") from None
-    return raw or {}
+        problem = f": {e.problem}" if getattr(e, "problem", None) else ""
+        raise PipelineError(f"params: {path} is not valid YAML{where}{problem}; fix it") from None
+    if raw is None:
+        raise PipelineError(f"params: {path} is empty; it needs every section (the project's params.yaml lists them)")
+    return raw
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

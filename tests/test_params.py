@@ -60,7 +60,7 @@ def test_every_key_is_required(key):
         from_dict(raw)
 
 
-@pytest.mark.parametrize("text, expected", [("5e-4", 5e-4), ("1E-3", 1e-3), ("0.001", 1e-3), (2, 2.0)])
+@pytest.mark.parametrize("text, expected", [("5e-4", 5e-4), ("1E-3", 1e-3), ("0.001", 1e-3), (1, 1.0)])
 def test_numeric_strings_are_coerced(text, expected):
     # PyYAML reads `lr: 5e-4` (no dot) as the string "5e-4"
     assert yaml.safe_load("lr: 5e-4")["lr"] == "5e-4"
@@ -120,8 +120,9 @@ def test_bad_params_are_rejected_by_name(raw, message):
 
 
 @pytest.mark.parametrize("raw", [
-    {"data": {"dataset": "data/input/corpus"}}, {"data": {"dataset": "data/input"}},
-    {"data": {"dataset": "./data/input/notes/*.txt"}}, {"data": {"dataset": "https://example.org/corpus.txt"}},
+    {"data": {"dataset": "data/input/corpus", "config": None}}, {"data": {"dataset": "data/input", "config": None}},
+    {"data": {"dataset": "./data/input/notes/*.txt", "config": None}},
+    {"data": {"dataset": "https://example.org/corpus.txt", "config": None}},
     {"data": {"dataset": "Salesforce/wikitext"}}, {"model": {"name": "gpt2-medium", "tokenizer": "data/input/tok"}},
     {"model": {"name": "anything", "from_scratch": True}}, {"generate": {"prompts_file": "data/prompts/p.jsonl"}},
 ])
