@@ -87,7 +87,8 @@ def case_train_pipeline(work: Path, name: str) -> dict:
     params = replace(params, train=replace(params.train, max_steps=steps, per_device_train_batch_size=batch,
                                            logging_steps=1, eval_steps=0, save_steps=10**6, **variant))
     out = Path(tempfile.mkdtemp(dir=work))
-    metrics = train(params, work / name / "blocks", work / name / "base", out / "model", out / "ckpt", out / "live")
+    metrics = train(params, work / name / "blocks", work / name / "base", out / "model", out / "ckpt", out / "live",
+                    out / "train.json")
     return {"tokens_per_second": metrics["tokens_per_second"], "loss": metrics["final_train_loss"],
             "tokens": metrics["tokens_seen"],
             "setup": f"{metrics['precision']}, {metrics['attention']} attention "
@@ -299,7 +300,7 @@ def case_gpu_pipeline(work: Path, spec: str) -> dict:
                                                           "train": train_params}))
     out = Path(tempfile.mkdtemp(dir=work))
     metrics = train(params, work / "gpu-blocks", work / spec["size"] / "base", out / "model", out / "ckpt",
-                    out / "live")
+                    out / "live", out / "train.json")
     return {"steady": metrics["steady_tokens_per_second"], "mfu": metrics["steady_mfu"],
             "peak": metrics["peak_memory_gib"], "estimate": metrics["memory_estimate_gib"],
             "attention": metrics["attention"], "compile": metrics["torch_compile"]}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import PipelineError, is_main_process
+from pipeline.outputs import write_text
 from pipeline.throughput import ThroughputMeter
 
 log = logging.getLogger("pipeline.train")
@@ -37,6 +38,20 @@ def live_callback(live_dir: Path, resume: bool) -> Any:
 
     live = Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False) if is_main_process() else None
     return StepCallback(live=live)
+
+
+def trim_live_log(live_dir: Path, step: int) -> None:
+    """Before resuming at `step`: drop what the stopped run logged after its checkpoint (those steps are
+    trained again), so every step has one row in the plots and one section in samples.md."""
+    for tsv in live_dir.glob("plots/**/*.tsv"):
+        header, *rows = tsv.read_text().splitlines(keepends=True)
+        column = header.rstrip("\n").split("\t").index("step")
+        write_text(tsv, header + "".join(r for r in rows if int(r.split("\t")[column]) <= step))
+    samples = live_dir / "samples.md"
+    if samples.exists():
+        sections = samples.read_text().split("## step ")
+        kept = [s for s in sections[1:] if int(s.split("\n", 1)[0]) <= step]
+        write_text(samples, sections[0] + "".join("## step " + s for s in kept))
 
 
 def progress_callback(tokens_per_step: int) -> Any:

@@ -1,7 +1,11 @@
-"""Resumable training: `checkpoints/` holds the Trainer's checkpoints of one run, with a fingerprint
-of what made it. An interrupted `dvc repro` resumes from the newest complete checkpoint, but only
-when the fingerprint (training params, data, base model) matches, so a new experiment never
-continues an old one; a checkpoint counts as complete once a marker follows its files."""
+"""Resumable training: `checkpoints/<run>/` holds one run's Trainer checkpoints, named by a fingerprint
+of what made it (training params, data, base model), with the run's live log (dvclive/) beside them.
+
+An interrupted `dvc repro` resumes its run from the newest whole checkpoint: one whose completion
+marker follows its files and whose files still have the sizes the marker lists. A new experiment
+starts a folder of its own, so no run continues another's or deletes its checkpoints; a run that
+finished (its outputs in place) is marked so, and running it again trains it again from the start.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import digest, remove, write_json
+from pipeline.common import digest
 from pipeline.config import Params
+from pipeline.outputs import remove, write_json
 
 log = logging.getLogger("pipeline.checkpoints")
 FINGERPRINT = "fingerprint.json"
 COMPLETE = "checkpoint-complete.json"  # written once the Trainer has finished a checkpoint
+FINISHED = "finished.json"  # written once the run's outputs are in place
+LIVE = "dvclive"  # the run's live log, copied to the stage's dvclive/ output when the run ends
 
 
 def fingerprint(params: Params, data_dir: Path, base_dir: Path) -> str:
@@ -28,31 +35,75 @@ def fingerprint(params: Params, data_dir: Path, base_dir: Path) -> str:
     return digest({"train": asdict(params.train), "lr": params.lr, "seed": params.seed, "inputs": inputs})
 
 
-def resume_checkpoint(checkpoints: Path, run_id: str) -> str | None:
-    """The newest complete checkpoint of an interrupted run with the same fingerprint, if any.
-    Checkpoints without the completion marker (a run killed while saving) are skipped with a warning."""
-    marker = checkpoints / FINGERPRINT
-    if not checkpoints.is_dir() or not marker.exists():
+def run_folder(checkpoints: Path, run_id: str) -> Path:
+    return checkpoints / run_id
+
+
+def resume_checkpoint(folder: Path, run_id: str) -> str | None:
+    """The newest whole checkpoint of an interrupted run in `folder`, if any. Checkpoints cut short (a run
+    killed while saving) or damaged since are skipped with a warning naming them."""
+    started = started_with(folder)
+    if started.get("fingerprint") != run_id:
         return None
-    if json.loads(marker.read_text()).get("fingerprint") != run_id:
-        log.info("checkpoints in %s come from other params or inputs; starting fresh", checkpoints)
+    if (folder / FINISHED).exists():
+        log.info("this run finished before (%s); training it again from the start", folder)
         return None
-    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step, reverse=True)
     for path in found:
-        if (path / COMPLETE).exists():
+        problem = damage(path)
+        if problem is None:
             return str(path)
-        log.warning("skipping %s: incomplete (the run stopped while writing it)", path)
+        log.warning("skipping %s: %s", path, problem)
     return None
 
 
-def start_fresh(checkpoints: Path, run_id: str, attention: str) -> None:
-    remove(checkpoints)
-    write_json(checkpoints / FINGERPRINT, {"fingerprint": run_id, "attention": attention})
+def damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE).read_text())
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "incomplete (the run stopped while writing it)"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+    for name, size in (marker.get("files") or {}).items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or changed since it was written"
+    return None
 
 
-def started_with(checkpoints: Path) -> dict:
-    """What the run in `checkpoints` recorded when it started (its fingerprint, its attention)."""
-    return json.loads((checkpoints / FINGERPRINT).read_text())
+def start_fresh(folder: Path, run_id: str, attention: str) -> None:
+    """Begin this run's folder (an earlier, unresumable attempt of the same run is replaced; other runs'
+    folders are left alone)."""
+    remove(folder)
+    write_json(folder / FINGERPRINT, {"fingerprint": run_id, "attention": attention})
+
+
+def started_with(folder: Path) -> dict:
+    """What the run in `folder` recorded when it started (its fingerprint, its attention); {} if nothing
+    readable (a folder of a killed start, or a damaged file: the run starts afresh)."""
+    try:
+        started = json.loads((folder / FINGERPRINT).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; starting this run afresh", folder / FINGERPRINT)
+        return {}
+    return started if isinstance(started, dict) else {}
+
+
+def mark_finished(folder: Path) -> None:
+    write_json(folder / FINISHED, {})
+
+
+def note_other_runs(checkpoints: Path, folder: Path) -> None:
+    """Say what other runs' checkpoints take on disk: they are kept for resuming those runs."""
+    others = [p for p in checkpoints.glob("*") if p.is_dir() and p != folder]
+    if others:
+        size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+        log.info("%s also holds checkpoints of %d other run(s), %.2f GB, kept to resume them; delete the folders "
+                 "you will not resume", checkpoints, len(others), size / 1e9)
 
 
 def checkpoint_step(checkpoint: str | Path | None) -> int:
@@ -60,7 +111,7 @@ def checkpoint_step(checkpoint: str | Path | None) -> int:
 
 
 def mark_complete_callback() -> Any:
-    """A TrainerCallback writing the completion marker after each checkpoint's files."""
+    """A TrainerCallback writing the completion marker, with every file's size, after each checkpoint."""
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
@@ -68,6 +119,8 @@ def mark_complete_callback() -> Any:
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
-                    write_json(folder / COMPLETE, {"step": state.global_step})
+                    files = {f.relative_to(folder).as_posix(): f.stat().st_size
+                             for f in sorted(folder.rglob("*")) if f.is_file()}
+                    write_json(folder / COMPLETE, {"step": state.global_step, "files": files})
 
     return MarkComplete()

@@ -1,20 +1,18 @@
-"""What every stage shares: the error type and its one-line CLI report, and outputs written whole
-(atomic files and directories). Heavy imports (torch, transformers) stay out of here, so `--help`
-and params errors answer in well under a second."""
+"""What every stage shares: the error type and its one-line CLI report (for bad input, a full or
+read-only disk, SIGTERM and Ctrl-C alike). Heavy imports (torch, transformers) stay out of here, so
+`--help` and params errors answer in well under a second. Writing outputs: pipeline.outputs."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
+import signal
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -43,17 +41,56 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
             os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+        signal.signal(signal.SIGTERM, stop)
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(str(e))}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except OSError as e:
+            if e.errno not in DISK_FIXES:
+                raise  # anything else is a bug and keeps its traceback
+            where = f"{shorten_path(e.filename)}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror}; {DISK_FIXES[e.errno]} (no output was changed)", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as e:
+            why = e.args[0] if e.args else "interrupted (Ctrl-C)"
+            click.echo(f"{why}: no output is half-written; run it again (train resumes from its last checkpoint)",
+                       err=True)
+            sys.exit(130 if not e.args else 128 + signal.SIGTERM)
 
     settings = {"help_option_names": ["-h", "--help"], "ignore_unknown_options": pass_unknown_options}
     return click.command(context_settings=settings)(run)
+
+
+def stop(signum: int, frame: Any) -> None:
+    """SIGTERM (docker stop, a scheduler, torchrun): unwind like Ctrl-C, so stand-ins are removed."""
+    raise KeyboardInterrupt("stopped by SIGTERM")
+
+
+# errno -> the fix, for the I/O errors a user can do something about
+DISK_FIXES = {
+    errno.ENOSPC: "free disk space and run again", errno.EDQUOT: "free disk space (quota) and run again",
+    errno.EFBIG: "the file size limit was reached (ulimit -f); raise it and run again",
+    errno.EROFS: "the file system is read-only; make it writable and run again",
+    errno.EACCES: "make the folder writable for this user and run again",
+    errno.EPERM: "make the folder writable for this user and run again",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def one_line(message: str, most: int = 400) -> str:
+    """An error message as one line of at most `most` characters, cut in the middle: the problem is at the
+    start and the fix at the end."""
+    message = " ".join(message.split())
+    if len(message) <= most:
+        return message
+    return message[: most * 2 // 3] + " … " + message[-(most // 3):]
+
+
+def shorten_path(path: Any, most: int = 120) -> str:
+    text = str(path)
+    return text if len(text) <= most else "…" + text[-most:]
 
 
 params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,
@@ -63,61 +100,6 @@ params_option = click.option("--params", "params_path", default="params.yaml", s
 def is_main_process() -> bool:
     """True on the single process, or on rank 0 under torchrun: the only one that writes outputs."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-# --- atomic outputs ------------------------------------------------------------------------------
-
-@contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `path`; on success it replaces `path` in one rename.
-
-    A killed stage leaves only a `.name.tmp-*` sibling (removed by the next run), never a
-    half-written `path` for DVC to cache.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    remove(path)
-    os.replace(tmp, path)
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def write_text(path: Path | str, text: str) -> None:
-    """Write a file through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path | str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def digest(obj: Any) -> str:

@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from pipeline.common import PipelineError, atomic_dir, params_option, stage_command, write_json
+from pipeline.common import PipelineError, params_option, stage_command
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.loading import check_weights
+from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
 from pipeline.sources import from_hub, is_local, load_raw
 
@@ -85,12 +86,11 @@ def save_base(cfg: ModelConfig, seed: int, out: Path) -> dict:
         "config_overrides": cfg.config_overrides, "seed": seed if cfg.from_scratch else None,
         "parameters": sum(p.numel() for p in model.parameters()), "transformers": transformers.__version__,
     }
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "provenance.json", provenance)
-    log.info("model: %s (%s parameters%s) -> %s", cfg.name, f"{provenance['parameters']:,}",
-             ", from scratch" if cfg.from_scratch else f", commit {commit}" if commit else "", out)
+    model.save_pretrained(out)  # safetensors
+    tokenizer.save_pretrained(out)
+    write_json(out / "provenance.json", provenance)
+    log.info("model: %s (%s parameters%s)", cfg.name, f"{provenance['parameters']:,}",
+             ", from scratch" if cfg.from_scratch else f", commit {commit}" if commit else "")
     return provenance
 
 
@@ -99,10 +99,9 @@ def save_base(cfg: ModelConfig, seed: int, out: Path) -> dict:
 def save_raw(cfg: DataConfig, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="download-") as scratch:  # URL downloads, repaired or streamed files
         raw, provenance = load_raw(cfg, Path(scratch))
-        with atomic_dir(out) as tmp:
-            raw.save_to_disk(str(tmp))
-            write_json(tmp / "provenance.json", provenance)
-    log.info("dataset: %s %s -> %s", cfg.dataset, provenance["splits"], out)
+        raw.save_to_disk(str(out))
+        write_json(out / "provenance.json", provenance)
+    log.info("dataset: %s %s", cfg.dataset, provenance["splits"])
     return provenance
 
 
@@ -115,8 +114,10 @@ def save_raw(cfg: DataConfig, out: Path) -> dict:
 def main(params_path: str, model_out: Path, data_out: Path) -> None:
     """Download (or build) the base model and tokenizer, and the raw dataset."""
     params = load_params(params_path)
-    save_raw(params.data, data_out)  # data first: a bad path fails before a large model download
-    save_base(params.model, params.seed, model_out)
+    with outputs(model_out, data_out) as (model_tmp, data_tmp):  # in place together, or neither
+        save_raw(params.data, data_tmp)  # data first: a bad path fails before a large model download
+        save_base(params.model, params.seed, model_tmp)
+    log.info("wrote %s and %s", model_out, data_out)
 
 
 if __name__ == "__main__":

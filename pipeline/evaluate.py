@@ -24,10 +24,11 @@ from typing import Any
 
 import click
 
-from pipeline.common import IGNORE_INDEX, PipelineError, params_option, stage_command, write_json
+from pipeline.common import IGNORE_INDEX, PipelineError, params_option, stage_command
 from pipeline.device import autocast_dtype, device, keep_freed_memory, resolve_precision
 from pipeline.loading import load_model, load_saved_dataset, load_tokenizer
 from pipeline.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
+from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
 
 log = logging.getLogger("pipeline.evaluate")
@@ -244,8 +245,9 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
     results = evaluate(base_dir, finetuned_dir, data_dir, params.evaluate.batch_size, params.model.trust_remote_code,
                        precision, params.evaluate.stride)
-    write_json(metrics_path, results)
-    write_json(plot_path, perplexity_rows(results))
+    with outputs(metrics_path, plot_path) as (metrics_tmp, plot_tmp):
+        write_json(metrics_tmp, results)
+        write_json(plot_tmp, perplexity_rows(results))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from typing import Any
 
 import click
 
-from pipeline.common import PipelineError, atomic_dir, params_option, stage_command, write_json, write_text
+from pipeline.common import PipelineError, params_option, stage_command
 from pipeline.config import GenerateConfig
 from pipeline.loading import load_model, load_saved_dataset, load_tokenizer
+from pipeline.outputs import outputs, write_json, write_text
 from pipeline.params import load_params
 from pipeline.sampling import ad_hoc, ad_hoc_config, load_prompts, sample
 
@@ -147,11 +148,11 @@ def _fmt(value: float | None) -> str:
 def write_outputs(by_model: dict[str, list[dict]], metrics: dict, cfg: GenerateConfig, out: Path,
                   metrics_path: Path) -> None:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "prompts_file")}
-    with atomic_dir(out) as tmp:
-        write_text(tmp / "samples.jsonl", "".join(json.dumps(public(r, name, settings)) + "\n"
-                                                   for name, records in by_model.items() for r in records))
-        write_text(tmp / "samples.md", markdown(by_model, cfg))
-    write_json(metrics_path, metrics)
+    with outputs(out, metrics_path) as (out_tmp, metrics_tmp):
+        write_text(out_tmp / "samples.jsonl", "".join(json.dumps(public(r, name, settings)) + "\n"
+                                                       for name, records in by_model.items() for r in records))
+        write_text(out_tmp / "samples.md", markdown(by_model, cfg))
+        write_json(metrics_tmp, metrics)
 
 
 @stage_command

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.common import PipelineError, stage_command, write_text
+from pipeline.common import PipelineError, stage_command
+from pipeline.outputs import write_text
 
 TEMPLATE = Path(".dvc/plots/offline.html")  # plots.html_template in .dvc/config is relative to .dvc/
 VEGA_LITE = "5.21"  # the major version DVC's templates are written for ($schema .../vega-lite/v5.json)

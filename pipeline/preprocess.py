@@ -24,9 +24,10 @@ from typing import Any
 
 import click
 
-from pipeline.common import IGNORE_INDEX, PipelineError, atomic_dir, digest, params_option, stage_command, write_json
+from pipeline.common import IGNORE_INDEX, PipelineError, digest, params_option, stage_command
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.loading import load_saved_dataset, load_tokenizer
+from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
 from pipeline.records import check_columns, clean, renderer
 
@@ -292,11 +293,11 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     processed, stats, histogram = build_blocks(raw, tokenizer,
                                                model_max_positions(model_dir), params.data, params.preprocess,
                                                params.seed, csv=provenance.get("format") == "csv")
-    with atomic_dir(out) as tmp:
-        processed.save_to_disk(str(tmp))
-        write_json(tmp / "provenance.json", data_provenance(provenance, params.data, params.preprocess))
-    write_json(stats_path, stats)
-    write_json(lengths_path, histogram)
+    with outputs(out, stats_path, lengths_path) as (out_tmp, stats_tmp, lengths_tmp):
+        processed.save_to_disk(str(out_tmp))
+        write_json(out_tmp / "provenance.json", data_provenance(provenance, params.data, params.preprocess))
+        write_json(stats_tmp, stats)
+        write_json(lengths_tmp, histogram)
 
 
 if __name__ == "__main__":

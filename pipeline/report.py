@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.common import PipelineError, stage_command, write_json
+from pipeline.common import PipelineError, stage_command
+from pipeline.outputs import outputs, write_json
 
 
 def headline(train: dict, evaluation: dict, generation: dict) -> dict:
@@ -67,7 +68,8 @@ def main(train_path: Path, eval_path: Path, generate_path: Path, out: Path) -> N
     """Write the run's headline metrics from the train, evaluate and generate metrics."""
     summary = headline(read_metrics(train_path, "train"), read_metrics(eval_path, "evaluate"),
                        read_metrics(generate_path, "generate"))
-    write_json(out, summary)
+    with outputs(out) as (out_tmp,):
+        write_json(out_tmp, summary)
     click.echo("  ".join(f"{k} {v}" for k, v in summary.items()), err=True)
 
 

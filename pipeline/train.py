@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,30 +20,34 @@ from typing import Any
 
 import click
 
-from pipeline.callbacks import early_stopping, live_callback, progress_callback, samples_callback, stop_on_non_finite
+from pipeline.callbacks import (
+    early_stopping,
+    live_callback,
+    progress_callback,
+    samples_callback,
+    stop_on_non_finite,
+    trim_live_log,
+)
 from pipeline.card import git_commit, lock_hashes, model_card
 from pipeline.checkpoints import (
+    LIVE,
     checkpoint_step,
     fingerprint,
     mark_complete_callback,
+    mark_finished,
+    note_other_runs,
     resume_checkpoint,
+    run_folder,
     start_fresh,
     started_with,
 )
-from pipeline.common import (
-    PipelineError,
-    atomic_dir,
-    is_main_process,
-    params_option,
-    stage_command,
-    write_json,
-    write_text,
-)
+from pipeline.common import PipelineError, is_main_process, params_option, stage_command
 from pipeline.config import Params
 from pipeline.device import keep_freed_memory, resolve_precision
 from pipeline.loading import load_saved_dataset, load_tokenizer
 from pipeline.memory import GIB, MemoryEstimate
 from pipeline.model import count_parameters, position_parameters, prepare_model, without_adapters
+from pipeline.outputs import outputs, write_json, write_text
 from pipeline.params import load_params
 from pipeline.peak import peak_used, reset_peak
 from pipeline.plan import Plan, check_memory, choose_attention, plan
@@ -103,6 +108,7 @@ class Setup:
     model: Any
     vocab: int                  # the real vocabulary (the output matrix may be padded beyond it)
     parameters: tuple[int, int]  # total and trainable, padding rows not counted
+    folder: Path                # this run's checkpoints and live log (checkpoints/<fingerprint>)
     resume_from: str | None
     attention: dict
     estimate: MemoryEstimate
@@ -118,16 +124,21 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
     run = plan(t, resolve_precision(t.precision), len(blocks["train"]), len(blocks["train"][0]["input_ids"]))
     model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
     run_id = fingerprint(params, data_dir, base_dir)
-    resume_from = resume_checkpoint(checkpoints, run_id)  # every rank decides before rank 0 writes
-    args = training_arguments(params, run, checkpoints)
+    folder = run_folder(checkpoints, run_id)
+    resume_from = resume_checkpoint(folder, run_id)  # every rank decides before rank 0 writes
+    args = training_arguments(params, run, folder)
     # on the CPU the model is loaded on: CUDA needs no measuring, and the preflight must run before the
     # weights take their share of the GPU (the Trainer moves the model there)
     attention = choose_attention(model, t, run, blocks["train"],
-                                 started_with(checkpoints).get("attention") if resume_from else None)
+                                 started_with(folder).get("attention") if resume_from else None)
     estimate = check_memory(model, t, run, attention["attention"])
     with args.main_process_first(desc="prepare checkpoints"):
-        if resume_from is None and is_main_process():
-            start_fresh(checkpoints, run_id, attention["attention"])
+        if is_main_process():
+            note_other_runs(checkpoints, folder)
+            if resume_from is None:
+                start_fresh(folder, run_id, attention["attention"])
+            else:
+                trim_live_log(folder / LIVE, checkpoint_step(resume_from))
     args.eval_on_start = resume_from is None  # step 0: the base model's validation loss, for plot and card
     if run.compile:  # a new shape (an epoch's last, smaller batch) compiles its own static graph, not a dynamic one
         import torch._dynamo
@@ -139,8 +150,8 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
              "accumulation x %d devices (%d tokens); %d steps planned%s", run.precision, f"{parameters[1]:,}",
              f"{parameters[0]:,}", run.effective_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
              run.world_size, run.tokens_per_step, run.steps, f"; resuming from {resume_from}" if resume_from else "")
-    return Setup(run, blocks, tokenizer, model, vocab, parameters, resume_from, attention, estimate, args, meter,
-                 peak_source)
+    return Setup(run, blocks, tokenizer, model, vocab, parameters, folder, resume_from, attention, estimate, args,
+                 meter, peak_source)
 
 
 def throughput_meter(model: Any, run: Plan, n_params: int) -> tuple[ThroughputMeter, str]:
@@ -152,10 +163,10 @@ def throughput_meter(model: Any, run: Plan, n_params: int) -> tuple[ThroughputMe
     return ThroughputMeter(run.tokens_per_step, flops, peak, warmup=warmup_steps(run.steps)), source
 
 
-def make_trainer(s: Setup, params: Params, live_dir: Path) -> Any:
+def make_trainer(s: Setup, params: Params) -> Any:
     from transformers import PrinterCallback, Trainer, default_data_collator
 
-    t, resume = params.train, s.resume_from is not None
+    t, resume, live_dir = params.train, s.resume_from is not None, s.folder / LIVE
     callbacks = [meter_callback(s.meter), stop_on_non_finite(), progress_callback(s.run.tokens_per_step),
                  live_callback(live_dir, resume), mark_complete_callback(),
                  *samples_callback(t.samples, s.tokenizer, live_dir, s.meter, resume),
@@ -168,10 +179,12 @@ def make_trainer(s: Setup, params: Params, live_dir: Path) -> Any:
 
 # --- the stage -----------------------------------------------------------------------------------
 
-def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path) -> dict:
-    """Set up, run the Trainer, save the model to `out`; returns the run's metrics."""
+def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path,
+          metrics_path: Path) -> dict:
+    """Set up, run the Trainer, and put the model (`out`), its live log (`live_dir`) and the run's metrics
+    (`metrics_path`) in place together; returns the metrics."""
     s = set_up(params, data_dir, base_dir, checkpoints)
-    trainer = make_trainer(s, params, live_dir)
+    trainer = make_trainer(s, params)
     since_reset = reset_peak()  # the reported peak is the training's, not the set-up's
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=s.resume_from)
@@ -185,7 +198,11 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         card = model_card(params.train, params.seed, params.lr, provenance(base_dir), provenance(data_dir),
                           (metrics["base_eval_loss"], metrics["eval_loss"]), metrics,
                           lock_hashes([str(base_dir), str(data_dir)]), git_commit())
-        save(trainer, s.args, out, s.vocab, params.train.lora.enabled, card)
+        with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
+            save(trainer, s.args, model_tmp, s.vocab, params.train.lora.enabled, card)
+            shutil.copytree(s.folder / LIVE, live_tmp)
+            write_json(metrics_tmp, metrics)
+        mark_finished(s.folder)
     return metrics
 
 
@@ -215,9 +232,10 @@ def run_metrics(trainer: Any, result: Any, seconds: float, start_step: int, mete
     # load_best_model_at_end: the saved model is the best checkpoint, whose loss the Trainer kept
     best = trainer.state.best_metric if t.load_best_model_at_end else None
     step = trainer.state.global_step
-    tokens_per_second = (step - start_step) * run.tokens_per_step / (seconds - eval_seconds) if seconds else None
+    trained = step - start_step  # 0 when a run stopped after its last checkpoint is run again
+    tokens_per_second = trained * run.tokens_per_step / (seconds - eval_seconds) if trained else None
     return {
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_loss(history, start_step, result.training_loss, trained),
         "final_train_loss": last_logged(history, "loss"),
         "eval_loss": final_eval.get("eval_loss", best if best is not None else last_logged(history, "eval_loss")),
         "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
@@ -236,17 +254,29 @@ def save(trainer: Any, args: Any, out: Path, vocab: int, lora: bool, card: str) 
     """models/finetuned: a plain model (adapters merged, padding trimmed, safetensors), its tokenizer, its
     model card (README.md), and for LoRA the adapter alone in adapter/."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    with atomic_dir(out) as tmp:
-        if lora:
-            model.save_pretrained(tmp / "adapter")  # the adapters alone (model.add_lora), for the unpadded base
-            model = model.merge_and_unload()
-        if model.get_input_embeddings().weight.shape[0] != vocab:
-            model.resize_token_embeddings(vocab)
-        model.config.use_cache = True
-        model.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-        write_text(tmp / "training_args.json", args.to_json_string())  # not the pickled training_args.bin
-        write_text(tmp / "README.md", card)
+    if lora:
+        model.save_pretrained(out / "adapter")  # the adapters alone (model.add_lora), for the unpadded base
+        model = model.merge_and_unload()
+    if model.get_input_embeddings().weight.shape[0] != vocab:
+        model.resize_token_embeddings(vocab)
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    trainer.processing_class.save_pretrained(out)
+    write_text(out / "training_args.json", args.to_json_string())  # not the pickled training_args.bin
+    write_text(out / "README.md", card)
+
+
+def whole_run_loss(history: list[dict], start_step: int, session_loss: float, trained: int) -> float | None:
+    """The mean training loss of the whole run: for a resumed run, the loss logged before its checkpoint
+    (each interval weighted by its steps) with this session's. The Trainer's own figure covers only the
+    steps of its session (none at all when nothing was left to train)."""
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h and h["step"] <= start_step]
+    steps = [step for step, _ in logged]
+    earlier = sum(loss * (step - previous) for (step, loss), previous in zip(logged, [0, *steps], strict=False))
+    covered = steps[-1] if steps else 0
+    if not covered + trained:
+        return None
+    return (earlier + session_loss * trained) / (covered + trained)
 
 
 def last_logged(history: list[dict], key: str) -> float | None:
@@ -271,10 +301,12 @@ def summary_line(m: dict) -> str:
     def rate(tokens: float | None, mfu: float | None) -> str:
         return f"{tokens:,.0f} tokens/s (MFU {100 * mfu:.1f}%)" if tokens and mfu is not None else "n/a"
 
-    eval_loss = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "n/a"
+    def loss(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "n/a"
+
     memory = (f"peak memory {m['peak_memory_gib']:.2f} GiB ({m['peak_memory_kind']}; "
               f"estimate {m['memory_estimate_gib']:.2f})")
-    return (f"train loss {m['train_loss']:.4f}, eval loss {eval_loss}, {m['steps']} steps; steady "
+    return (f"train loss {loss(m['train_loss'])}, eval loss {loss(m['eval_loss'])}, {m['steps']} steps; steady "
             f"{rate(m['steady_tokens_per_second'], m['steady_mfu'])} after {m['warmup_steps']} warm-up steps, "
             f"whole run {rate(m['tokens_per_second'], m['mfu'])}; {memory}")
 
@@ -288,9 +320,10 @@ def summary_line(m: dict) -> str:
 @click.option("--out", default="models/finetuned", show_default=True, type=click.Path(path_type=Path),
               help="Where the fine-tuned model and tokenizer are saved.")
 @click.option("--checkpoints", default="checkpoints", show_default=True, type=click.Path(path_type=Path),
-              help="Resumable Trainer checkpoints (kept between runs).")
+              help="Resumable Trainer checkpoints, a folder per run (kept between runs).")
 @click.option("--live-dir", default="dvclive", show_default=True, type=click.Path(path_type=Path),
-              help="dvclive directory: per-step loss, learning rate and throughput.")
+              help="dvclive directory: per-step loss, learning rate and throughput (written as the run ends; "
+                   "while it runs: checkpoints/<run>/dvclive).")
 @click.option("--metrics", "metrics_path", default="metrics/train.json", show_default=True,
               type=click.Path(path_type=Path), help="Summary of the run.")
 def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path,
@@ -299,9 +332,8 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
     params = load_params(params_path)
     relaunch_under_torchrun()
     keep_freed_memory()
-    metrics = train(params, data_dir, base_dir, out, checkpoints, live_dir)
+    metrics = train(params, data_dir, base_dir, out, checkpoints, live_dir, metrics_path)
     if is_main_process():
-        write_json(metrics_path, metrics)
         log.info(summary_line(metrics))
 
 

@@ -106,7 +106,7 @@ def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
 
     root = prepare(tmp_path_factory.mktemp("outputs"), tokenizer_dir, {})
     train(load_params(root / "params.yaml"), root / "data/processed", root / "models/base",
-          root / "models/finetuned", root / "checkpoints", root / "dvclive")
+          root / "models/finetuned", root / "checkpoints", root / "dvclive", root / "metrics/train.json")
     return root
 
 

@@ -50,8 +50,9 @@ def test_two_processes_train_like_one(prepared):
     run = prepared / "ddp"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "dvclive", "model", "train.json"]
     assert (run / "model/model.safetensors").exists()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-5",
-                                                                       "fingerprint.json"]
+    (folder,) = (run / "checkpoints").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3", "checkpoint-5", "dvclive", "fingerprint.json",
+                                                        "finished.json"]
     steps = [row.split("\t")[0] for row in (run / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4", "5"]
     assert not list(prepared.rglob(".*.tmp-*"))

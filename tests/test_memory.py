@@ -141,7 +141,8 @@ def test_the_stage_estimates_the_peak_of_its_own_trainer(pipeline_outputs, tmp_p
     params = load_params(pipeline_outputs / "params.yaml")
     params = replace(params, train=replace(params.train, max_steps=4, save_steps=100))
     metrics = pipeline.train.train(params, pipeline_outputs / "data/processed", pipeline_outputs / "models/base",
-                                   tmp_path / "model", tmp_path / "checkpoints", tmp_path / "live")
+                                   tmp_path / "model", tmp_path / "checkpoints", tmp_path / "live",
+                                   tmp_path / "train.json")
     assert metrics["memory_estimate_gib"] * GIB == pytest.approx(tracked["memory"].peak, rel=0.15)
 
 

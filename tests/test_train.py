@@ -8,7 +8,15 @@ from dataclasses import replace
 import datasets
 import pytest
 
-from pipeline.checkpoints import COMPLETE, fingerprint, resume_checkpoint, start_fresh
+from pipeline.checkpoints import (
+    COMPLETE,
+    FINISHED,
+    fingerprint,
+    mark_finished,
+    resume_checkpoint,
+    run_folder,
+    start_fresh,
+)
 from pipeline.common import PipelineError
 from pipeline.params import load_params
 from pipeline.train import train
@@ -36,12 +44,16 @@ def test_training_reduces_the_loss(pipeline_outputs):
     assert rows[-1] < rows[0] - 0.5
 
 
-def test_run_metrics(pipeline_outputs, tmp_path):
+def test_a_run_keeps_its_checkpoints_in_a_folder_named_by_its_fingerprint(pipeline_outputs):
     params = load_params(pipeline_outputs / "params.yaml")
-    marker = json.loads((pipeline_outputs / "checkpoints/fingerprint.json").read_text())
-    assert (pipeline_outputs / "checkpoints/checkpoint-8").is_dir()
-    assert marker["fingerprint"] == fingerprint(params, pipeline_outputs / "data/processed",
-                                                pipeline_outputs / "models/base")
+    run_id = fingerprint(params, pipeline_outputs / "data/processed", pipeline_outputs / "models/base")
+    folder = pipeline_outputs / "checkpoints" / run_id
+    assert [p.name for p in (pipeline_outputs / "checkpoints").iterdir()] == [run_id]
+    assert json.loads((folder / "fingerprint.json").read_text())["fingerprint"] == run_id
+    assert (folder / "checkpoint-8").is_dir() and (folder / FINISHED).exists()
+    # the live log is written in the run's folder and copied to dvclive/ with the other outputs
+    live = "plots/metrics/train/loss.tsv"
+    assert (folder / "dvclive" / live).read_text() == (pipeline_outputs / "dvclive" / live).read_text()
 
 
 def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs, tmp_path):
@@ -62,29 +74,57 @@ def test_fingerprint_changes_with_params_and_inputs(pipeline_outputs, tmp_path):
 def checkpoint(root, step: int, complete: bool) -> None:
     (root / f"checkpoint-{step}").mkdir(parents=True)
     (root / f"checkpoint-{step}/trainer_state.json").write_text("{}")
+    (root / f"checkpoint-{step}/model.safetensors").write_bytes(b"weights")
     if complete:
-        (root / f"checkpoint-{step}/{COMPLETE}").write_text("{}")
+        files = {"trainer_state.json": 2, "model.safetensors": 7}
+        (root / f"checkpoint-{step}/{COMPLETE}").write_text(json.dumps({"step": step, "files": files}))
 
 
-def test_checkpoints_of_other_runs_are_not_resumed(tmp_path):
+def test_a_run_never_resumes_or_removes_another_runs_checkpoints(tmp_path):
     ckpt = tmp_path / "checkpoints"
-    start_fresh(ckpt, "run-a", "sdpa")
-    checkpoint(ckpt, 4, complete=True)
-    assert resume_checkpoint(ckpt, "run-a") == str(ckpt / "checkpoint-4")
-    assert resume_checkpoint(ckpt, "run-b") is None
-    start_fresh(ckpt, "run-b", "sdpa")
-    assert not (ckpt / "checkpoint-4").exists()
+    a, b = run_folder(ckpt, "run-a"), run_folder(ckpt, "run-b")
+    start_fresh(a, "run-a", "sdpa")
+    checkpoint(a, 4, complete=True)
+    assert resume_checkpoint(a, "run-a") == str(a / "checkpoint-4")
+    assert resume_checkpoint(b, "run-b") is None
+    start_fresh(b, "run-b", "sdpa")  # run b begins (and may fail): run a's checkpoint stays, resumable
+    assert resume_checkpoint(a, "run-a") == str(a / "checkpoint-4")
 
 
-def test_a_partial_last_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
-    ckpt = tmp_path / "checkpoints"
-    start_fresh(ckpt, "run", "sdpa")
-    checkpoint(ckpt, 4, complete=True)
-    checkpoint(ckpt, 12, complete=False)  # killed while the Trainer was writing it
-    checkpoint(ckpt, 8, complete=True)
+def test_a_finished_run_is_trained_again_not_resumed(tmp_path, caplog):
+    folder = run_folder(tmp_path, "run")
+    start_fresh(folder, "run", "sdpa")
+    checkpoint(folder, 8, complete=True)
+    mark_finished(folder)
+    with caplog.at_level("INFO"):
+        assert resume_checkpoint(folder, "run") is None
+    assert "finished before" in caplog.text
+
+
+def test_partial_or_damaged_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
+    folder = run_folder(tmp_path, "run")
+    start_fresh(folder, "run", "sdpa")
+    checkpoint(folder, 4, complete=True)
+    checkpoint(folder, 16, complete=False)  # killed while the Trainer was writing it
+    checkpoint(folder, 12, complete=True)
+    (folder / "checkpoint-12/model.safetensors").write_bytes(b"wei")  # cut short since
+    checkpoint(folder, 8, complete=True)
+    (folder / "checkpoint-8/trainer_state.json").write_text("{")  # not JSON
     with caplog.at_level("WARNING"):
-        assert resume_checkpoint(ckpt, "run") == str(ckpt / "checkpoint-8")
-    assert "skipping" in caplog.text and "checkpoint-12: incomplete" in caplog.text
+        assert resume_checkpoint(folder, "run") == str(folder / "checkpoint-4")
+    assert "checkpoint-16: incomplete" in caplog.text
+    assert "checkpoint-12: model.safetensors is missing or changed" in caplog.text
+    assert "checkpoint-8: unreadable" in caplog.text
+
+
+def test_a_damaged_fingerprint_starts_the_run_afresh(tmp_path, caplog):
+    folder = run_folder(tmp_path, "run")
+    start_fresh(folder, "run", "sdpa")
+    checkpoint(folder, 4, complete=True)
+    (folder / "fingerprint.json").write_bytes(b"\xff\xfe")
+    with caplog.at_level("WARNING"):
+        assert resume_checkpoint(folder, "run") is None
+    assert "fingerprint.json is unreadable" in caplog.text
 
 
 def test_interrupted_run_resumes_to_the_same_model(pipeline_outputs, tmp_path):
@@ -98,9 +138,18 @@ def test_interrupted_run_resumes_to_the_same_model(pipeline_outputs, tmp_path):
     data, base = pipeline_outputs / "data/processed", pipeline_outputs / "models/base"
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(pipeline_outputs / "checkpoints", ckpt)
-    shutil.rmtree(ckpt / "checkpoint-8")  # as if killed between step 4 and step 8
-    metrics = train(params, data, base, tmp_path / "model", ckpt, tmp_path / "dvclive")
+    folder = next(ckpt.iterdir())
+    shutil.rmtree(folder / "checkpoint-8")  # as if killed between step 4 and step 8
+    (folder / FINISHED).unlink()
+    metrics = train(params, data, base, tmp_path / "model", ckpt, tmp_path / "dvclive", tmp_path / "train.json")
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
+    straight_metrics = json.loads((pipeline_outputs / "metrics/train.json").read_text())
+    assert metrics["train_loss"] == pytest.approx(straight_metrics["train_loss"], rel=1e-5)  # the whole run's
+    resumed_rows, straight_rows = (
+        [row.split("\t") for row in (d / "plots/metrics/train/loss.tsv").read_text().splitlines()]
+        for d in (tmp_path / "dvclive", pipeline_outputs / "dvclive"))
+    assert [r[0] for r in resumed_rows] == [r[0] for r in straight_rows]  # one row per step, none twice
+    assert [float(r[1]) for r in resumed_rows[1:]] == pytest.approx([float(r[1]) for r in straight_rows[1:]], rel=1e-5)
     resumed = load_file(tmp_path / "model/model.safetensors")
     straight = load_file(pipeline_outputs / "models/finetuned/model.safetensors")
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
@@ -115,7 +164,7 @@ def test_unsupported_precision_is_an_error_not_a_downgrade(pipeline_outputs, tmp
     params = replace(params, train=replace(params.train, precision="fp16"))
     with pytest.raises(PipelineError, match="fp16 needs a CUDA GPU"):
         train(params, pipeline_outputs / "data/processed", pipeline_outputs / "models/base", tmp_path / "m",
-              tmp_path / "c", tmp_path / "l")
+              tmp_path / "c", tmp_path / "l", tmp_path / "train.json")
     assert not (tmp_path / "m").exists()
 
 
@@ -148,7 +197,8 @@ def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_pat
 
     out = pipeline_outputs
     params = load_params(out / "params.yaml")
-    train(params, out / "data/processed", out / "models/base", tmp_path / "again", tmp_path / "ckpt", tmp_path / "live")
+    train(params, out / "data/processed", out / "models/base", tmp_path / "again", tmp_path / "ckpt", tmp_path / "live",
+          tmp_path / "train.json")
     first = load_file(out / "models/finetuned/model.safetensors")
     second = load_file(tmp_path / "again/model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoints import COMPLETE
+from pipeline.checkpoints import COMPLETE, FINISHED
 from pipeline.common import PipelineError
 from pipeline.params import load_params, project_section
 from pipeline.train import train
@@ -25,15 +26,30 @@ def run(outputs: Path, tmp_path: Path, **train_changes) -> dict:
     params = load_params(outputs / "params.yaml")
     params = replace(params, train=replace(params.train, **train_changes))
     return train(params, outputs / "data/processed", outputs / "models/base", tmp_path / "model",
-                 tmp_path / "checkpoints", tmp_path / "dvclive")
+                 tmp_path / "checkpoints", tmp_path / "dvclive", tmp_path / "train.json")
 
 
-def test_nan_loss_stops_training_naming_the_step(pipeline_outputs, tmp_path):
+def test_nan_loss_stops_training_naming_the_step_and_changes_no_output(pipeline_outputs, tmp_path):
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"  # the base model with a NaN in its final layer norm: the first loss is nan
+    shutil.copytree(pipeline_outputs / "models/base", base)
+    weights = load_file(base / "model.safetensors")
+    weights["transformer.ln_f.weight"][0] = float("nan")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    earlier = {name: tmp_path / name for name in ("model", "dvclive", "train.json")}
+    for path in earlier.values():  # the outputs of an earlier run, which a failed run must leave alone
+        path.mkdir() if path.suffix == "" else path.write_text("{}")
+        if path.is_dir():
+            (path / "earlier").write_text("kept")
     params = load_params(pipeline_outputs / "params.yaml")
     with pytest.raises(PipelineError, match=r"the training loss became nan by step \d+; lower lr"):
-        train(replace(params, lr=1e30), pipeline_outputs / "data/processed", pipeline_outputs / "models/base",
-              tmp_path / "model", tmp_path / "checkpoints", tmp_path / "dvclive")
-    assert not (tmp_path / "model").exists()
+        train(params, pipeline_outputs / "data/processed", base, earlier["model"], tmp_path / "checkpoints",
+              earlier["dvclive"], earlier["train.json"])
+    assert sorted(p.name for p in earlier["model"].iterdir()) == sorted(p.name for p in earlier["dvclive"].iterdir())
+    assert [p.name for p in earlier["model"].iterdir()] == ["earlier"]
+    assert earlier["train.json"].read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "checkpoints", "dvclive", "model", "train.json"]
 
 
 def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_path):
@@ -63,11 +79,13 @@ def test_lora_checkpoints_hold_the_adapters_alone_and_resume_to_the_same_model(p
 
     lora = project_section("train.lora", enabled=True, r=4, alpha=8)
     run(pipeline_outputs, tmp_path / "straight", lora=lora)
-    checkpoints = sorted((tmp_path / "straight/checkpoints").glob("checkpoint-*"))
+    checkpoints = sorted((tmp_path / "straight/checkpoints").glob("*/checkpoint-*"))
     assert len(checkpoints) == 2
     assert all(all("lora_" in k for k in load_file(c / "adapter_model.safetensors")) for c in checkpoints)
     shutil.copytree(tmp_path / "straight/checkpoints", tmp_path / "resumed/checkpoints")
-    shutil.rmtree(tmp_path / "resumed/checkpoints" / checkpoints[1].name)  # as if killed before the second
+    folder = tmp_path / "resumed/checkpoints" / checkpoints[1].parent.name
+    shutil.rmtree(folder / checkpoints[1].name)  # as if killed before the second
+    (folder / FINISHED).unlink()
     metrics = run(pipeline_outputs, tmp_path / "resumed", lora=lora)
     assert metrics["resumed_from_step"] == int(checkpoints[0].name.split("-")[1])
     straight, resumed = (load_file(tmp_path / f"{r}/model/model.safetensors") for r in ("straight", "resumed"))
@@ -147,9 +165,9 @@ def test_killed_run_resumes_to_the_same_result(long_run, sig):
     tag = f"killed-{sig.name}"
     first = subprocess.Popen(train_command(long_run, tag), cwd=long_run, env=env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    marker = long_run / tag / "checkpoints/checkpoint-10" / COMPLETE
     deadline = time.monotonic() + 300
-    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+    while (not list((long_run / tag).glob(f"checkpoints/*/checkpoint-10/{COMPLETE}")) and first.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.01)
     first.send_signal(sig)
     assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
