@@ -123,6 +123,8 @@ def sample_texts(model: Any, tokenizer: Any, cfg: Any) -> list[str]:
     """One sampled continuation per prompt (top-k 50, temperature 0.8), the RNG states left as they were."""
     import torch
 
+    from pipeline.sampling import context_of
+
     states = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     was_training = model.training
     model.eval()
@@ -130,8 +132,9 @@ def sample_texts(model: Any, tokenizer: Any, cfg: Any) -> list[str]:
         texts = []
         for prompt in cfg.prompts:
             ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").to(next(model.parameters()).device)
+            room = (context_of(model) or cfg.max_new_tokens + ids["input_ids"].shape[1]) - ids["input_ids"].shape[1]
             with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=cfg.max_new_tokens, do_sample=True, top_k=50,
+                out = model.generate(**ids, max_new_tokens=min(room, cfg.max_new_tokens), do_sample=True, top_k=50,
                                      temperature=0.8, pad_token_id=tokenizer.pad_token_id)
             texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
         return texts

@@ -102,6 +102,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def check_processes(key: str, count: int) -> None:
+    """A count of worker processes (`key`) at most the CPU cores this process may use: more only queue."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if count > cores:
+        raise PipelineError(f"params: {key} ({count}) exceeds the {cores} CPU cores this machine gives the stage; "
+                            f"set it to at most {cores}")
+
+
 def digest(obj: Any) -> str:
     """A short stable hash of a JSON-able object."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import click
 
 from pipeline.common import PipelineError, params_option, stage_command
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.loading import check_weights
+from pipeline.loading import load_model, read_tokenizer
 from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
 from pipeline.sources import from_hub, is_local, load_raw
@@ -31,26 +32,83 @@ def load_base_tokenizer(cfg: ModelConfig) -> Any:
 
     name = cfg.tokenizer or cfg.name
     if is_local(name):
-        if not (Path(name) / "tokenizer_config.json").exists():
-            raise PipelineError(f"model.tokenizer: {name} is not a saved tokenizer (no tokenizer_config.json); "
-                                "point it at a save_pretrained directory or a Hub id")
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        return read_tokenizer(Path(name), cfg.trust_remote_code)
     return from_hub(lambda: AutoTokenizer.from_pretrained(name, revision=cfg.revision,
                                                           trust_remote_code=cfg.trust_remote_code),
                     f"tokenizer {name!r} (revision {cfg.revision})")
 
 
 def gpt2_config(overrides: dict[str, Any], tokenizer: Any) -> Any:
-    """GPT2Config() (the 124M architecture) with overrides, sized to the tokenizer's vocabulary."""
+    """GPT2Config() (the 124M architecture) with overrides, sized to the tokenizer's vocabulary; every
+    override checked against what GPT-2's code can build and run, and the model against free memory."""
     from transformers import GPT2Config
+    from transformers.activations import ACT2FN
 
-    known = GPT2Config().to_dict()
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise PipelineError(f"params: model.config_overrides.{unknown[0]} is not a GPT2Config field; "
-                            "use n_layer, n_embd, n_head, n_positions, n_inner, resid_pdrop, ...")
-    eos = tokenizer.eos_token_id
-    return GPT2Config(**{"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos, **overrides})
+    defaults = GPT2Config().to_dict()
+    for key, value in overrides.items():
+        check_override(key, value, defaults)
+    values = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, **overrides}
+    if values["vocab_size"] < len(tokenizer):
+        override_error("vocab_size", f"({values['vocab_size']}) is below the tokenizer's {len(tokenizer)} tokens; "
+                                     "remove it (the vocabulary is sized to the tokenizer)")
+    n_embd, n_head = values.get("n_embd", defaults["n_embd"]), values.get("n_head", defaults["n_head"])
+    if n_embd % n_head:
+        override_error("n_embd", f"({n_embd}) must be divisible by n_head ({n_head})")
+    if values.get("activation_function", defaults["activation_function"]) not in ACT2FN:
+        override_error("activation_function", f"must be one of {', '.join(sorted(ACT2FN))}")
+    config = GPT2Config(**values)
+    check_model_fits(config)
+    return config
+
+
+# GPT2Config fields that must be at least 1 (sizes), in [0, 1) (dropout) or above 0
+SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+FRACTIONS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
+POSITIVE = ("layer_norm_epsilon", "initializer_range")
+
+
+def check_override(key: str, value: Any, defaults: dict[str, Any]) -> None:
+    """One config_overrides entry: a GPT2Config field, of the field's type, in its range."""
+    import difflib
+
+    if key not in defaults or key in ("architectures", "transformers_version", "model_type", "_name_or_path"):
+        close = difflib.get_close_matches(key, list(defaults), n=1)
+        override_error(key, "is not a GPT2Config field; " + (f"did you mean {close[0]}?" if close else
+                            "use n_layer, n_embd, n_head, n_positions, n_inner, resid_pdrop, ..."))
+    default = defaults[key]
+    wanted = int if key in SIZES else type(default)
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return check_override(key, float(value), defaults)
+    if default is not None or key in SIZES:
+        if type(value) is not wanted:
+            kind = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(wanted)
+            override_error(key, f"must be {kind or type(default).__name__}; got {value!r}")
+    if key in SIZES and value < 1:
+        override_error(key, f"must be at least 1; got {value}")
+    if key in FRACTIONS and not 0 <= value < 1:
+        override_error(key, f"must be in [0, 1); got {value}")
+    if key in POSITIVE and value <= 0:
+        override_error(key, f"must be above 0; got {value}")
+
+
+def override_error(key: str, problem: str) -> typing.NoReturn:
+    raise PipelineError(f"params: model.config_overrides.{key} {problem} (fix it in params.yaml or your -S override)")
+
+
+def check_model_fits(config: Any) -> None:
+    """The fp32 weights of a model built from `config` (12 n_embd^2 per layer, embeddings) within free
+    memory: a typo of three zeros is a clear line, not minutes of swapping or an allocator crash."""
+    import psutil
+
+    inner = config.n_inner or 4 * config.n_embd
+    per_layer = 4 * config.n_embd**2 + 2 * config.n_embd * inner
+    parameters = config.n_layer * per_layer + (config.vocab_size + config.n_positions) * config.n_embd
+    free = psutil.virtual_memory().available  # the model is built on the CPU
+    if 4 * parameters > 0.9 * free:
+        raise PipelineError(f"params: model.config_overrides make a model of {parameters / 1e9:,.1f}B parameters, "
+                            f"{4 * parameters / 2**30:,.1f} GiB in fp32, more than the {free / 2**30:.1f} GiB of "
+                            "free memory; lower n_layer / n_embd")
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> tuple[Any, str | None]:
@@ -60,12 +118,16 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> tuple[Any, str |
 
     if cfg.from_scratch:
         torch.manual_seed(seed)  # same params -> same initial weights
-        return GPT2LMHeadModel(gpt2_config(cfg.config_overrides, tokenizer)), None
-    if is_local(cfg.name):
-        check_weights(Path(cfg.name))
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, use_safetensors=True, dtype=torch.float32,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        model = GPT2LMHeadModel(gpt2_config(cfg.config_overrides, tokenizer))
+        try:  # one token through the model: whatever the checks above missed, found here and not in train
+            with torch.no_grad():
+                model(torch.tensor([[tokenizer.eos_token_id]]))
+        except Exception as e:  # noqa: BLE001 - any failure is the overrides'; one line, not a traceback
+            raise PipelineError(f"params: model.config_overrides build a GPT-2 that cannot run "
+                                f"({type(e).__name__}: {e}); fix them") from None
         return model, None
+    if is_local(cfg.name):
+        return load_model(cfg.name, cfg.trust_remote_code), None
     model = from_hub(lambda: AutoModelForCausalLM.from_pretrained(
         cfg.name, revision=cfg.revision, use_safetensors=True, dtype=torch.float32,
         trust_remote_code=cfg.trust_remote_code), f"model {cfg.name!r} (revision {cfg.revision})")

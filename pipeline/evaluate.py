@@ -26,7 +26,7 @@ import click
 
 from pipeline.common import IGNORE_INDEX, PipelineError, params_option, stage_command
 from pipeline.device import autocast_dtype, device, keep_freed_memory, resolve_precision
-from pipeline.loading import load_model, load_saved_dataset, load_tokenizer
+from pipeline.loading import MADE_BY, load_model, load_saved_dataset, load_tokenizer
 from pipeline.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
 from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
@@ -178,7 +178,7 @@ def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_si
     block_bytes = int(sizes[block_ids[block_targets]].sum())
     result: dict[str, Any] = {}
     for name, path in paths.items():
-        score = make_scorer(load_model(path, trust_remote_code), precision)
+        score = make_scorer(load_model(path, trust_remote_code, made_by=MADE_BY[name]), precision)
         nll, tokens = block_nll(score, blocks, batch_size)
         blocks_summary = summarize(nll, tokens, block_bytes)
         if one_document_per_block:  # a window may not reach into another document: it is the block
@@ -207,7 +207,7 @@ def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: in
     stride = stride or block_size // 2
     if stride > block_size:
         raise PipelineError(f"params: evaluate.stride ({stride}) exceeds the blocks' {block_size} tokens; lower it")
-    tokenizer = load_tokenizer(finetuned_dir, trust_remote_code)
+    tokenizer = load_tokenizer(finetuned_dir, trust_remote_code, "train")
     results: dict[str, Any] = {"precision": precision, "block_size": block_size, "stride": stride}
     for split in [s for s in ("validation", "test") if s in processed]:
         results[split] = evaluate_split({"base": base_dir, "finetuned": finetuned_dir}, processed[split], tokenizer,

@@ -25,7 +25,7 @@ import click
 
 from pipeline.common import PipelineError, params_option, stage_command
 from pipeline.config import GenerateConfig
-from pipeline.loading import load_model, load_saved_dataset, load_tokenizer
+from pipeline.loading import MADE_BY, load_model, load_saved_dataset, load_tokenizer
 from pipeline.outputs import outputs, write_json, write_text
 from pipeline.params import load_params
 from pipeline.sampling import ad_hoc, ad_hoc_config, load_prompts, sample
@@ -131,8 +131,12 @@ def generate(params: Any, finetuned_dir: Path, base_dir: Path, data_dir: Path) -
     models = {"finetuned": finetuned_dir, **({"base": base_dir} if cfg.compare_base else {})}
     by_model, metrics = {}, {}
     for name, path in models.items():
-        records, tokens_per_second = sample(load_model(path, params.model.trust_remote_code),
-                                            load_tokenizer(path, params.model.trust_remote_code), prompts, cfg)
+        tokenizer = load_tokenizer(path, params.model.trust_remote_code, MADE_BY[name])
+        if cfg.do_sample and cfg.top_k > len(tokenizer):
+            raise PipelineError(f"params: generate.top_k ({cfg.top_k}) exceeds the {len(tokenizer)} tokens of the "
+                                "vocabulary; lower it, or 0 to turn top-k off")
+        model = load_model(path, params.model.trust_remote_code, made_by=MADE_BY[name])
+        records, tokens_per_second = sample(model, tokenizer, prompts, cfg)
         score(records, train_ngrams)
         by_model[name] = records
         metrics[name] = {**summary(records), "tokens_per_second": tokens_per_second}

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.common import PipelineError
 from pipeline.config import TrainConfig
 from pipeline.device import autocast_dtype
-from pipeline.loading import load_model
+from pipeline.loading import load_config, load_model
 from pipeline.loss import causal_lm_loss, pad_vocab
 
 log = logging.getLogger("pipeline.model")
@@ -24,10 +24,9 @@ log = logging.getLogger("pipeline.model")
 def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int) -> tuple[Any, int]:
     """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss, the
     tokenizer's pad token) and its real vocabulary size."""
-    from transformers import AutoConfig
-
-    overrides = dropout_overrides(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), t.dropout)
-    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id})
+    overrides = dropout_overrides(load_config(base_dir, trust, "download"), t.dropout)
+    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id},
+                       made_by="download")
     if model.generation_config is not None:  # GPT-2 has no pad token: EOS stands in (pipeline.loading.load_tokenizer)
         model.generation_config.pad_token_id = pad_token_id
     vocab = pad_vocab(model, t.pad_vocab_multiple_of)
@@ -96,6 +95,10 @@ def add_lora(model: Any, cfg: Any) -> Any:
     # GPT-2's layers are Conv1D (weights stored transposed); peft needs to be told, or it warns and guesses
     targets = [m for name, m in model.named_modules() if name.split(".")[-1] in cfg.target_modules]
     transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
+    width = min((min(m.weight.shape) for m in targets if getattr(m, "weight", None) is not None), default=None)
+    if width is not None and cfg.r >= width:  # a rank-r update of a narrower layer is a full-rank copy of it
+        raise PipelineError(f"params: train.lora.r ({cfg.r}) is not below the width of the layers it adapts "
+                            f"({width}); lower it, or set lora.enabled: false to train every weight")
     try:
         peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",

@@ -26,6 +26,7 @@ from typing import Any
 
 log = logging.getLogger("pipeline")
 JOURNAL = ".landing-{name}.json"  # beside the first output: the renames of a stage putting its outputs in place
+MANIFEST = "manifest.json"  # in every directory output: its files and sizes, checked by the stages that read it
 
 
 @contextmanager
@@ -46,6 +47,9 @@ def outputs(*paths: Path | str) -> Iterator[list[Path]]:
         missing = [final for final, tmp in zip(finals, stand_ins, strict=True) if not tmp.exists()]
         if missing:
             raise RuntimeError(f"the stage did not write its output {missing[0]}")  # a bug, not a user error
+        for tmp in stand_ins:
+            if tmp.is_dir():
+                write_manifest(tmp)
     except BaseException:
         for tmp in stand_ins:
             remove(tmp)
@@ -115,6 +119,14 @@ def recover(final: Path) -> None:
              *final.parent.glob("." + JOURNAL.format(name="*") + ".tmp-*")]  # a journal never put in place
     for path in stale:
         remove(path)
+
+
+def write_manifest(folder: Path) -> None:
+    """The files of a directory output and their sizes: a reader finds a deleted or cut file by name
+    (pipeline.loading.check_manifest) instead of failing somewhere inside a library, or not at all."""
+    files = {path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.relative_to(folder).as_posix() != MANIFEST}
+    write_json(folder / MANIFEST, {"files": files})
 
 
 # --- files written whole ---------------------------------------------------------------------------

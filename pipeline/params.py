@@ -44,6 +44,9 @@ def check(p: Params) -> None:
     if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
         fail("evaluate.stride", f"({p.evaluate.stride}) exceeds preprocess.block_size ({p.preprocess.block_size}); "
                                 "windows would skip tokens")
+    if p.generate.no_repeat_ngram_size > p.generate.max_new_tokens:
+        fail("generate.no_repeat_ngram_size", f"({p.generate.no_repeat_ngram_size}) exceeds generate.max_new_tokens "
+                                              f"({p.generate.max_new_tokens}), so it never applies; lower it or 0")
     if not p.generate.do_sample and p.generate.num_return_sequences > 1:
         fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
 
@@ -53,9 +56,9 @@ def check_model(p: Params) -> None:
     if overrides and not p.model.from_scratch:
         fail("model.config_overrides", "is only used with model.from_scratch: true; remove it or set from_scratch")
     n_embd, n_head, n_positions = (overrides.get(k) for k in ("n_embd", "n_head", "n_positions"))
-    if n_embd and n_head and n_embd % n_head:
+    if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0 and n_embd % n_head:
         fail("model.config_overrides", f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    if n_positions is not None and p.preprocess.block_size > n_positions:
+    if isinstance(n_positions, int) and p.preprocess.block_size > n_positions:
         fail("preprocess.block_size", f"({p.preprocess.block_size}) exceeds model.config_overrides.n_positions "
                                       f"({n_positions}); lower block_size or raise n_positions")
 
@@ -77,6 +80,9 @@ def check_data(d: DataConfig) -> None:
                           ("data.response_template", d.response_template)):
         if template is not None:
             check_template(key, template)
+    if d.use_chat_template and not d.dialogue_column:
+        fail("data.use_chat_template", "renders dialogues only, and data.dialogue_column is null; set "
+                                       "dialogue_column or set use_chat_template: false")
     if (d.prompt_template is None) != (d.response_template is None):
         fail("data.prompt_template", "and data.response_template go together (prompt/response fine-tuning); "
                                      "set both or neither")
@@ -112,6 +118,12 @@ def check_template(key: str, template: str) -> None:
     if not any(fields):
         fail(key, f"{shorten(template)} names no field, so every record would become the same text; put the "
                   "record's fields in braces, e.g. {text}")
+    try:  # every field arrives as a string (pipeline.records.fill)
+        template.format(**{name.split(".")[0].split("[")[0]: "text" for name in fields if name})
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+        problem = "uses a positional field" if isinstance(e, IndexError) else f"cannot be filled ({e})"
+        fail(key, f"{shorten(template, 40)} {problem}; write each field as {{name}} with an optional string "
+                  "format such as {name:>10}")
 
 
 def check_inputs(p: Params) -> None:

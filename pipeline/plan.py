@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipeline.common import PipelineError
 from pipeline.config import TrainConfig
 from pipeline.memory import MemoryEstimate, RunShape, estimate_memory, model_shape, preflight
 from pipeline.model import auto_attention, check_attention, fastest_attention, use_compile
@@ -45,6 +46,13 @@ def plan(t: TrainConfig, precision: str, train_blocks: int, block_size: int) -> 
     per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
     effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    if effective > train_blocks:
+        raise PipelineError(f"params: the effective batch, train.per_device_train_batch_size x "
+                            f"gradient_accumulation_steps x {world} device(s) = {effective} blocks, exceeds the "
+                            f"{train_blocks} training blocks; lower them, or add data")
+    if t.warmup_steps > steps:
+        raise PipelineError(f"params: train.warmup_steps ({t.warmup_steps}) exceeds the {steps} steps planned; "
+                            "lower it")
     compiled, why = use_compile(t.torch_compile, device, steps * effective * block_size)
     log.info("torch.compile: %s (%s)", "on" if compiled else "off", why)
     return Plan(precision, device, world, block_size, steps, effective, compiled)

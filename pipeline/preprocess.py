@@ -15,7 +15,6 @@ duplicate, document length percentiles) and metrics/doc_lengths.json (the length
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import asdict
@@ -24,9 +23,9 @@ from typing import Any
 
 import click
 
-from pipeline.common import IGNORE_INDEX, PipelineError, digest, params_option, stage_command
+from pipeline.common import IGNORE_INDEX, PipelineError, check_processes, digest, params_option, stage_command
 from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.loading import load_saved_dataset, load_tokenizer
+from pipeline.loading import load_config, load_saved_dataset, load_tokenizer, read_json
 from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
 from pipeline.records import check_columns, clean, renderer
@@ -203,9 +202,7 @@ def length_summary(tokens: Any) -> tuple[dict, list[int]]:
 
 
 def model_max_positions(model_dir: Path) -> int | None:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir, made_by="download")
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
@@ -217,6 +214,9 @@ def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: Data
     if max_positions is not None and cfg.block_size > max_positions:
         raise PipelineError(f"params: preprocess.block_size ({cfg.block_size}) exceeds the model's n_positions "
                             f"({max_positions}); set block_size to at most {max_positions}")
+    if data.train_split not in raw:
+        raise PipelineError(f"params: data.train_split {data.train_split!r} is not a split of the downloaded data "
+                            f"({', '.join(raw)}); set it to one of them")
     check_columns(raw[data.train_split].column_names, data, csv)
     tokenizer.model_max_length = int(1e30)  # documents are long on purpose; blocks are cut below
     processed, stats, histogram, train_hashes = {}, {}, [], None
@@ -286,10 +286,11 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     import datasets
 
     params = load_params(params_path)
+    check_processes("preprocess.num_proc", params.preprocess.num_proc)
     datasets.disable_caching()  # map() would otherwise write cache files into data/raw, another stage's output
     raw = load_saved_dataset(raw_dir, "download")
-    provenance = json.loads((raw_dir / "provenance.json").read_text()) if (raw_dir / "provenance.json").exists() else {}
-    tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
+    provenance = read_json(raw_dir / "provenance.json", "download")
+    tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code, "download")
     processed, stats, histogram = build_blocks(raw, tokenizer,
                                                model_max_positions(model_dir), params.data, params.preprocess,
                                                params.seed, csv=provenance.get("format") == "csv")

@@ -34,19 +34,51 @@ def read_prompts(path: Path, key: str) -> list[str]:
     """A prompts file: one prompt per line (.txt), or a JSON object with "prompt" per line (.jsonl)."""
     if not path.is_file():
         raise PipelineError(f"{key}: {path} does not exist; create it or set it to null")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{key}: {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8") from None
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
             try:
-                prompts.append(json.loads(line)["prompt"])
+                prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
+                prompt = None
+            if not isinstance(prompt, str):
                 raise PipelineError(f"{key}: line {number} of {path} is not a JSON object with a \"prompt\" "
-                                    "field") from None
+                                    "string") from None
+            prompts.append(prompt)
         else:
             prompts.append(line)
     return prompts
+
+
+def context_of(model: Any) -> int | None:
+    """The model's context in tokens (GPT-2's n_positions), None for models without a fixed one."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def check_room(tokenizer: Any, prompts: list[str], max_new_tokens: int, context: int | None, key: str) -> None:
+    """Prompts and max_new_tokens (of the params section `key`) that fit the model's context: an error
+    where none can, a warning where a long prompt leaves fewer new tokens than asked."""
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise PipelineError(f"params: {key}.max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the "
+                            f"model's {context}-token context; set it below {context}")
+    lengths = [len(ids) for ids in tokenizer([p or tokenizer.eos_token for p in prompts],
+                                             add_special_tokens=False)["input_ids"]] or [0]
+    if max(lengths) >= context:
+        raise PipelineError(f"params: {key}.prompts: a prompt of {max(lengths)} tokens fills the model's "
+                            f"{context}-token context; shorten it")
+    if max(lengths) + max_new_tokens > context:
+        log.warning("%s.max_new_tokens %d is cut to %d for the longest prompt (%d tokens): the model's context is %d "
+                    "tokens", key, max_new_tokens, context - max(lengths), max(lengths), context)
 
 def generation_config(cfg: GenerateConfig, tokenizer: Any, max_new_tokens: int | None = None) -> Any:
     from transformers import GenerationConfig
@@ -67,20 +99,15 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig) 
     dev = device()
     model.to(dev).eval()
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends where generation starts
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    context = context_of(model)
+    check_room(tokenizer, prompts, cfg.max_new_tokens, context, "generate")
     records, new_tokens, seconds = [], 0, 0.0
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
         # an empty prompt starts from the document boundary (EOS), as in training
         texts = [p if p else tokenizer.eos_token for p in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-        room = context - inputs["input_ids"].shape[1] if context else cfg.max_new_tokens
-        if room < 1:
-            raise PipelineError(f"a prompt of {inputs['input_ids'].shape[1]} tokens fills the model's {context}-token "
-                                "context; shorten it")
-        if room < cfg.max_new_tokens:
-            log.warning("max_new_tokens %d cut to %d: the model's context is %d tokens", cfg.max_new_tokens, room,
-                        context)
+        room = context - inputs["input_ids"].shape[1] if context else cfg.max_new_tokens  # >= 1: check_room
         gen_config = generation_config(cfg, tokenizer, min(room, cfg.max_new_tokens))
         torch.manual_seed(cfg.seed + start)
         began = time.perf_counter()

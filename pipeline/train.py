@@ -8,7 +8,6 @@ its estimate. Multi-GPU (torchrun, see NPROC_PER_NODE) and mixed precision come 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -41,16 +40,17 @@ from pipeline.checkpoints import (
     start_fresh,
     started_with,
 )
-from pipeline.common import PipelineError, is_main_process, params_option, stage_command
+from pipeline.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.config import Params
 from pipeline.device import keep_freed_memory, resolve_precision
-from pipeline.loading import load_saved_dataset, load_tokenizer
+from pipeline.loading import load_saved_dataset, load_tokenizer, read_json
 from pipeline.memory import GIB, MemoryEstimate
 from pipeline.model import count_parameters, position_parameters, prepare_model, without_adapters
 from pipeline.outputs import outputs, write_json, write_text
 from pipeline.params import load_params
 from pipeline.peak import peak_used, reset_peak
 from pipeline.plan import Plan, check_memory, choose_attention, plan
+from pipeline.sampling import check_room, context_of
 from pipeline.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
 log = logging.getLogger("pipeline.train")
@@ -115,14 +115,19 @@ class Setup:
     args: Any
     meter: ThroughputMeter
     peak_source: str
+    provenance: tuple[dict, dict]  # of the base model and of the blocks, for the model card
 
 
 def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) -> Setup:
     t = params.train
+    check_processes("train.dataloader_num_workers", t.dataloader_num_workers)
     blocks = load_saved_dataset(data_dir, "preprocess")
-    tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code)
+    tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code, "download")
+    sources = provenance(base_dir, "download"), provenance(data_dir, "preprocess")  # read now: a damaged one stops here
     run = plan(t, resolve_precision(t.precision), len(blocks["train"]), len(blocks["train"][0]["input_ids"]))
     model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
+    if t.samples.every:
+        check_room(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens, context_of(model), "train.samples")
     run_id = fingerprint(params, data_dir, base_dir)
     folder = run_folder(checkpoints, run_id)
     resume_from = resume_checkpoint(folder, run_id)  # every rank decides before rank 0 writes
@@ -151,7 +156,7 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
              f"{parameters[0]:,}", run.effective_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
              run.world_size, run.tokens_per_step, run.steps, f"; resuming from {resume_from}" if resume_from else "")
     return Setup(run, blocks, tokenizer, model, vocab, parameters, folder, resume_from, attention, estimate, args,
-                 meter, peak_source)
+                 meter, peak_source, sources)
 
 
 def throughput_meter(model: Any, run: Plan, n_params: int) -> tuple[ThroughputMeter, str]:
@@ -195,7 +200,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
                "torch_compile": s.run.compile, "world_size": s.args.world_size, "parameters": s.parameters[0],
                "trainable_parameters": s.parameters[1]}
     if trainer.is_world_process_zero():
-        card = model_card(params.train, params.seed, params.lr, provenance(base_dir), provenance(data_dir),
+        card = model_card(params.train, params.seed, params.lr, *s.provenance,
                           (metrics["base_eval_loss"], metrics["eval_loss"]), metrics,
                           lock_hashes([str(base_dir), str(data_dir)]), git_commit())
         with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
@@ -206,10 +211,10 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     return metrics
 
 
-def provenance(directory: Path) -> dict:
+def provenance(directory: Path, made_by: str) -> dict:
     """The provenance.json an earlier stage wrote beside its output ({} for older outputs without one)."""
     path = directory / "provenance.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, made_by) if path.exists() else {}
 
 
 def memory_metrics(estimate: MemoryEstimate, since_reset: bool) -> dict:

@@ -78,8 +78,7 @@ def run_stage(stage: str, *args: str, cwd: Path | None = None, env: dict | None 
 
 def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
     """Assets, params.yaml (TINY + overrides), then download and preprocess run in `root` (in process)."""
-    from pipeline.download import save_base, save_raw
-    from pipeline.params import load_params
+    from pipeline.download import main as download_main
     from pipeline.preprocess import main as preprocess_main
 
     shutil.copytree(tokenizer_dir, root / "data/input/gpt2-tokenizer")
@@ -89,9 +88,7 @@ def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        params = load_params("params.yaml")
-        save_raw(params.data, Path("data/raw"))
-        save_base(params.model, params.seed, Path("models/base"))
+        download_main.main([], standalone_mode=False)
         preprocess_main.main([], standalone_mode=False)
     finally:
         os.chdir(cwd)

@@ -5,12 +5,19 @@ committed as the baseline, an experiment that changes only lr, and what a user c
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from pipeline.demo import commit_baseline, dvc, make_workspace
+from pipeline.demo import commit_baseline, dvc, make_workspace, tool_env
 from tests.conftest import CORPUS, TINY
 
 pytestmark = pytest.mark.e2e
@@ -106,3 +113,90 @@ def test_plots_render_offline(experimented):
     evals = [row["step"] for row in shown["data"]["loss"][0]["content"]["data"]["values"]
              if row["filename"] == "eval/loss.tsv"]
     assert len(evals) == len(set(evals)), evals  # one evaluation per step: the last one is not run twice
+
+
+# --- SIGKILL at a random moment of each stage ----------------------------------------------------------
+
+STAGES = ["download", "preprocess", "train", "evaluate", "generate", "report"]
+SECONDS = {"download": 4, "preprocess": 4, "train": 10, "evaluate": 4, "generate": 4, "report": 2}  # about, here
+SAME = {"metrics/data.json": None, "metrics/summary.json": ("ppl", "ppl_base", "eval_loss", "copied"),
+        "metrics/eval.json": ("validation",)}  # what an interrupted pipeline must reproduce exactly
+
+
+def stage_processes(workspace, stage: str) -> list[int]:
+    """The processes running `python -m pipeline.<stage>` in this workspace."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"pipeline.{stage}" in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode() and \
+                    (proc / "cwd").resolve() == workspace.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def kill_during(workspace, stage: str, moment: float) -> str:
+    """Start `dvc repro`, wait for `stage` to start, SIGKILL dvc and the stage `moment` seconds later."""
+    repro = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=workspace, env=tool_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not stage_processes(workspace, stage):
+        assert repro.poll() is None, f"dvc repro ended (rc {repro.returncode}) before {stage} started"
+        assert time.monotonic() < deadline, f"{stage} did not start"
+        time.sleep(0.02)
+    time.sleep(moment)
+    killed = "the stage" if stage_processes(workspace, stage) else "what ran after it"
+    os.killpg(repro.pid, signal.SIGKILL)
+    for pid in stage_processes(workspace, stage):  # a stage DVC started in a process group of its own
+        os.kill(pid, signal.SIGKILL)
+    repro.wait()
+    return killed
+
+
+def assert_intact(workspace) -> None:
+    """Every declared output that exists is whole: folders hold every file their manifest lists at its
+    size and every JSON parses; metrics files parse. (A kill in the milliseconds of a landing leaves a
+    journal that the stage's next run finishes: then the outputs are not checked here.)"""
+    from pipeline.loading import check_folder
+
+    if list(workspace.rglob(".landing-*.json")):
+        return
+    for out in ["models/base", "data/raw", "data/processed", "models/finetuned", "dvclive", "outputs"]:
+        if (workspace / out).exists():
+            check_folder(workspace / out, made_by="the stage")
+    for metrics in (workspace / "metrics").glob("*.json") if (workspace / "metrics").exists() else []:
+        json.loads(metrics.read_text())
+
+
+def test_sigkill_at_a_random_moment_of_each_stage_then_repro_gives_the_uninterrupted_metrics(experimented,
+                                                                                             tmp_path_factory):
+    seed = int.from_bytes(os.urandom(4), "little")
+    moments = random.Random(seed)
+    workspace = make_workspace(tmp_path_factory.mktemp("killed") / "ws",
+                               {**TINY, "generate": {**TINY["generate"], "prompts_file": "data/prompts/extra.txt"}})
+    shutil.copytree(CORPUS, workspace / "data/input/corpus")
+    (workspace / "data/prompts/extra.txt").write_text("The mountain\n")
+    log = []
+    for stage in STAGES:
+        moment = moments.uniform(0, SECONDS[stage])
+        log.append(f"{stage} at {moment:.2f} s: killed {kill_during(workspace, stage, moment)}")
+        assert_intact(workspace)
+    dvc(workspace, "repro")
+    assert "Data and pipelines are up to date" in dvc(workspace, "status", capture=True).stdout
+    for path, keys in SAME.items():
+        expected = json.loads(subprocess.run(["git", "show", f"HEAD:{path}"], cwd=experimented, check=True,
+                                             capture_output=True, text=True).stdout)
+        got = flat(json.loads((workspace / path).read_text()))
+        for key, value in flat(expected).items():
+            if keys is None or key.split(".")[0] in keys:
+                assert got[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), \
+                    (path, key, f"seed {seed}", log)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested JSON object as {"a.b.c": leaf}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out

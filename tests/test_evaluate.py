@@ -27,6 +27,7 @@ from pipeline.evaluate import (
     token_stream,
 )
 from pipeline.loading import load_model, load_tokenizer
+from pipeline.outputs import write_manifest
 
 
 def blocks(rows: list[list[int]], labels: list[list[int]] | None = None) -> datasets.Dataset:
@@ -163,6 +164,7 @@ def test_base_and_finetuned_on_the_same_tokens_every_split(pipeline_outputs, tmp
     # a test split, as WikiText has: the validation blocks again, reported separately
     with_test = datasets.DatasetDict({**processed, "test": processed["validation"]})
     with_test.save_to_disk(str(tmp_path / "processed"))
+    write_manifest(tmp_path / "processed")  # as preprocess leaves it: the stages check what they read
     result = evaluate(out / "models/base", out / "models/finetuned", tmp_path / "processed", 4, False, "fp32", 16)
     val, test = result["validation"], result["test"]
     assert result["stride"] == 16 and result["block_size"] == 32

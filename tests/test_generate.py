@@ -84,8 +84,14 @@ def test_prompts_files(tmp_path):
         "a", "first prompt", "second prompt"]
     only_file = project_section("generate", prompts=[], prompts_file=str(tmp_path / "p.jsonl"))
     assert load_prompts(only_file) == ["from json"]
-    with pytest.raises(PipelineError, match='line 1 of .*bad.jsonl is not a JSON object with a "prompt" field'):
+    with pytest.raises(PipelineError, match='line 1 of .*bad.jsonl is not a JSON object with a "prompt" string'):
         load_prompts(project_section("generate", prompts_file=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "number.jsonl").write_text('{"prompt": 7}\n')
+    with pytest.raises(PipelineError, match='line 1 of .*number.jsonl is not a JSON object with a "prompt" string'):
+        load_prompts(project_section("generate", prompts_file=str(tmp_path / "number.jsonl")))
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"prompts_file: .*latin1.txt is not UTF-8 \(byte 0xe9 at offset 3\)"):
+        load_prompts(project_section("generate", prompts_file=str(tmp_path / "latin1.txt")))
     with pytest.raises(PipelineError, match="prompts_file: .*missing.txt does not exist"):
         load_prompts(project_section("generate", prompts_file=str(tmp_path / "missing.txt")))
     with pytest.raises(PipelineError, match="no prompts"):
@@ -111,7 +117,7 @@ def test_stage_writes_side_by_side_samples_and_metrics(pipeline_outputs, tmp_pat
 
 def test_ad_hoc_prints_and_writes_nothing(pipeline_outputs, tmp_path):
     result = run_stage("generate", "--model", str(pipeline_outputs / "models/finetuned"), "--prompt", "The river",
-                       cwd=tmp_path)
+                       "--max-new-tokens", "16", cwd=tmp_path)  # the project's 64 would fill the tiny model's 64
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("--- 'The river'") == 2 and "tokens/s" in result.stderr
     assert not list(tmp_path.iterdir())
