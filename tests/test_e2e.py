@@ -182,6 +182,7 @@ def test_sigkill_at_a_random_moment_of_each_stage_then_repro_gives_the_uninterru
         moment = moments.uniform(0, SECONDS[stage])
         log.append(f"{stage} at {moment:.2f} s: killed {kill_during(workspace, stage, moment)}")
         assert_intact(workspace)
+    print("\n".join(log))  # where the kills landed (pytest -s shows it)
     dvc(workspace, "repro")
     assert "Data and pipelines are up to date" in dvc(workspace, "status", capture=True).stdout
     for path, keys in SAME.items():
