@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.common import digest
 from pipeline.config import Params
-from pipeline.outputs import remove, write_json
+from pipeline.outputs import file_sizes, remove, size_problem, write_json
 
 log = logging.getLogger("pipeline.checkpoints")
 FINGERPRINT = "fingerprint.json"
@@ -66,11 +66,7 @@ def damage(checkpoint: Path) -> str | None:
         return "incomplete (the run stopped while writing it)"
     except (OSError, ValueError) as e:
         return f"unreadable ({type(e).__name__})"
-    for name, size in (marker.get("files") or {}).items():
-        path = checkpoint / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{name} is missing or changed since it was written"
-    return None
+    return size_problem(checkpoint, marker.get("files") or {})
 
 
 def start_fresh(folder: Path, run_id: str, attention: str) -> None:
@@ -119,8 +115,6 @@ def mark_complete_callback() -> Any:
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
-                    files = {f.relative_to(folder).as_posix(): f.stat().st_size
-                             for f in sorted(folder.rglob("*")) if f.is_file()}
-                    write_json(folder / COMPLETE, {"step": state.global_step, "files": files})
+                    write_json(folder / COMPLETE, {"step": state.global_step, "files": file_sizes(folder, COMPLETE)})
 
     return MarkComplete()

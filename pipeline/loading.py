@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.common import PipelineError
-from pipeline.outputs import MANIFEST
+from pipeline.outputs import MANIFEST, size_problem
 
 if TYPE_CHECKING:
     import torch
@@ -41,13 +41,10 @@ def check_folder(path: Path, made_by: str | None) -> None:
         expected = {str(name): int(size) for name, size in read_json(manifest, made_by)["files"].items()}
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise damaged(manifest, made_by, e) from None
-    for name, size in expected.items():
-        file = path / name
-        if not file.is_file():
-            raise PipelineError(f"{file} is missing; {rerun(made_by)}")
-        if file.stat().st_size != size:
-            raise PipelineError(f"{file} has {file.stat().st_size:,} bytes, not the {size:,} written: it is damaged; "
-                                f"{rerun(made_by)}")
+    problem = size_problem(path, expected)
+    if problem:
+        raise PipelineError(f"{problem}; {rerun(made_by)}")
+    for file in (path / name for name in expected):
         if file.suffix == ".json":
             read_json(file, made_by)
         elif file.suffix == ".arrow":

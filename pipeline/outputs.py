@@ -123,10 +123,25 @@ def recover(final: Path) -> None:
 
 def write_manifest(folder: Path) -> None:
     """The files of a directory output and their sizes: a reader finds a deleted or cut file by name
-    (pipeline.loading.check_manifest) instead of failing somewhere inside a library, or not at all."""
-    files = {path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob("*"))
-             if path.is_file() and path.relative_to(folder).as_posix() != MANIFEST}
-    write_json(folder / MANIFEST, {"files": files})
+    (pipeline.loading.check_folder) instead of failing somewhere inside a library, or not at all."""
+    write_json(folder / MANIFEST, {"files": file_sizes(folder, MANIFEST)})
+
+
+def file_sizes(folder: Path, leave_out: str) -> dict[str, int]:
+    """{path relative to folder: size} of every file in it but `leave_out` (the file the sizes go into)."""
+    return {path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.relative_to(folder).as_posix() != leave_out}
+
+
+def size_problem(folder: Path, sizes: dict[str, int]) -> str | None:
+    """The first file of `sizes` (as file_sizes wrote them) missing from folder or of another size."""
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, not the {size:,} written: it is damaged"
+    return None
 
 
 # --- files written whole ---------------------------------------------------------------------------
