@@ -76,6 +76,7 @@ DISK_FIXES = {
     errno.EACCES: "make the folder writable for this user and run again",
     errno.EPERM: "make the folder writable for this user and run again",
     errno.ENAMETOOLONG: "use a shorter path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
 }
 
 

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.common import PipelineError
+
 log = logging.getLogger("pipeline")
 JOURNAL = ".landing-{name}.json"  # beside the first output: the renames of a stage putting its outputs in place
 MANIFEST = "manifest.json"  # in every directory output: its files and sizes, checked by the stages that read it
@@ -36,6 +38,10 @@ def outputs(*paths: Path | str) -> Iterator[list[Path]]:
     error or an interruption the stand-ins are removed and the outputs stay as they were."""
     finals = [Path(p).absolute() for p in paths]
     for final in finals:
+        blocked = next((folder for folder in final.parents if folder.exists() and not folder.is_dir()), None)
+        if blocked:
+            raise PipelineError(f"output {final}: {blocked} is a file, not a folder; choose another output path")
+    for final in finals:
         recover(final)
     stand_ins = [final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}" for final in finals]
     made = sorted({folder for final in finals for folder in (final.parent, *final.parent.parents)
@@ -47,6 +53,11 @@ def outputs(*paths: Path | str) -> Iterator[list[Path]]:
         missing = [final for final, tmp in zip(finals, stand_ins, strict=True) if not tmp.exists()]
         if missing:
             raise RuntimeError(f"the stage did not write its output {missing[0]}")  # a bug, not a user error
+        for final, tmp in zip(finals, stand_ins, strict=True):
+            if final.exists() and final.is_dir() != tmp.is_dir():  # never swap a folder of yours for a file
+                kinds = ("a folder", "a file") if final.is_dir() else ("a file", "a folder")
+                raise PipelineError(f"output {final} is {kinds[0]}, and the stage writes {kinds[1]} there; choose "
+                                    "another output path or move it away")
         for tmp in stand_ins:
             if tmp.is_dir():
                 write_manifest(tmp)

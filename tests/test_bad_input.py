@@ -9,6 +9,7 @@ minute and a half on 2 CPU cores."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
@@ -324,3 +325,19 @@ def test_every_file_a_stage_reads_broken_is_one_line_and_changes_nothing(finishe
                 file.write_bytes(original)
                 os.utime(file, ns=times)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("number, words", [(errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left"),
+                                           (errno.EACCES, "Permission denied")])
+def test_an_unwritable_or_full_disk_is_one_line_and_changes_nothing(finished, monkeypatch, number, words):
+    """As root (the tests' user here) no folder is read-only: the file system's answer is put in its place."""
+    real = os.replace
+
+    def refused(source: Any, target: Any) -> None:
+        if ".tmp-" in str(source):  # the stage writing its output, not pytest or the libraries
+            raise OSError(number, os.strerror(number), str(source))
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", refused)
+    line = run_clean_failure(finished, "report")
+    assert words in line and "no output was changed" in line, line

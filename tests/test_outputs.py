@@ -195,3 +195,15 @@ def test_sigterm_stops_a_stage_with_a_message_and_nothing_half_written(tmp_path)
     assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: no output is half-written; run it again")
     assert "Traceback" not in stderr
     assert (tmp_path / "out.json").read_text() == "old" and leftovers(tmp_path) == []
+
+
+def test_a_folder_is_never_swapped_for_a_file_nor_a_file_used_as_a_folder(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/kept.json").write_text("{}")
+    with pytest.raises(PipelineError, match="metrics is a folder, and the stage writes a file there"):
+        with outputs(tmp_path / "metrics") as (summary,):
+            summary.write_text("{}")
+    with pytest.raises(PipelineError, match="kept.json is a file, not a folder; choose another output path"):
+        with outputs(tmp_path / "metrics/kept.json/summary.json"):
+            pass
+    assert [p.name for p in tmp_path.rglob("*")] == ["metrics", "kept.json"]
