@@ -26,7 +26,7 @@ import click
 
 from pipeline.common import IGNORE_INDEX, PipelineError, params_option, stage_command
 from pipeline.device import autocast_dtype, device, keep_freed_memory, resolve_precision
-from pipeline.loading import MADE_BY, load_model, load_saved_dataset, load_tokenizer
+from pipeline.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
 from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
@@ -201,7 +201,8 @@ def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_si
 
 def evaluate(base_dir: Path, finetuned_dir: Path, data_dir: Path, batch_size: int, trust_remote_code: bool,
              precision: str = "fp32", stride: int | None = None) -> dict:
-
+    for name, path in (("base", base_dir), ("finetuned", finetuned_dir)):  # both, before minutes on the first
+        check_folder(path, MADE_BY[name])
     processed = load_saved_dataset(data_dir, "preprocess")
     block_size = len(processed["validation"][0]["input_ids"])
     stride = stride or block_size // 2

@@ -25,7 +25,7 @@ import click
 
 from pipeline.common import PipelineError, params_option, stage_command
 from pipeline.config import GenerateConfig
-from pipeline.loading import MADE_BY, load_model, load_saved_dataset, load_tokenizer
+from pipeline.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.outputs import outputs, write_json, write_text
 from pipeline.params import load_params
 from pipeline.sampling import ad_hoc, ad_hoc_config, load_prompts, sample
@@ -129,6 +129,8 @@ def generate(params: Any, finetuned_dir: Path, base_dir: Path, data_dir: Path) -
     prompts = load_prompts(cfg)
     train_ngrams = training_ngrams(load_saved_dataset(data_dir, "preprocess")["train"])
     models = {"finetuned": finetuned_dir, **({"base": base_dir} if cfg.compare_base else {})}
+    for name, path in models.items():  # both, before sampling the first
+        check_folder(path, MADE_BY[name])
     by_model, metrics = {}, {}
     for name, path in models.items():
         tokenizer = load_tokenizer(path, params.model.trust_remote_code, MADE_BY[name])
