@@ -126,11 +126,11 @@ def public(record: dict, model: str, settings: dict) -> dict:
 def generate(params: Any, finetuned_dir: Path, base_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     """Samples per model ({"finetuned": [...], "base": [...]}) and the metrics."""
     cfg = params.generate
-    prompts = load_prompts(cfg)
-    train_ngrams = training_ngrams(load_saved_dataset(data_dir, "preprocess")["train"])
     models = {"finetuned": finetuned_dir, **({"base": base_dir} if cfg.compare_base else {})}
     for name, path in models.items():  # both, before sampling the first
         check_folder(path, MADE_BY[name])
+    prompts = load_prompts(cfg)
+    train_ngrams = training_ngrams(load_saved_dataset(data_dir, "preprocess")["train"])
     by_model, metrics = {}, {}
     for name, path in models.items():
         tokenizer = load_tokenizer(path, params.model.trust_remote_code, MADE_BY[name])

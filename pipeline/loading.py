@@ -34,6 +34,8 @@ def check_folder(path: Path, made_by: str | None) -> None:
     libraries' to read, their errors turned into one line by the loaders."""
     if made_by is None:
         return
+    if not path.is_dir():
+        raise PipelineError(f"{path} does not exist; run the {made_by} stage first (dvc repro {made_by})")
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise PipelineError(f"{manifest} is missing, so {path} cannot be checked; {rerun(made_by)}")

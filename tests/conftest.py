@@ -69,6 +69,27 @@ def write_params(directory: Path, overrides: dict) -> Path:
     return path
 
 
+def in_process(command, args: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """A stage's Click command run in this process (no interpreter and torch start-up), as a
+    CompletedProcess with the exit code and both streams."""
+    import logging
+
+    from click.testing import CliRunner
+
+    for handler in logging.root.handlers[:]:  # an earlier run's handler writes to a closed CliRunner stream
+        if type(handler) is logging.StreamHandler:
+            logging.root.removeHandler(handler)
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(command, args, input=stdin)
+    finally:
+        os.chdir(before)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def run_stage(stage: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline.<stage> args...` as a user runs it (with extra environment variables `env`)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

@@ -10,7 +10,6 @@ minute and a half on 2 CPU cores."""
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shlex
 import shutil
@@ -28,7 +27,7 @@ from click.testing import CliRunner
 
 from pipeline.config import Params
 from pipeline.params import documented, merge
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, in_process, write_params
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 LEAVES = [key for key, _, _ in documented()]
@@ -238,9 +237,6 @@ def run_clean_failure(root: Path, stage: str) -> str:
     """Run the stage as dvc.yaml does; assert it fails cleanly and changes nothing; return its error line."""
     main, args = stage_main(stage)
     before = signatures(root)
-    for handler in logging.root.handlers[:]:  # an earlier run's handler writes to a closed CliRunner stream
-        if type(handler) is logging.StreamHandler:
-            logging.root.removeHandler(handler)
 
     def hung(*_: Any) -> None:
         raise Hung(f"{stage} ran past {SECONDS} s")
@@ -248,13 +244,11 @@ def run_clean_failure(root: Path, stage: str) -> str:
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(SECONDS)
     try:
-        with inside(root):
-            result = CliRunner().invoke(main, args)
+        result = in_process(main, args, root)  # any exception but SystemExit is raised here: a traceback
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, \
-        (result.exception, result.stderr[-3000:])
+    assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and len(errors[0]) <= 420, result.stderr[-3000:]

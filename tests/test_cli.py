@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_stage, write_params
+from tests.conftest import in_process, run_stage, write_params
 
 STAGES = ["download", "preprocess", "train", "evaluate", "generate", "report"]
 DOWNLOADED = ("data/raw", "models/base")
@@ -60,17 +60,24 @@ def test_model_directory_without_weights(project):
     assert_clean_failure(result, project, "empty-model has no model weights (*.safetensors)", ("data/raw",))
 
 
+def download(project: Path) -> None:
+    """The download stage as the set-up of a test about a later stage: in process, to save the start-up."""
+    from pipeline.download import main
+
+    result = in_process(main, [], project)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture
 def downloaded(project):
-    result = run_stage("download", cwd=project)
-    assert result.returncode == 0, result.stderr[-2000:]
+    download(project)
     return project
 
 
 def test_empty_corpus(downloaded):
     for f in (downloaded / "data/input/corpus").glob("*.txt"):
         f.write_text("")
-    assert run_stage("download", cwd=downloaded).returncode == 0
+    download(downloaded)
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
                          "empty corpus: the train split has no text", DOWNLOADED)
 
@@ -91,7 +98,7 @@ def test_block_size_larger_than_the_models_positions(downloaded):
     shutil.copytree(downloaded / "models/base", downloaded / "data/input/pretrained")
     write_params(downloaded, {"model": {"name": "data/input/pretrained", "tokenizer": None, "from_scratch": False,
                                         "config_overrides": {}}, "preprocess": {"block_size": 128}})
-    assert run_stage("download", cwd=downloaded).returncode == 0
+    download(downloaded)
     assert_clean_failure(run_stage("preprocess", cwd=downloaded), downloaded,
                          "block_size (128) exceeds the model's n_positions (64); set block_size to at most 64",
                          DOWNLOADED)
@@ -100,8 +107,10 @@ def test_block_size_larger_than_the_models_positions(downloaded):
 def test_stage_run_before_its_inputs_exist(project):
     missing = "data/processed is not a saved dataset; run the preprocess stage first (dvc repro preprocess)"
     assert_clean_failure(run_stage("train", cwd=project), project, missing)
-    assert_clean_failure(run_stage("evaluate", cwd=project), project, "data/processed is not a saved dataset")
-    assert_clean_failure(run_stage("generate", cwd=project), project, "data/processed is not a saved dataset")
+    assert_clean_failure(run_stage("evaluate", cwd=project), project,  # both models are checked first
+                         "models/base does not exist; run the download stage first (dvc repro download)")
+    assert_clean_failure(run_stage("generate", cwd=project), project,
+                         "models/finetuned does not exist; run the train stage first (dvc repro train)")
 
 
 # --- bad data, each through the CLI ------------------------------------------------------------------
@@ -135,7 +144,7 @@ def test_csv_without_header(project):
     (project / "data/input/corpus").mkdir()
     jokes = "Why did the chicken cross the road?,To get to the other side\nWhat is brown and sticky?,A stick\n"
     (project / "data/input/corpus/jokes.csv").write_text(jokes)
-    assert run_stage("download", cwd=project).returncode == 0
+    download(project)
     assert_clean_failure(run_stage("preprocess", cwd=project), project,
                          "if the CSV file has no header row, add one naming the columns", DOWNLOADED)
 

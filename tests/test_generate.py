@@ -124,15 +124,11 @@ def test_ad_hoc_prints_and_writes_nothing(pipeline_outputs, tmp_path):
 
 
 def ad_hoc(outputs, *args, stdin: str | None = None, cwd=None):
-    import os
-    import subprocess
-    import sys
+    """Ad hoc sampling through the CLI, in process (test_ad_hoc_prints_and_writes_nothing runs it as a user does)."""
+    from pipeline.generate import main
+    from tests.conftest import in_process
 
-    from tests.conftest import ROOT
-
-    return subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(outputs / "models/finetuned"),
-                           *args], cwd=cwd or outputs, input=stdin, text=True, capture_output=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return in_process(main, ["--model", str(outputs / "models/finetuned"), *args], cwd or outputs, stdin)
 
 
 def test_ad_hoc_flags_set_every_sampling_setting(pipeline_outputs):
