@@ -45,10 +45,9 @@ def gpt2_config(overrides: dict[str, Any], tokenizer: Any) -> Any:
     from transformers.activations import ACT2FN
 
     defaults = GPT2Config().to_dict()
-    for key, value in overrides.items():
-        check_override(key, value, defaults)
     values = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, **overrides}
+              "eos_token_id": tokenizer.eos_token_id,
+              **{key: checked_override(key, value, defaults) for key, value in overrides.items()}}
     if values["vocab_size"] < len(tokenizer):
         override_error("vocab_size", f"({values['vocab_size']}) is below the tokenizer's {len(tokenizer)} tokens; "
                                      "remove it (the vocabulary is sized to the tokenizer)")
@@ -68,8 +67,9 @@ FRACTIONS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
 POSITIVE = ("layer_norm_epsilon", "initializer_range")
 
 
-def check_override(key: str, value: Any, defaults: dict[str, Any]) -> None:
-    """One config_overrides entry: a GPT2Config field, of the field's type, in its range."""
+def checked_override(key: str, value: Any, defaults: dict[str, Any]) -> Any:
+    """One config_overrides entry checked: a GPT2Config field, of the field's type (a whole number where a
+    float goes is made one: GPT2Config's fields are typed strictly), in its range."""
     import difflib
 
     if key not in defaults or key in ("architectures", "transformers_version", "model_type", "_name_or_path"):
@@ -79,7 +79,7 @@ def check_override(key: str, value: Any, defaults: dict[str, Any]) -> None:
     default = defaults[key]
     wanted = int if key in SIZES else type(default)
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
-        return check_override(key, float(value), defaults)
+        return checked_override(key, float(value), defaults)
     if default is not None or key in SIZES:
         if type(value) is not wanted:
             kind = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(wanted)
@@ -90,6 +90,7 @@ def check_override(key: str, value: Any, defaults: dict[str, Any]) -> None:
         override_error(key, f"must be in [0, 1); got {value}")
     if key in POSITIVE and value <= 0:
         override_error(key, f"must be above 0; got {value}")
+    return value
 
 
 def override_error(key: str, problem: str) -> typing.NoReturn:

@@ -61,6 +61,16 @@ def test_unknown_config_override_is_rejected(tmp_path, tokenizer_dir):
     assert not (tmp_path / "m").exists()
 
 
+def test_config_overrides_take_whole_numbers_where_floats_go(tokenizer):
+    from pipeline.download import gpt2_config
+
+    config = gpt2_config({"n_layer": 2, "n_embd": 32, "n_head": 2, "layer_norm_epsilon": 1, "resid_pdrop": 0},
+                         tokenizer)  # GPT2Config itself refuses an int for layer_norm_epsilon
+    assert (config.layer_norm_epsilon, config.resid_pdrop) == (1.0, 0.0) and type(config.layer_norm_epsilon) is float
+    with pytest.raises(PipelineError, match=r"config_overrides.n_layer must be a whole number; got 2.5"):
+        gpt2_config({"n_layer": 2.5}, tokenizer)
+
+
 def test_local_model_directory_is_copied(tmp_path, tokenizer_dir):
     save_base(tiny_model_config(tokenizer_dir), 0, tmp_path / "first")
     save_base(project_section("model", name=str(tmp_path / "first")), 0, tmp_path / "second")
