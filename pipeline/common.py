@@ -103,6 +103,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def read_utf8(path: Any, what: str) -> str:
+    """A text file's contents, or one line (`what`: the key or file kind) naming its first byte that is
+    not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{what}: {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8") from None
+
+
 def check_processes(key: str, count: int) -> None:
     """A count of worker processes (`key`) at most the CPU cores this process may use: more only queue."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import string
 import typing
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import click
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from pipeline.common import PipelineError, params_option, stage_command
+from pipeline.common import PipelineError, params_option, read_utf8, stage_command
 from pipeline.config import TRACKERS, DataConfig, Params, TrainConfig
 
 PARAMS_FILE = Path("params.yaml")
@@ -111,15 +110,17 @@ def check_train(t: TrainConfig) -> None:
 
 def check_template(key: str, template: str) -> None:
     """A format string over a record's fields: it must parse and name at least one field."""
+    from pipeline.records import template_fields
+
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = template_fields(template)
     except ValueError as e:
         fail(key, f"is not a valid format string ({e}); write fields as {{name}} and a literal brace as {{{{ or }}}}")
-    if not any(fields):
+    if not fields:
         fail(key, f"{shorten(template)} names no field, so every record would become the same text; put the "
                   "record's fields in braces, e.g. {text}")
     try:  # every field arrives as a string (pipeline.records.fill)
-        template.format(**{name.split(".")[0].split("[")[0]: "text" for name in fields if name})
+        template.format(**dict.fromkeys(fields, "text"))
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
         problem = "uses a positional field" if isinstance(e, IndexError) else f"cannot be filled ({e})"
         fail(key, f"{shorten(template, 40)} {problem}; write each field as {{name}} with an optional string "
@@ -240,14 +241,11 @@ def read_yaml(path: Path | str) -> dict:
     """A YAML mapping from a file, or a one-line error."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
+        raw = yaml.load(read_utf8(path, "params"), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
     except IsADirectoryError:
         raise PipelineError(f"params: {path} is a directory; pass the params file") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"params: {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                            "save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

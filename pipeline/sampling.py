@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, read_utf8
 from pipeline.config import GenerateConfig
 from pipeline.device import device
 from pipeline.loading import load_model, load_tokenizer
@@ -34,13 +34,8 @@ def read_prompts(path: Path, key: str) -> list[str]:
     """A prompts file: one prompt per line (.txt), or a JSON object with "prompt" per line (.jsonl)."""
     if not path.is_file():
         raise PipelineError(f"{key}: {path} does not exist; create it or set it to null")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{key}: {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                            "save it as UTF-8") from None
     prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(read_utf8(path, key).splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
