@@ -26,7 +26,7 @@ TEMPLATE = """---
 # {{ base_name }} fine-tuned on {{ dataset }}
 
 A causal language model fine-tuned from {{ origin }}, {{ "{:,}".format(parameters) }} parameters, on `{{ dataset }}`
-(train split `{{ train_split }}`), with this repository's DVC pipeline.
+(train split `{{ train_split }}`{{ data_commit }}), with this repository's DVC pipeline.
 
 ```python
 from transformers import pipeline
@@ -138,7 +138,9 @@ def model_card(train: TrainConfig, seed: int, lr: float, base: dict, data: dict,
                   "preprocess": preprocess}
     return str(ModelCard.from_template(
         card_data(base, source, loss), template_str=TEMPLATE, base_name=base.get("name"), dataset=dataset,
-        origin=origin, parameters=base.get("parameters", 0), train_split=data.get("records", {}).get("train_split"),
+        origin=origin, parameters=base.get("parameters", 0),
+        data_commit=f", commit `{source['resolved_commit']}`" if source.get("resolved_commit") else "",
+        train_split=data.get("records", {}).get("train_split"),
         block_size=preprocess.get("block_size"), base_loss=_loss(base_loss), base_perplexity=_perplexity(base_loss),
         loss=_loss(loss), perplexity=_perplexity(loss), training=training,
         parameters_yaml=yaml.safe_dump(parameters, sort_keys=False).strip(),

@@ -41,6 +41,9 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
             os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per Hub request otherwise
+        for library in ("huggingface_hub", "datasets"):  # they print through a handler of their own too
+            logging.getLogger(library).propagate = False
         signal.signal(signal.SIGTERM, stop)
         try:
             return fn(*args, **kwargs)

@@ -292,6 +292,15 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True, config=STRICT)
+class PublishConfig:
+    repo_id: Text | None = doc(
+        "Hub repo that `python -m pipeline.publish` pushes models/finetuned to (namespace/name; a name alone goes "
+        "under the token's user). null: pass --repo-id. Never part of dvc repro.")
+    private: StrictBool = doc(
+        "Create the repo private. While true, an existing public repo is refused rather than written to.")
+
+
+@dataclass(frozen=True, config=STRICT)
 class Params:
     seed: Whole = doc("One seed for model init (from scratch), data split, data order and dropout.", ge=0,
                       le=SEED_MAX)
@@ -302,3 +311,4 @@ class Params:
     train: TrainConfig = doc("Fine-tuning hyperparameters (Hugging Face Trainer).")
     evaluate: EvaluateConfig = doc("Base vs fine-tuned evaluation.")
     generate: GenerateConfig = doc("Sampling from the fine-tuned model.")
+    publish: PublishConfig = doc("Pushing the fine-tuned model to the Hub (pipeline.publish, not a stage).")

@@ -1,7 +1,8 @@
 """Stage 1, download: the base model + tokenizer to models/base/, the raw dataset to data/raw/.
 
-The model comes from the Hub (pinned revision, resolved commit recorded), from a local directory,
-or is built from a GPT-2 config with a seed (from_scratch). The dataset comes from the Hub, local
+The model comes from the Hub (its revision resolved to one commit before anything is fetched, and
+that commit recorded), from a local directory, or is built from a GPT-2 config with a seed
+(from_scratch); the tokenizer likewise. The dataset comes from the Hub, local
 files or a URL (pipeline.sources). Each output also gets a provenance.json saying what it is.
 """
 
@@ -17,25 +18,42 @@ import click
 
 from pipeline.common import PipelineError, params_option, stage_command
 from pipeline.config import DataConfig, ModelConfig
+from pipeline.hub import resolve, snapshot
 from pipeline.loading import load_model, read_tokenizer
 from pipeline.outputs import outputs, write_json
 from pipeline.params import load_params
-from pipeline.sources import from_hub, is_local, load_raw
+from pipeline.sources import is_local, load_raw
 
 log = logging.getLogger("pipeline.download")
 
 
 # --- model ---------------------------------------------------------------------------------------
 
-def load_base_tokenizer(cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
+def tokenizer_source(cfg: ModelConfig) -> str:
+    return cfg.tokenizer or cfg.name
 
-    name = cfg.tokenizer or cfg.name
+
+def hub_commits(cfg: ModelConfig) -> dict[str, str]:
+    """The commit of each Hub repo the base model is made from (the model's, unless it is built from
+    scratch, and the tokenizer's), resolved before anything is downloaded. model.revision applies to
+    the tokenizer when it comes from the model's own repo."""
+    commits = {}
+    if not cfg.from_scratch and not is_local(cfg.name):
+        commits[cfg.name] = resolve(cfg.name, cfg.revision, "model", "model.name")
+    tokenizer = tokenizer_source(cfg)
+    if not is_local(tokenizer) and tokenizer not in commits:
+        commits[tokenizer] = resolve(tokenizer, cfg.revision if tokenizer == cfg.name else None, "model",
+                                     "model.tokenizer" if cfg.tokenizer else "model.name")
+    return commits
+
+
+def load_base_tokenizer(cfg: ModelConfig, commits: dict[str, str]) -> Any:
+    name = tokenizer_source(cfg)
     if is_local(name):
         return read_tokenizer(Path(name), cfg.trust_remote_code)
-    return from_hub(lambda: AutoTokenizer.from_pretrained(name, revision=cfg.revision,
-                                                          trust_remote_code=cfg.trust_remote_code),
-                    f"tokenizer {name!r} (revision {cfg.revision})")
+    key = "model.tokenizer" if cfg.tokenizer else "model.name"
+    return read_tokenizer(snapshot(name, commits[name], cfg.trust_remote_code, key, weights=False),
+                          cfg.trust_remote_code)
 
 
 def gpt2_config(overrides: dict[str, Any], tokenizer: Any) -> Any:
@@ -112,10 +130,10 @@ def check_model_fits(config: Any) -> None:
                             "free memory; lower n_layer / n_embd")
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> tuple[Any, str | None]:
-    """The base model and the Hub commit it came from (None for local or from-scratch models)."""
+def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, commits: dict[str, str]) -> Any:
+    """The base model: built from a config, or loaded from a local folder or the Hub snapshot at its commit."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     if cfg.from_scratch:
         torch.manual_seed(seed)  # same params -> same initial weights
@@ -126,26 +144,28 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> tuple[Any, str |
         except Exception as e:  # noqa: BLE001 - any failure is the overrides'; one line, not a traceback
             raise PipelineError(f"params: model.config_overrides build a GPT-2 that cannot run "
                                 f"({type(e).__name__}: {e}); fix them") from None
-        return model, None
+        return model
     if is_local(cfg.name):
-        return load_model(cfg.name, cfg.trust_remote_code), None
-    model = from_hub(lambda: AutoModelForCausalLM.from_pretrained(
-        cfg.name, revision=cfg.revision, use_safetensors=True, dtype=torch.float32,
-        trust_remote_code=cfg.trust_remote_code), f"model {cfg.name!r} (revision {cfg.revision})")
-    return model, getattr(model.config, "_commit_hash", None)
+        return load_model(cfg.name, cfg.trust_remote_code)
+    return load_model(snapshot(cfg.name, commits[cfg.name], cfg.trust_remote_code, "model.name"),
+                      cfg.trust_remote_code)
 
 
-def save_base(cfg: ModelConfig, seed: int, out: Path) -> dict:
+def save_base(cfg: ModelConfig, seed: int, out: Path, commits: dict[str, str] | None = None) -> dict:
+    """The base model and tokenizer saved to `out`; `commits`: hub_commits(cfg), when resolved already."""
     import transformers
 
-    tokenizer = load_base_tokenizer(cfg)
-    model, commit = build_model(cfg, tokenizer, seed)
+    commits = hub_commits(cfg) if commits is None else commits
+    tokenizer = load_base_tokenizer(cfg, commits)
+    model = build_model(cfg, tokenizer, seed, commits)
     if tokenizer.eos_token_id is None:
         raise PipelineError("the tokenizer has no EOS token, which preprocess puts between documents; "
                             "choose a tokenizer with one")
+    commit = None if cfg.from_scratch else commits.get(cfg.name)
     provenance = {
         "name": cfg.name, "revision": cfg.revision, "resolved_commit": commit,
-        "tokenizer": cfg.tokenizer or cfg.name, "from_scratch": cfg.from_scratch,
+        "tokenizer": tokenizer_source(cfg), "tokenizer_commit": commits.get(tokenizer_source(cfg)),
+        "from_scratch": cfg.from_scratch,
         "config_overrides": cfg.config_overrides, "seed": seed if cfg.from_scratch else None,
         "parameters": sum(p.numel() for p in model.parameters()), "transformers": transformers.__version__,
     }
@@ -177,9 +197,10 @@ def save_raw(cfg: DataConfig, out: Path) -> dict:
 def main(params_path: str, model_out: Path, data_out: Path) -> None:
     """Download (or build) the base model and tokenizer, and the raw dataset."""
     params = load_params(params_path)
+    commits = hub_commits(params.model)  # a wrong id, revision or token fails before anything is fetched
     with outputs(model_out, data_out) as (model_tmp, data_tmp):  # in place together, or neither
         save_raw(params.data, data_tmp)  # data first: a bad path fails before a large model download
-        save_base(params.model, params.seed, model_tmp)
+        save_base(params.model, params.seed, model_tmp, commits)
     log.info("wrote %s and %s", model_out, data_out)
 
 

@@ -1,32 +1,29 @@
-"""Where raw text comes from, for the download stage: the Hugging Face Hub (id, config, revision,
-HF_TOKEN for private datasets), local files (a file, directory or glob of .txt, .jsonl/.json,
-.csv/.tsv, .parquet), or an http(s) URL of a text or JSONL file checked against `data.sha256`.
-Optionally streamed (rows written to disk as they arrive) and cut to `data.max_samples` per split.
-Local text that is not UTF-8 stops with the file and byte offset, unless `data.encoding_errors` says
-to replace or drop the bad bytes."""
+"""Where raw text comes from, for the download stage: the Hugging Face Hub (id, config, revision
+resolved to one commit first; HF_TOKEN for private datasets: pipeline.hub), local files (a file,
+directory or glob of .txt, .jsonl/.json, .csv/.tsv, .parquet), or an http(s) URL of a text or JSONL
+file checked against `data.sha256`. Optionally streamed (rows written to disk as they arrive) and
+cut to `data.max_samples` per split. Local text that is not UTF-8 stops with the file and byte
+offset, unless `data.encoding_errors` says to replace or drop the bad bytes."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import os
+import re
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pipeline.common import PipelineError
 from pipeline.config import DataConfig
+from pipeline.hub import hub_call, resolve
 
-T = TypeVar("T")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
                   ".parquet": "parquet"}
 TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".tsv"}  # read as UTF-8 text
-OFFLINE_SIGNS = ("couldn't connect", "Couldn't reach", "offline", "LocalEntryNotFound", "Name or service",
-                 "resolve host")
 
 
 def is_url(name: str) -> bool:
@@ -38,21 +35,6 @@ def is_local(name: str) -> bool:
     return not is_url(name) and (
         Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
         or any(c in name for c in "*?[") or Path(name).suffix in LOCAL_BUILDERS)
-
-
-def from_hub(fetch: Callable[[], T], what: str) -> T:
-    """Run a Hub download; turn "can't reach the Hub" and "no such repo" into one-line errors."""
-    try:
-        return fetch()
-    except (OSError, ValueError) as e:  # transformers and datasets wrap Hub failures in OSError
-        text = str(e)
-        hub_off = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        if hub_off or any(sign in text for sign in OFFLINE_SIGNS):
-            raise PipelineError(f"cannot reach the Hugging Face Hub to fetch {what} and it is not in the local cache "
-                                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); connect to the internet, "
-                                "or run the offline demo with `make demo`") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise PipelineError(f"could not load {what}: {first}") from None
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -199,10 +181,9 @@ def load_raw(cfg: DataConfig, scratch: Path) -> tuple[Any, dict]:
         raw, builder = _load_files(utf8_files(files, cfg.encoding_errors, scratch), cfg)
         source = {"files": {str(f): file_sha256(f) for f in files}, "format": builder}
     else:
-        raw = from_hub(lambda: datasets.load_dataset(cfg.dataset, cfg.config, revision=cfg.revision,
-                                                     streaming=cfg.streaming),
-                       f"dataset {cfg.dataset!r} (config {cfg.config}, revision {cfg.revision})")
-        source = {"resolved_commit": _dataset_commit(cfg), "format": "hub"}
+        commit = resolve(cfg.dataset, cfg.revision, "dataset", "data.dataset")
+        raw = hub_dataset(cfg, commit)
+        source = {"resolved_commit": commit, "format": "hub"}
     if cfg.train_split not in raw:
         raise PipelineError(f"data.train_split: {cfg.train_split!r} is not a split of {cfg.dataset!r}; "
                             f"it has {', '.join(raw)}")
@@ -217,10 +198,33 @@ def load_raw(cfg: DataConfig, scratch: Path) -> tuple[Any, dict]:
     return raw, provenance
 
 
-def _dataset_commit(cfg: DataConfig) -> str | None:
-    try:
-        from huggingface_hub import HfApi
+def hub_dataset(cfg: DataConfig, commit: str) -> Any:
+    """A Hub dataset (config `cfg.config`) at `commit`, every file from that one commit."""
+    import datasets
+    from huggingface_hub import constants
 
-        return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
-    except Exception:  # recorded as unknown, e.g. when loading from the offline cache
-        return None
+    what = f"dataset {cfg.dataset!r} at commit {commit}"
+    try:
+        raw = hub_call(lambda: datasets.load_dataset(cfg.dataset, cfg.config, revision=commit,
+                                                     streaming=cfg.streaming), what, "data.dataset")
+    except ValueError as e:  # datasets: an unknown config, or none given where the dataset has several
+        first = " ".join(str(e).split())
+        raise PipelineError(f"data.config: {first[:300]}; set data.config to one of them") from None
+    except FileNotFoundError as e:  # datasets: no data files for the config, or a file the card names is gone
+        raise PipelineError(f"data.dataset: {what} has no data files it can read ({e}); check data.config "
+                            "and the repo") from None
+    if constants.HF_HUB_OFFLINE and not cfg.streaming:
+        check_cached_commit(raw, commit, cfg)
+    return raw
+
+
+def check_cached_commit(raw: Any, commit: str, cfg: DataConfig) -> None:
+    """Offline, datasets serves "the latest cached version" of a Hub dataset whatever the revision: its
+    cache folder names the commit it holds, which must be the one the revision resolved to."""
+    for split in raw.values():
+        for cache_file in split.cache_files:
+            held = re.search(r"/([0-9a-f]{40})/", cache_file["filename"])
+            if held and held.group(1) != commit:
+                raise PipelineError(f"data.revision: offline, the cache holds {cfg.dataset!r} at commit "
+                                    f"{held.group(1)}, not {commit} ({cfg.revision or 'main'}); run download once "
+                                    "with the Hub reachable (unset HF_HUB_OFFLINE)")

@@ -151,11 +151,13 @@ def test_raw_dataset_is_saved_with_provenance(tmp_path):
 
 
 def test_hub_unreachable_is_one_clear_line(tmp_path):
-    """The default params need the Hub; offline, download says so and names the demo."""
+    """The default params need the Hub; offline (the tests' HF_HUB_OFFLINE=1, an empty cache), download
+    says so and names the demo, before anything is fetched."""
     result = run_stage("download", "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot reach the Hugging Face Hub to fetch dataset 'Salesforce/wikitext'")
+    assert last.startswith("error: data.dataset: HF_HUB_OFFLINE is set and the local cache")
+    assert "dataset 'Salesforce/wikitext'" in last
     assert "make demo" in last and "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 
