@@ -9,7 +9,11 @@
 # pytorch/pytorch images a second torch that is not the lock's. The base flavour still carries the
 # CUDA 13.0 driver-requirement labels the NVIDIA Container Toolkit checks: the host needs an NVIDIA
 # driver >= 580 and the NVIDIA Container Toolkit.
-FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+# The base is a build argument so that `make docker-check` can build the rest of this file unchanged on
+# a stand-in made from Debian's packages, on machines that cannot pull it (docs/docker.md); its default
+# is the pinned CUDA base, which `make docker-build` uses.
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 # Ubuntu 24.04's python3 is 3.12; git because DVC needs it, make for `make test` (docker-test),
 # ca-certificates for HTTPS from git.

@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-venv demo test lint bench repro plots params clean docker-build docker-train docker-shell docker-test
+.PHONY: help setup check-venv demo test lint bench repro plots params publish clean docker-build docker-train \
+	docker-shell docker-test docker-demo docker-check
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,23 +51,29 @@ params: setup ## Check params.yaml and print every parameter with its help
 	$(BIN)/python -m pipeline.params --help-params
 	$(BIN)/python -m pipeline.params
 
+publish: setup ## Push models/finetuned to the Hub repo publish.repo_id (needs HF_TOKEN; never part of dvc repro)
+	$(BIN)/python -m pipeline.publish
+
 clean: ## Remove the demo workspace and caches (not .venv, not DVC outputs)
 	rm -rf .demo .pytest_cache
 	find . -name __pycache__ -not -path './.venv/*' -exec rm -rf {} +
 
-# --- Docker, for a GPU host (README, "GPU host") -----------------------------------------------------
-# Override any of these on the command line (make docker-train GPUS=2); the environment does not change
-# them. Recursive (=), so the git, sed and id calls run only when a docker target needs them.
+# --- Docker, for a GPU host (README, "GPU host"; docs/docker.md) ----------------------------------------
+# Override any of these on the command line (make docker-train GPUS=2, DOCKER=podman); the environment does
+# not change them. Recursive (=), so the git, sed and id calls run only when a docker target needs them.
 DOCKER          = docker
 IMAGE           = gpt2-pipeline
+# Empty: the Dockerfile's own pinned CUDA base. docker-check sets a stand-in built from Debian's packages.
+BASE_IMAGE      =
 VERSION         = $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1)
 GIT_SHA         = $(shell git rev-parse --short HEAD 2>/dev/null)
 # A Docker tag allows [A-Za-z0-9_.-]: a PEP 440 local version's "+" becomes "_".
 TAG             = $(subst +,_,$(VERSION))$(if $(GIT_SHA),-$(GIT_SHA))
 HF_CACHE_VOLUME = gpt2-pipeline-hf-cache
 DOCKER_USER     = $(shell id -u):$(shell id -g)
-# GPUs given to the container; `make docker-test GPU_FLAGS=` runs the image on a host without one.
-GPU_FLAGS       = --gpus all
+# GPUs given to the container; `make docker-test GPU_FLAGS=` runs the image on a host without one. Podman
+# (4.x has no --gpus) takes them as a CDI device: `nvidia-ctk cdi generate` on the host makes it known.
+GPU_FLAGS       = $(if $(filter podman,$(notdir $(DOCKER))),--device nvidia.com/gpu=all,--gpus all)
 # GPUS > 1: the train stage re-launches itself through torchrun with that many processes (NPROC_PER_NODE).
 GPUS            = 1
 # EXP='-S lr=5e-4' runs `dvc exp run -S lr=5e-4` instead of `dvc repro`; RECIPE=examples/gpu.yaml runs
@@ -76,10 +83,10 @@ RECIPE          =
 TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
 
 # `dvc exp run` commits: the container uses your git identity (git config user.name / user.email).
-docker-train docker-shell docker-test: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)
-docker-train docker-shell docker-test: export GIT_COMMITTER_NAME  ?= $(shell git config user.name 2>/dev/null)
-docker-train docker-shell docker-test: export GIT_AUTHOR_EMAIL    ?= $(shell git config user.email 2>/dev/null)
-docker-train docker-shell docker-test: export GIT_COMMITTER_EMAIL ?= $(shell git config user.email 2>/dev/null)
+docker-train docker-shell docker-test docker-demo: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)
+docker-train docker-shell docker-test docker-demo: export GIT_COMMITTER_NAME  ?= $(shell git config user.name 2>/dev/null)
+docker-train docker-shell docker-test docker-demo: export GIT_AUTHOR_EMAIL    ?= $(shell git config user.email 2>/dev/null)
+docker-train docker-shell docker-test docker-demo: export GIT_COMMITTER_EMAIL ?= $(shell git config user.email 2>/dev/null)
 # Passed by name only (`-e NAME`: docker reads the value from this environment), and only when set, so a
 # value never shows on the command line and HF_TOKEN never enters the image.
 PASS_ENV = $(strip $(foreach v,HF_TOKEN GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COMMITTER_NAME GIT_COMMITTER_EMAIL,$(if $($(v)),-e $(v))))
@@ -88,9 +95,12 @@ PASS_ENV = $(strip $(foreach v,HF_TOKEN GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COM
 # and the container runs as you, so what it writes there is yours; models and datasets from the Hub
 # go to a named volume and download once per host. --ipc=host: the DataLoader's and NCCL's shared
 # memory; --init: signals reach dvc and torchrun, and their child processes are reaped.
+# Rootless podman maps container uids into your subuid range: keep-id makes the container's uid yours, so
+# files in the mounted repo stay yours (rootful podman and docker need nothing).
+USERNS = $(if $(filter podman,$(notdir $(DOCKER))),$(if $(filter 0,$(shell id -u)),,--userns=keep-id))
 DOCKER_RUN = $(DOCKER) run --rm --init $(GPU_FLAGS) --ipc=host \
 	-v "$(CURDIR):/repo" -w /repo -v $(HF_CACHE_VOLUME):/cache/huggingface \
-	--user $(DOCKER_USER) -e NPROC_PER_NODE=$(GPUS) $(PASS_ENV)
+	--user $(DOCKER_USER) $(USERNS) -e NPROC_PER_NODE=$(GPUS) $(PASS_ENV)
 
 # A bad GPUS stops make before anything runs (under make -n too): one word, digits only, no leading 0.
 digits-removed = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
@@ -101,8 +111,8 @@ ifneq ($(filter docker-%,$(MAKECMDGOALS)),)
   endif
 endif
 
-docker-build: ## Build the GPU image, tagged gpt2-pipeline:<version>-<git sha>
-	$(DOCKER) build --tag $(IMAGE):$(TAG) .
+docker-build: ## Build the GPU image, tagged gpt2-pipeline:<version>-<git sha> (DOCKER=podman works too)
+	$(DOCKER) build --tag $(IMAGE):$(TAG) $(if $(strip $(BASE_IMAGE)),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 
 docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4' or RECIPE=file: an experiment; GPUS=N: torchrun)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) $(TRAIN_CMD)
@@ -112,3 +122,12 @@ docker-shell: docker-build ## An interactive shell in the image, with the same m
 
 docker-test: docker-build ## make test inside the image
 	$(DOCKER_RUN) $(IMAGE):$(TAG) make test
+
+docker-demo: docker-build ## make demo inside the image (GPU_FLAGS= on a host without a GPU)
+	$(DOCKER_RUN) $(IMAGE):$(TAG) make demo
+
+# Machines without Docker or the CUDA base (like the project's own): build the image with podman on a
+# stand-in base made from Debian's packages, then run the demo and the tests inside, as a non-root uid.
+docker-check: ## Build and check the image without a Docker daemon or GPU (podman, debootstrap; docs/docker.md)
+	DOCKER="$(if $(filter command line,$(origin DOCKER)),$(DOCKER),podman)" IMAGE="$(IMAGE)" TAG="$(TAG)" \
+		bash docker/check.sh

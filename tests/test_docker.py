@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,22 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
+def base_images() -> list[str]:
+    """The FROM images, a ${BUILD_ARG} read as its default (the ARG line before the FROM)."""
+    defaults = dict(args.split("=", 1) for args in args_of("ARG") if "=" in args)
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), words(args)[0])
+            for args in args_of("FROM")]
+
+
 def test_the_base_image_is_pinned_to_an_exact_tag_that_matches_the_locked_torch():
-    for args in args_of("FROM"):
-        image = words(args)[0]
+    for image in base_images():
+        assert "$" not in image, f"FROM {image}: a build argument without a default"
         last = image.split("@")[0].split("/")[-1]
         tag = last.partition(":")[2]
         assert "@sha256:" in image or tag, f"FROM {image}: no tag, so it floats with whatever 'latest' is"
         assert tag != "latest", f"FROM {image}: 'latest' is not a pin"
         assert "@sha256:" in image or re.search(r"\d+\.\d+\.\d+", tag), f"FROM {image}: tag is not an exact version"
-    base = words(args_of("FROM")[-1])[0]
+    base = base_images()[-1]
     cuda = re.match(r"nvidia/cuda:(\d+\.\d+)\.\d+-base-", base)
     assert cuda, f"the base is {base}; expected the CUDA 'base' flavour (torch brings its own CUDA libraries)"
     torch = lock_pins()["torch"]
@@ -202,9 +210,9 @@ def make(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
     return result
 
 
-def docker_line(output: str, subcommand: str) -> list[str]:
-    lines = [line for line in output.splitlines() if line.startswith(f"docker {subcommand} ")]
-    assert len(lines) == 1, f"expected one `docker {subcommand}` line in:\n{output}"
+def docker_line(output: str, subcommand: str, client: str = "docker") -> list[str]:
+    lines = [line for line in output.splitlines() if line.startswith(f"{client} {subcommand} ")]
+    assert len(lines) == 1, f"expected one `{client} {subcommand}` line in:\n{output}"
     return shlex.split(lines[0])
 
 
@@ -252,11 +260,63 @@ def test_plain_docker_train_runs_dvc_repro_on_one_process():
 def test_docker_build_tags_the_image_with_the_version_and_the_git_sha():
     argv = docker_line(make("-n", "docker-build", "GIT_SHA=abc1234").stdout, "build")
     assert argv[argv.index("--tag") + 1] == f"{IMAGE}:{version()}-abc1234", argv
-    assert argv[-1] == "."
+    assert argv[-1] == "." and "--build-arg" not in argv  # the Dockerfile's own pinned base
     # The environment does not change the tag (a CI's VERSION, say); only the command line does.
     tag = docker_line(make("-n", "docker-build", env={"VERSION": "9.9.9", "TAG": "x"}).stdout, "build")[3]
     assert tag.startswith(f"{IMAGE}:{version()}"), tag
     assert re.fullmatch(r"[\w][\w.-]{0,127}", tag.split(":", 1)[1]), f"not a valid docker tag: {tag}"
+
+
+def test_the_base_is_a_build_argument_a_stand_in_can_replace():
+    argv = docker_line(make("-n", "docker-build", "BASE_IMAGE=localhost/stand-in:bookworm").stdout, "build")
+    assert argv[argv.index("--build-arg") + 1] == "BASE_IMAGE=localhost/stand-in:bookworm", argv
+    arg = next(args for args in args_of("ARG") if args.startswith("BASE_IMAGE="))
+    assert instructions().index(("ARG", arg)) < instructions().index(("FROM", args_of("FROM")[0]))
+
+
+def test_every_docker_target_runs_with_podman_and_gives_gpus_as_a_cdi_device():
+    for target in ("docker-build", "docker-train", "docker-shell", "docker-test", "docker-demo"):
+        out = make("-n", target, "DOCKER=podman").stdout
+        assert not re.search(r"^docker ", out, re.M), out
+        assert re.search(r"^podman build --tag ", out, re.M), out
+    run = make("-n", "docker-train", "DOCKER=podman").stdout
+    argv = docker_line(run, "run", "podman")
+    assert "--gpus" not in argv and argv[argv.index("--device") + 1] == "nvidia.com/gpu=all", argv
+    docker = run_flags(docker_line(make("-n", "docker-train").stdout, "run"))
+    assert [f for f in run_flags(argv) if f not in ("--device", "nvidia.com/gpu=all", "--userns=keep-id")] == \
+        [f for f in docker if f not in ("--gpus", "all")]  # otherwise the same flags (keep-id: rootless, below)
+    assert "--device" not in docker_line(make("-n", "docker-demo", "DOCKER=podman", "GPU_FLAGS=").stdout, "run",
+                                         "podman")
+
+
+def test_rootless_podman_keeps_your_uid_for_the_mounted_repo(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "id").write_text("#!/bin/sh\necho 1000\n")  # make asks `id -u` (and -g) who runs it
+    (fake / "id").chmod(0o755)
+    rootless = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    argv = docker_line(make("-n", "docker-train", "DOCKER=podman", env=rootless).stdout, "run", "podman")
+    assert "--userns=keep-id" in argv and argv[argv.index("--user") + 1] == "1000:1000", argv
+    assert "--userns=keep-id" not in docker_line(make("-n", "docker-train", env=rootless).stdout, "run")
+    if os.getuid() == 0:  # rootful podman has no keep-id
+        assert "--userns=keep-id" not in docker_line(make("-n", "docker-train", "DOCKER=podman").stdout, "run",
+                                                     "podman")
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="no podman")
+def test_podman_accepts_the_rendered_flags():
+    """podman parses every flag of the run line before it looks for the image: a missing image must be
+    what stops it."""
+    out = make("-n", "docker-test", "DOCKER=podman", "GPU_FLAGS=", "IMAGE=localhost/no-such-image").stdout
+    argv = docker_line(out, "run", "podman")
+    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "docker/containers.conf")}
+    with tempfile.TemporaryDirectory(prefix="podman-", dir="/tmp") as scratch:  # podman: a runroot < 50 chars
+        # a storage of its own (vfs: no mounts left behind), not the machine's
+        storage = ["--root", f"{scratch}/storage", "--runroot", f"{scratch}/run", "--storage-driver", "vfs"]
+        result = subprocess.run([argv[0], *storage, *argv[1:]], text=True, capture_output=True, timeout=60,
+                                stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode != 0
+    assert "no-such-image" in result.stderr and "unknown flag" not in result.stderr, result.stderr
 
 
 def test_docker_test_and_shell_share_the_train_flags():
@@ -293,7 +353,7 @@ def test_a_bad_gpus_stops_make_with_a_clear_message(gpus):
 
 
 def test_docker_targets_never_set_up_the_local_venv(tmp_path):
-    for target in ("docker-build", "docker-train", "docker-shell", "docker-test"):
+    for target in ("docker-build", "docker-train", "docker-shell", "docker-test", "docker-demo"):
         out = make("-n", target, f"VENV={tmp_path / 'venv'}").stdout
         assert "venv" not in out and "pip install" not in out, out
 
@@ -313,7 +373,8 @@ def test_make_test_skips_setup_in_the_image_but_not_on_a_fresh_machine(tmp_path)
 
 def test_make_help_lists_the_docker_targets():
     out = make("help").stdout
-    for target in ("setup", "demo", "test", "lint", "docker-build", "docker-train", "docker-shell", "docker-test"):
+    for target in ("setup", "demo", "test", "lint", "publish", "docker-build", "docker-train", "docker-shell",
+                   "docker-test", "docker-demo", "docker-check"):
         assert re.search(rf"^  {target}\s+\S", out, re.M), f"make help does not list {target}:\n{out}"
 
 
@@ -327,3 +388,26 @@ def test_the_docker_client_accepts_the_rendered_flags(tmp_path):
         result = subprocess.run(argv, env=env, text=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
         assert result.returncode != 0
         assert "Cannot connect to the Docker daemon" in result.stderr, result.stderr
+
+
+# --- make docker-check's refusals (the check itself runs in CI: .ci/run) -----------------------------
+
+def docker_check(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "docker/check.sh")], cwd=ROOT, text=True, capture_output=True,
+                          timeout=60, env={**os.environ, "TAG": "0.0.0-test", **env})
+
+
+def test_docker_check_refuses_in_one_line_when_a_tool_is_missing():
+    result = docker_check(DOCKER="no-such-container-tool")
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.splitlines() == ["error: docker-check: no-such-container-tool is not installed; on Debian "
+                                          "or Ubuntu: apt-get install podman debootstrap runc"], result.stderr
+
+
+@pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None or os.getuid() != 0,
+                    reason="needs podman, debootstrap and root")
+def test_docker_check_refuses_in_one_line_when_the_disk_is_too_small():
+    result = docker_check(DOCKER="podman", CHECK_DISK_GB="1000000")
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "GB free and the check needs 1000000 GB" in lines[0], result.stderr
