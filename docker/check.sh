@@ -6,7 +6,8 @@
 #   3. runs the demo inside as a non-root uid with a copy of this repo bind-mounted (make docker-demo), and
 #      checks its outputs and that the uid owns every one,
 #   4. runs the test suite inside (make docker-test),
-# printing each step's time and the disk used. What the stand-in proves and what it cannot: docs/docker.md.
+# printing each step's time, what it downloaded (all of this machine's network traffic meanwhile) and the
+# disk used. What the stand-in proves and what it cannot: docs/docker.md.
 #
 # Settings (environment): DOCKER (podman), IMAGE (gpt2-pipeline), STANDIN_RELEASE (bookworm), STANDIN_MIRROR
 # (http://deb.debian.org/debian), CHECK_UID (1234), CHECK_DISK_GB (free space it needs, 30), CONTAINERS_CONF
@@ -28,6 +29,8 @@ fail() { echo "error: docker-check: $*" >&2; exit 2; }
 say() { echo "docker-check: $*" >&2; }
 elapsed() { echo "$(( $(date +%s) - $1 )) s"; }
 free_gb() { df -Pk "$1" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+received() { awk -F'[: ]+' 'NR > 2 && $2 != "lo" { sum += $3 } END { printf "%.0f", sum }' /proc/net/dev; }
+downloaded() { awk -v a="$1" -v b="$(received)" 'BEGIN { printf "%.2f GB", (b - a) / 1e9 }'; }
 
 # --- what it needs, refused in one line before anything starts -------------------------------------------
 for tool in "$DOCKER" debootstrap tar git make; do
@@ -50,12 +53,12 @@ done
 free_before=$(free_gb "$store")
 work=$(mktemp -d "$tmp/docker-check.XXXXXX")
 # the lowest free space seen on the storage's disk, every 5 s: the check's peak use
-(while sleep 5; do free_gb "$store"; done) >"$work/free.log" 2>/dev/null &
+(while sleep 5; do free_gb "$store"; echo; done) >"$work/free.log" 2>/dev/null &
 sampler=$!
 trap 'kill "$sampler" 2>/dev/null; rm -rf "$work"' EXIT
 
 # --- 1. the stand-in base ------------------------------------------------------------------------------
-step=$(date +%s)
+step=$(date +%s) rx=$(received)
 if "$DOCKER" image inspect "$BASE" >/dev/null 2>&1; then
   say "stand-in base $BASE: reused"
 else
@@ -68,7 +71,7 @@ else
     --change 'CMD ["bash"]' - "$BASE" >"$work/import.log" 2>&1 \
     || { cat "$work/import.log" >&2; fail "$DOCKER import of the stand-in base failed (its output is above)"; }
   rm -rf "$work/rootfs"
-  say "stand-in base $BASE: Debian $RELEASE minbase from $MIRROR ($(elapsed "$step"))"
+  say "stand-in base $BASE: Debian $RELEASE minbase from $MIRROR ($(elapsed "$step"), $(downloaded "$rx") downloaded)"
 fi
 
 # --- the repository as it is now (tracked and new files, not ignored ones), owned by the check's uid ------
@@ -82,12 +85,12 @@ flags=(-C "$work/repo" --no-print-directory DOCKER="$DOCKER" IMAGE="$IMAGE" TAG=
        DOCKER_USER="$CHECK_UID:$CHECK_UID" HF_CACHE_VOLUME=gpt2-pipeline-check-hf-cache)
 
 # --- 2. the image ----------------------------------------------------------------------------------------
-step=$(date +%s)
+step=$(date +%s) rx=$(received)
 make "${flags[@]}" docker-build >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; fail "the image build failed (its end is above)"; }
 size=$("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE:$tag" | awk '{ printf "%.1f GB", $1 / 1e9 }')
 inside=$("$DOCKER" run --rm "$IMAGE:$tag" sh -c 'python --version && python -c "import torch; print(\"torch\", torch.__version__)" && pip check >/dev/null && echo "pip check: clean"' 2>&1 | paste -sd ' ' -) \
   || fail "the image was built but its Python does not start or pip check fails: $inside"
-say "image $IMAGE:$tag on $BASE: $size, built in $(elapsed "$step"); inside: $inside (the real base, Ubuntu 24.04, has Python 3.12)"
+say "image $IMAGE:$tag on $BASE: $size, built in $(elapsed "$step") ($(downloaded "$rx") downloaded); inside: $inside (the real base, Ubuntu 24.04, has Python 3.12)"
 
 # --- 3. the demo, as uid $CHECK_UID, the repo bind-mounted ----------------------------------------------
 step=$(date +%s)

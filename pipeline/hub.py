@@ -45,7 +45,7 @@ def resolve(repo_id: str, revision: str | None, kind: str, key: str) -> str:
     when HF_HUB_OFFLINE=1."""
     from huggingface_hub import HfApi, constants
 
-    class Api(HfApi):  # resolve_revision's own fall-back to the cache when the Hub is unreachable, refused
+    class Api(HfApi):  # resolve_revision falls back to the cache when the Hub is unreachable: refused here
         def repo_info(self, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
             import httpx2
             from huggingface_hub import errors
@@ -120,7 +120,7 @@ def hub_call(fetch: Callable[[], T], what: str, key: str, access: str = "read") 
                   "download once with the Hub reachable, or try the offline demo (make demo)")
     except errors.IncompleteSnapshotError:
         fail(key, f"cannot reach the Hub at {endpoint()}, and the local cache holds only part of {what}; "
-                  "run again once the Hub answers (the download resumes)")
+                  "run again once the Hub answers")
     except errors.LocalEntryNotFoundError:
         fail(key, f"cannot reach the Hub at {endpoint()} to fetch {what}, and it is not in the local cache "
                   f"({cache_dir()}); check the network (and HF_ENDPOINT)")
