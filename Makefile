@@ -21,14 +21,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/python -m pipeline.plots
+	$(BIN)/python -m pipeline.tools.plots
 	touch $@
 
 check-venv:
 	@test -x $(BIN)/python || { echo "error: SKIP_SETUP=1 but $(BIN)/python does not exist: set VENV to a venv with requirements.lock installed, or unset SKIP_SETUP" >&2; exit 2; }
 
 demo: setup ## Run the whole pipeline offline on a tiny GPT-2 (about 2 minutes on 2 CPU cores)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m pipeline.tools.demo
 
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
@@ -44,15 +44,15 @@ repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is re
 	$(BIN)/dvc repro
 
 plots: setup ## dvc plots show, rendered offline (the page: dvc_plots/index.html)
-	test -f .dvc/plots/offline.html || $(BIN)/python -m pipeline.plots
+	test -f .dvc/plots/offline.html || $(BIN)/python -m pipeline.tools.plots
 	$(BIN)/dvc plots show
 
 params: setup ## Check params.yaml and print every parameter with its help
-	$(BIN)/python -m pipeline.params --help-params
-	$(BIN)/python -m pipeline.params
+	$(BIN)/python -m pipeline.tools.params --help-params
+	$(BIN)/python -m pipeline.tools.params
 
 publish: setup ## Push models/finetuned to the Hub repo publish.repo_id (needs HF_TOKEN; never part of dvc repro)
-	$(BIN)/python -m pipeline.publish
+	$(BIN)/python -m pipeline.tools.publish
 
 clean: ## Remove the demo workspace and caches (not .venv, not DVC outputs)
 	rm -rf .demo .pytest_cache
@@ -80,7 +80,7 @@ GPUS            = 1
 # that override file as an experiment (checked and expanded in the container), EXP's flags after it.
 EXP             =
 RECIPE          =
-TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
+TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.tools.recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
 
 # `dvc exp run` commits: the container uses your git identity (git config user.name / user.email).
 docker-train docker-shell docker-test docker-demo: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)

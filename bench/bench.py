@@ -9,7 +9,7 @@ per-device batch 16 and 32, 100 optimizer steps on the same blocks:
 - the Trainer with run_clm.py's defaults + bf16 (fused AdamW, sdpa, no compile, vocabulary 50257);
 - the tuned Trainer: + torch_compile and the vocabulary padded to 50304, the model computing its own loss;
 - the train stage (pipeline.train.train) with torch_compile on (as `auto` has it for runs of 5M tokens);
-each with its steady tokens/s and MFU (pipeline.throughput.ThroughputMeter: after 10 warm-up steps,
+each with its steady tokens/s and MFU (pipeline.training.throughput.ThroughputMeter: after 10 warm-up steps,
 without evaluations or checkpoint saves), its peak (torch.cuda.max_memory_allocated from the first
 step) and the preflight's estimate for its settings, and the ratio to the tuned Trainer. `--only memory`
 runs the train stage on gpt2, gpt2-medium and gpt2-xl shapes (LoRA, gradient checkpointing) for a few
@@ -21,7 +21,7 @@ On a CPU:
   tiny config (block 128): tokens/s over trainer.train(), the ratio, and the training loss after the
   same number of tokens;
 - preprocess: pipeline.preprocess.build_blocks vs run_clm's tokenize + group_texts (datasets.map);
-- evaluate: pipeline.evaluate.token_nll vs Trainer.evaluate() with defaults.
+- evaluate: the evaluate stage's scoring (tests/support.token_nll) vs Trainer.evaluate() with defaults.
 
 Text: the Python Language Reference shipped with CPython (as in the demo).
 """
@@ -51,12 +51,12 @@ CONFIGS = {  # name: (GPT2Config overrides, block size, per-device batch, optimi
 
 def prepare(work: Path) -> None:
     """Tokenizer, raw text, base models and blocks, once, under `work`."""
-    from pipeline.demo import write_gpt2_tokenizer, write_python_reference
+    from pipeline.core.loading import load_tokenizer
+    from pipeline.data.sources import load_raw
     from pipeline.download import save_base
-    from pipeline.loading import load_tokenizer
-    from pipeline.params import project_section
     from pipeline.preprocess import build_blocks
-    from pipeline.sources import load_raw
+    from pipeline.tools.demo import write_gpt2_tokenizer, write_python_reference
+    from tests.support import project_section
 
     write_gpt2_tokenizer(work / "tokenizer")
     write_python_reference(work / "text")
@@ -76,8 +76,8 @@ def prepare(work: Path) -> None:
 def case_train_pipeline(work: Path, name: str) -> dict:
     from dataclasses import replace
 
-    from pipeline.device import keep_freed_memory
-    from pipeline.params import project_params
+    from pipeline.core.device import keep_freed_memory
+    from pipeline.core.params import project_params
     from pipeline.train import train
 
     keep_freed_memory()  # what the stage's CLI does first
@@ -130,9 +130,9 @@ def raw_text(work: Path, copies: int = 8) -> list[str]:
 def case_preprocess_pipeline(work: Path) -> dict:
     import datasets
 
-    from pipeline.loading import load_tokenizer
-    from pipeline.params import project_section
+    from pipeline.core.loading import load_tokenizer
     from pipeline.preprocess import build_blocks
+    from tests.support import project_section
 
     datasets.disable_caching()
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": raw_text(work)})})
@@ -178,9 +178,9 @@ def case_preprocess_baseline(work: Path) -> dict:
 def case_evaluate_pipeline(work: Path, name: str) -> dict:
     import datasets
 
-    from pipeline.device import keep_freed_memory, resolve_precision
-    from pipeline.evaluate import token_nll
-    from pipeline.loading import load_model
+    from pipeline.core.device import keep_freed_memory, resolve_precision
+    from pipeline.core.loading import load_model
+    from tests.support import token_nll
 
     keep_freed_memory()
     blocks = datasets.load_from_disk(str(work / name / "blocks"))["validation"]
@@ -227,12 +227,12 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     batch would make the compiled runs compile again), and a base model of each size, from its config."""
     import datasets
 
-    from pipeline.demo import write_gpt2_tokenizer, write_python_reference
+    from pipeline.core.loading import load_tokenizer
+    from pipeline.data.sources import load_raw
     from pipeline.download import save_base
-    from pipeline.loading import load_tokenizer
-    from pipeline.params import project_section
     from pipeline.preprocess import build_blocks
-    from pipeline.sources import load_raw
+    from pipeline.tools.demo import write_gpt2_tokenizer, write_python_reference
+    from tests.support import project_section
 
     if not (work / "tokenizer").exists():
         write_gpt2_tokenizer(work / "tokenizer")
@@ -258,8 +258,8 @@ def case_gpu_peer(work: Path, spec: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from pipeline.memory import GIB, RunShape, estimate_memory, model_shape
-    from pipeline.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
+    from pipeline.training.memory import GIB, RunShape, estimate_memory, model_shape
+    from pipeline.training.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
     batch, tuned = json.loads(spec)["batch"], json.loads(spec)["tuned"]
     model = AutoModelForCausalLM.from_pretrained(work / "gpt2" / "base")
@@ -288,8 +288,8 @@ def case_gpu_peer(work: Path, spec: str) -> dict:
 
 def case_gpu_pipeline(work: Path, spec: str) -> dict:
     """The train stage on a GPT-2 of `size` (steps, batch and train params from the spec)."""
-    from pipeline.device import keep_freed_memory
-    from pipeline.params import PROJECT_PARAMS, from_dict, merge, read_yaml
+    from pipeline.core.device import keep_freed_memory
+    from pipeline.core.params import PROJECT_PARAMS, from_dict, merge, read_yaml
     from pipeline.train import train
 
     keep_freed_memory()
@@ -312,7 +312,7 @@ def gpu_header() -> str:
     import torch
     import transformers
 
-    from pipeline.throughput import warmup_steps
+    from pipeline.training.throughput import warmup_steps
 
     return (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
             f"{transformers.__version__}, {time.strftime('%Y-%m-%d')}; GPT-2 from its config, block 1024, bf16, "
@@ -373,7 +373,7 @@ def compare(work: Path, what: str, *args: str) -> str:
 
 def machine() -> str:
     """The matmul peaks that bound the train ratio: bf16 vs fp32 on this machine, now."""
-    from pipeline.throughput import measured_matmul_flops
+    from pipeline.training.throughput import measured_matmul_flops
 
     bf16, fp32 = measured_matmul_flops("bf16", seconds=2), measured_matmul_flops("fp32", seconds=2)
     return (f"machine now: 2048x2048 matmul bf16 {bf16 / 1e12:.2f} TFLOP/s, fp32 {fp32 / 1e12:.2f} TFLOP/s "

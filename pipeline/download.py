@@ -3,7 +3,7 @@
 The model comes from the Hub (its revision resolved to one commit before anything is fetched, and
 that commit recorded), from a local directory, or is built from a GPT-2 config with a seed
 (from_scratch); the tokenizer likewise. The dataset comes from the Hub, local
-files or a URL (pipeline.sources). Each output also gets a provenance.json saying what it is.
+files or a URL (pipeline.data.sources). Each output also gets a provenance.json saying what it is.
 """
 
 from __future__ import annotations
@@ -12,19 +12,22 @@ import logging
 import tempfile
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipeline.common import PipelineError, params_option, stage_command
-from pipeline.config import DataConfig, ModelConfig
-from pipeline.hub import resolve, snapshot
-from pipeline.loading import load_model, read_tokenizer
-from pipeline.outputs import outputs, write_json
-from pipeline.params import load_params
-from pipeline.sources import is_local, load_raw
+from pipeline.core.common import PipelineError, params_option, stage_command
+from pipeline.core.config import DataConfig, ModelConfig
+from pipeline.core.loading import load_model, read_tokenizer
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.params import check_heads, load_params
+from pipeline.data.hub import resolve, snapshot
+from pipeline.data.sources import is_local, load_raw
 
-log = logging.getLogger("pipeline.download")
+if TYPE_CHECKING:
+    from transformers import GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def hub_commits(cfg: ModelConfig) -> dict[str, str]:
     return commits
 
 
-def load_base_tokenizer(cfg: ModelConfig, commits: dict[str, str]) -> Any:
+def load_base_tokenizer(cfg: ModelConfig, commits: dict[str, str]) -> PreTrainedTokenizerBase:
     name = tokenizer_source(cfg)
     if is_local(name):
         return read_tokenizer(Path(name), cfg.trust_remote_code)
@@ -56,7 +59,7 @@ def load_base_tokenizer(cfg: ModelConfig, commits: dict[str, str]) -> Any:
                           cfg.trust_remote_code)
 
 
-def gpt2_config(overrides: dict[str, Any], tokenizer: Any) -> Any:
+def gpt2_config(overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
     """GPT2Config() (the 124M architecture) with overrides, sized to the tokenizer's vocabulary; every
     override checked against what GPT-2's code can build and run, and the model against free memory."""
     from transformers import GPT2Config
@@ -69,9 +72,7 @@ def gpt2_config(overrides: dict[str, Any], tokenizer: Any) -> Any:
     if values["vocab_size"] < len(tokenizer):
         override_error("vocab_size", f"({values['vocab_size']}) is below the tokenizer's {len(tokenizer)} tokens; "
                                      "remove it (the vocabulary is sized to the tokenizer)")
-    n_embd, n_head = values.get("n_embd", defaults["n_embd"]), values.get("n_head", defaults["n_head"])
-    if n_embd % n_head:
-        override_error("n_embd", f"({n_embd}) must be divisible by n_head ({n_head})")
+    check_heads(values.get("n_embd", defaults["n_embd"]), values.get("n_head", defaults["n_head"]))
     if values.get("activation_function", defaults["activation_function"]) not in ACT2FN:
         override_error("activation_function", f"must be one of {', '.join(sorted(ACT2FN))}")
     config = GPT2Config(**values)
@@ -115,7 +116,7 @@ def override_error(key: str, problem: str) -> typing.NoReturn:
     raise PipelineError(f"params: model.config_overrides.{key} {problem} (fix it in params.yaml or your -S override)")
 
 
-def check_model_fits(config: Any) -> None:
+def check_model_fits(config: GPT2Config) -> None:
     """The fp32 weights of a model built from `config` (12 n_embd^2 per layer, embeddings) within free
     memory: a typo of three zeros is a clear line, not minutes of swapping or an allocator crash."""
     import psutil
@@ -130,7 +131,8 @@ def check_model_fits(config: Any) -> None:
                             "free memory; lower n_layer / n_embd")
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, commits: dict[str, str]) -> Any:
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, commits: dict[str, str]
+                ) -> PreTrainedModel:
     """The base model: built from a config, or loaded from a local folder or the Hub snapshot at its commit."""
     import torch
     from transformers import GPT2LMHeadModel

@@ -12,7 +12,7 @@ file, with the improvement: per split (validation, and test when the data has on
 
 Losses are summed per token in fp32 and divided once, so nothing depends on the batch size. It runs
 without gradients, under autocast in `evaluate.precision`, with GPT-2's output layer taken chunk by
-chunk (pipeline.loss.summed_nll). Also writes metrics/perplexity.json for the bar plot.
+chunk (pipeline.training.loss.summed_nll). Also writes metrics/perplexity.json for the bar plot.
 """
 
 from __future__ import annotations
@@ -20,23 +20,32 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipeline.common import IGNORE_INDEX, PipelineError, params_option, stage_command
-from pipeline.device import autocast_dtype, device, keep_freed_memory, resolve_precision
-from pipeline.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
-from pipeline.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
-from pipeline.outputs import outputs, write_json
-from pipeline.params import load_params
+from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, stage_command
+from pipeline.core.device import autocast_dtype, device, keep_freed_memory, resolve_precision
+from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.params import load_params
+from pipeline.training.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
 
-log = logging.getLogger("pipeline.evaluate")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    Scorer = Callable[..., tuple[float, int]]  # (input_ids, labels[, attention_mask]) -> (summed NLL, tokens)
+
+log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
 
 
 # --- the two ways of scoring ---------------------------------------------------------------------
 
-def make_scorer(model: Any, precision: str) -> Any:
+def make_scorer(model: PreTrainedModel, precision: str) -> Scorer:
     """A function from (input_ids, labels) batches to (summed NLL in nats, scored tokens), for `model`
     made ready once: vocabulary padded (faster output product; the padding takes no part), eval mode,
     on the device, no gradients, autocast in `precision`."""
@@ -56,7 +65,7 @@ def make_scorer(model: Any, precision: str) -> Any:
     return score
 
 
-def block_nll(score: Any, blocks: Any, batch_size: int) -> tuple[float, int]:
+def block_nll(score: Scorer, blocks: Dataset, batch_size: int) -> tuple[float, int]:
     """Summed NLL and predicted tokens over the non-overlapping `blocks`."""
     from transformers import default_data_collator
 
@@ -66,11 +75,6 @@ def block_nll(score: Any, blocks: Any, batch_size: int) -> tuple[float, int]:
         nll, n = score(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
         total, count = total + nll, count + n
     return total, count
-
-
-def token_nll(model: Any, blocks: Any, batch_size: int, precision: str = "fp32") -> tuple[float, int]:
-    """block_nll for a freshly loaded model (its output matrix is padded in place)."""
-    return block_nll(make_scorer(model, precision), blocks, batch_size)
 
 
 def token_stream(blocks: Any) -> tuple[Any, Any]:
@@ -100,8 +104,8 @@ def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, in
     return windows
 
 
-def sliding_nll(score: Any, ids: Any, scored: Any, window: int, stride: int,
-                batch_size: int) -> tuple[float, int, Any]:
+def sliding_nll(score: Scorer, ids: np.ndarray, scored: np.ndarray, window: int, stride: int,
+                batch_size: int) -> tuple[float, int, np.ndarray]:
     """Summed NLL, number of scored tokens and their mask over the stream `ids`, sliding a
     `window`-token window by `stride`; only tokens where `scored` is true count."""
     import numpy as np
@@ -127,7 +131,7 @@ def sliding_nll(score: Any, ids: Any, scored: Any, window: int, stride: int,
 
 # --- bytes, for bits per byte --------------------------------------------------------------------
 
-def token_bytes(tokenizer: Any) -> Any:
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """UTF-8 bytes per token id: exact for byte-level BPE (GPT-2's: one vocabulary character per
     byte), decoded otherwise; special tokens count 0."""
     import numpy as np
@@ -162,8 +166,8 @@ def compare(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, fl
 
 # --- the stage -----------------------------------------------------------------------------------
 
-def evaluate_split(paths: dict[str, Path], blocks: Any, tokenizer: Any, batch_size: int, stride: int,
-                   precision: str, trust_remote_code: bool) -> dict:
+def evaluate_split(paths: dict[str, Path], blocks: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                   stride: int, precision: str, trust_remote_code: bool) -> dict:
     """Both ways of scoring, for every model in `paths`, on one split."""
     import numpy as np
 

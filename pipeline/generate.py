@@ -19,18 +19,23 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipeline.common import PipelineError, params_option, stage_command
-from pipeline.config import GenerateConfig
-from pipeline.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
-from pipeline.outputs import outputs, write_json, write_text
-from pipeline.params import load_params
-from pipeline.sampling import ad_hoc, ad_hoc_config, load_prompts, sample
+from pipeline.core.common import PipelineError, params_option, stage_command
+from pipeline.core.config import GenerateConfig
+from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
+from pipeline.core.outputs import outputs, write_json, write_text
+from pipeline.core.params import load_params
+from pipeline.generation.adhoc import ad_hoc, ad_hoc_config
+from pipeline.generation.prompts import load_prompts
+from pipeline.generation.sampling import sample
 
-log = logging.getLogger("pipeline.generate")
+if TYPE_CHECKING:
+    from pipeline.core.config import Params
+
+log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
 NGRAM = 8  # memorisation is measured on token 8-grams
 
 
@@ -123,7 +128,7 @@ def public(record: dict, model: str, settings: dict) -> dict:
             "new_tokens": len(record["ids"]), "params": settings}
 
 
-def generate(params: Any, finetuned_dir: Path, base_dir: Path, data_dir: Path) -> tuple[dict, dict]:
+def generate(params: Params, finetuned_dir: Path, base_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     """Samples per model ({"finetuned": [...], "base": [...]}) and the metrics."""
     cfg = params.generate
     models = {"finetuned": finetuned_dir, **({"base": base_dir} if cfg.compare_base else {})}

@@ -1,4 +1,4 @@
-"""Stage 2, preprocess: records into text (pipeline.records), cleaning, tokenization, blocks, split.
+"""Stage 2, preprocess: records into text (pipeline.data.records), cleaning, tokenization, blocks, split.
 
 Two block modes. pack (default): EOS after every document, the split concatenated once and cut into
 block_size blocks. Unlike run_clm's group_texts, which drops up to block_size-1 tokens at the end of
@@ -19,22 +19,29 @@ import logging
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipeline.common import IGNORE_INDEX, PipelineError, check_processes, digest, params_option, stage_command
-from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.loading import load_config, load_saved_dataset, load_tokenizer, read_json
-from pipeline.outputs import outputs, write_json
-from pipeline.params import load_params
-from pipeline.records import check_columns, clean, renderer
+from pipeline.core.common import IGNORE_INDEX, PipelineError, check_processes, digest, params_option, stage_command
+from pipeline.core.config import DataConfig, PreprocessConfig
+from pipeline.core.loading import context_length, load_config, load_saved_dataset, load_tokenizer, read_json
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.params import load_params
+from pipeline.data.records import check_columns, clean, renderer
 
-log = logging.getLogger("pipeline.preprocess")
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+    from datasets import Dataset, DatasetDict, Features
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
 HISTOGRAM_EDGES = [2**k for k in range(4, 17)]  # document lengths in tokens: 16, 32, ... 65536, more
 
 
-def split_documents(raw: Any, data: DataConfig, val_fraction: float, seed: int) -> dict[str, Any]:
+def split_documents(raw: DatasetDict, data: DataConfig, val_fraction: float, seed: int) -> dict[str, Dataset]:
     """train / validation (/ test) document splits: the dataset's own validation split when it has one,
     else a seeded `val_fraction` of the training documents."""
     train = raw[data.train_split]
@@ -52,7 +59,7 @@ def split_documents(raw: Any, data: DataConfig, val_fraction: float, seed: int) 
     return splits
 
 
-def render(docs: Any, data: DataConfig, cfg: PreprocessConfig, tokenizer: Any) -> Any:
+def render(docs: Dataset, data: DataConfig, cfg: PreprocessConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
     """Records to `text` (and `prompt`) columns."""
     fingerprint = digest([docs._fingerprint, repr(data), repr(cfg)])
     return docs.map(renderer(data, cfg, tokenizer), batched=True, batch_size=cfg.batch_size,
@@ -60,7 +67,8 @@ def render(docs: Any, data: DataConfig, cfg: PreprocessConfig, tokenizer: Any) -
                     desc="records to text", new_fingerprint=fingerprint)
 
 
-def tokenize(docs: Any, tokenizer: Any, add_eos: bool, num_proc: int, batch_size: int) -> Any:
+def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, num_proc: int, batch_size: int
+             ) -> Dataset:
     """One `input_ids` list per document, EOS appended to every non-empty one; with a `prompt` column,
     also `labels`: -100 over the prompt's tokens."""
     eos = [tokenizer.eos_token_id] if add_eos else []
@@ -90,7 +98,7 @@ def tokenize(docs: Any, tokenizer: Any, add_eos: bool, num_proc: int, batch_size
                     remove_columns=docs.column_names, desc="tokenize", new_fingerprint=fingerprint)
 
 
-def _features(block_size: int, attention_mask: bool) -> Any:
+def _features(block_size: int, attention_mask: bool) -> Features:
     import datasets
 
     column = datasets.List(datasets.Value("int32"), length=block_size)
@@ -118,7 +126,7 @@ def _write_blocks(batches: Any, block_size: int, attention_mask: bool) -> Any:
     return datasets.Dataset.from_file(str(path))
 
 
-def _documents(tokens: Any) -> Any:
+def _documents(tokens: Dataset) -> Iterator[np.ndarray]:
     """(input_ids, labels) per map batch of documents, as flat numpy arrays plus lengths."""
     import numpy as np
     import pyarrow.compute as pc
@@ -131,7 +139,7 @@ def _documents(tokens: Any) -> Any:
         yield ids, labels, pc.list_value_length(ids_column).to_numpy(zero_copy_only=False)
 
 
-def pack(tokens: Any, block_size: int, remainder: str, pad_id: int) -> tuple[Any, dict]:
+def pack(tokens: Dataset, block_size: int, remainder: str, pad_id: int) -> tuple[Dataset, dict]:
     """Concatenate every document's tokens and cut them into block_size blocks (carrying the tail of
     each map batch over to the next). `remainder: drop` discards the last partial block; `pad` keeps
     it, padded with `pad_id`, its padding labelled IGNORE_INDEX."""
@@ -159,7 +167,7 @@ def pack(tokens: Any, block_size: int, remainder: str, pad_id: int) -> tuple[Any
     return dataset, {"documents": tokens.num_rows, **stats, "blocks": len(dataset)}
 
 
-def pad(tokens: Any, block_size: int, pad_id: int) -> tuple[Any, dict]:
+def pad(tokens: Dataset, block_size: int, pad_id: int) -> tuple[Dataset, dict]:
     """One block per document: truncated to block_size, padded with `pad_id`; the padding is out of
     the loss (labels -100) and of the attention mask. Empty documents make no block."""
     import numpy as np
@@ -188,7 +196,7 @@ def pad(tokens: Any, block_size: int, pad_id: int) -> tuple[Any, dict]:
     return dataset, {"documents": tokens.num_rows, **stats, "blocks": len(dataset)}
 
 
-def length_summary(tokens: Any) -> tuple[dict, list[int]]:
+def length_summary(tokens: Dataset) -> tuple[dict, list[int]]:
     """Document length percentiles (tokens) and histogram counts over HISTOGRAM_EDGES."""
     import numpy as np
 
@@ -201,13 +209,8 @@ def length_summary(tokens: Any) -> tuple[dict, list[int]]:
              "length_max": int(lengths.max())}, counts.tolist())
 
 
-def model_max_positions(model_dir: Path) -> int | None:
-    config = load_config(model_dir, made_by="download")
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def build_blocks(raw: Any, tokenizer: Any, max_positions: int | None, data: DataConfig, cfg: PreprocessConfig,
-                 seed: int, csv: bool = False) -> tuple[Any, dict, list[dict]]:
+def build_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_positions: int | None, data: DataConfig,
+                 cfg: PreprocessConfig, seed: int, csv: bool = False) -> tuple[DatasetDict, dict, list[dict]]:
     """The processed DatasetDict, per-split stats, and the document-length histogram rows."""
     import datasets
 
@@ -291,8 +294,8 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     raw = load_saved_dataset(raw_dir, "download")
     provenance = read_json(raw_dir / "provenance.json", "download")
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code, "download")
-    processed, stats, histogram = build_blocks(raw, tokenizer,
-                                               model_max_positions(model_dir), params.data, params.preprocess,
+    context = context_length(load_config(model_dir, made_by="download"))
+    processed, stats, histogram = build_blocks(raw, tokenizer, context, params.data, params.preprocess,
                                                params.seed, csv=provenance.get("format") == "csv")
     with outputs(out, stats_path, lengths_path) as (out_tmp, stats_tmp, lengths_tmp):
         processed.save_to_disk(str(out_tmp))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.common import PipelineError, stage_command
-from pipeline.outputs import outputs, write_json
+from pipeline.core.common import PipelineError, stage_command
+from pipeline.core.outputs import outputs, write_json
 
 
 def headline(train: dict, evaluation: dict, generation: dict) -> dict:

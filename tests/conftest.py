@@ -41,7 +41,7 @@ def _hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.demo import write_gpt2_tokenizer
+    from pipeline.tools.demo import write_gpt2_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "gpt2-tokenizer"
     write_gpt2_tokenizer(out)
@@ -61,7 +61,7 @@ def project(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 
 def write_params(directory: Path, overrides: dict) -> Path:
     """params.yaml = the project's params.yaml + TINY + overrides."""
-    from pipeline.params import merge
+    from pipeline.core.params import merge
 
     params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), overrides)
     path = directory / "params.yaml"
@@ -119,7 +119,7 @@ def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A directory where download, preprocess and train have run once on the tiny params (in process)."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
     from pipeline.train import train
 
     root = prepare(tmp_path_factory.mktemp("outputs"), tokenizer_dir, {})
@@ -130,20 +130,20 @@ def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir: Path):
-    from pipeline.loading import load_tokenizer
+    from pipeline.core.loading import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
 
 def data_params(**changes: object):
     """The project's data params with these changes."""
-    from pipeline.params import project_section
+    from tests.support import project_section
 
     return project_section("data", **changes)
 
 
 def prep_params(**changes: object):
     """The project's preprocess params with these changes."""
-    from pipeline.params import project_section
+    from tests.support import project_section
 
     return project_section("preprocess", **changes)

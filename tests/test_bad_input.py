@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import Params
-from pipeline.params import documented, merge
+from pipeline.core.config import Params
+from pipeline.core.params import merge
+from pipeline.tools.params import documented
 from tests.conftest import ROOT, in_process, write_params
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -15,12 +15,13 @@ DOWNLOADED = ("data/raw", "models/base")
 OUTPUTS = ["data/raw", "models/base", "data/processed", "metrics", "models/finetuned", "outputs", "checkpoints"]
 
 
-@pytest.mark.parametrize("stage", STAGES + ["params", "recipe", "plots", "demo"])
+@pytest.mark.parametrize("stage", STAGES + ["tools.params", "tools.recipe", "tools.plots", "tools.demo",
+                                            "tools.publish"])
 def test_help(stage):
     result = run_stage(stage, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout
-    assert {"demo": "--workdir", "plots": "--out", "recipe": "--run", "report": "--train"}.get(stage, "--params") \
-        in result.stdout
+    assert {"tools.demo": "--workdir", "tools.plots": "--out", "tools.recipe": "--run", "report": "--train"}.get(
+        stage, "--params") in result.stdout
 
 
 def assert_clean_failure(result, project: Path, message: str, existing: tuple[str, ...] = ()) -> None:

@@ -246,7 +246,7 @@ def test_docker_train_runs_a_recipe_in_the_container():
     """RECIPE is checked and expanded by the image's Python (the host needs none), EXP's flags after it."""
     argv = docker_line(make("-n", "docker-train", "RECIPE=examples/gpu.yaml", "EXP=-S lr=5e-4").stdout, "run")
     image = next(i for i, a in enumerate(argv) if a.startswith(f"{IMAGE}:"))
-    assert argv[image + 1:] == ["python", "-m", "pipeline.recipe", "examples/gpu.yaml", "--run",
+    assert argv[image + 1:] == ["python", "-m", "pipeline.tools.recipe", "examples/gpu.yaml", "--run",
                                 "-S", "lr=5e-4"], argv
     assert (ROOT / "examples/gpu.yaml").exists()
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
+from pipeline.data.sources import is_local, load_raw, local_files
 from pipeline.download import save_base, save_raw
-from pipeline.params import project_section
-from pipeline.sources import is_local, load_raw, local_files
 from tests.conftest import CORPUS, ROOT, run_stage
+from tests.support import project_section
 
 
 def data_params(**changes):

@@ -13,18 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 # Reading and checking params.yaml: DVC tracks the values themselves, key by key (each stage's `params:`), and
 # this code only checks them, so editing it (a help text, a bound) must not re-run a training.
-PARAMS_CODE = {"config", "params"}
+PARAMS_CODE = {"core.config", "core.params"}
 
 
 def imported(module: str) -> set[str]:
-    """The pipeline modules `module` imports, at the top or inside functions."""
-    tree = ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())
+    """The pipeline modules `module` ("train", "training.plan") imports, at the top or inside functions."""
+    tree = ast.parse((ROOT / "pipeline" / f"{module.replace('.', '/')}.py").read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            found.add(node.module.split(".")[1])
+            found.add(node.module.removeprefix("pipeline."))
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")}
+            found |= {a.name.removeprefix("pipeline.") for a in node.names if a.name.startswith("pipeline.")}
     return found
 
 
@@ -36,7 +36,7 @@ def runs(stage: str) -> set[str]:
         if module not in seen and module not in PARAMS_CODE:
             seen.add(module)
             todo += imported(module)
-    return {f"pipeline/{module}.py" for module in seen}
+    return {f"pipeline/{module.replace('.', '/')}.py" for module in seen}
 
 
 @pytest.mark.parametrize("stage", DVC["stages"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import commit_baseline, dvc, make_workspace, tool_env
+from pipeline.tools.demo import commit_baseline, dvc, make_workspace, tool_env
 from tests.conftest import CORPUS, TINY
 
 pytestmark = pytest.mark.e2e
@@ -158,7 +158,7 @@ def assert_intact(workspace) -> None:
     """Every declared output that exists is whole: folders hold every file their manifest lists at its
     size and every JSON parses; metrics files parse. (A kill in the milliseconds of a landing leaves a
     journal that the stage's next run finishes: then the outputs are not checked here.)"""
-    from pipeline.loading import check_folder
+    from pipeline.core.loading import check_folder
 
     if list(workspace.rglob(".landing-*.json")):
         return

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common import IGNORE_INDEX
+from pipeline.core.common import IGNORE_INDEX
+from pipeline.core.loading import load_model, load_tokenizer
+from pipeline.core.outputs import write_manifest
 from pipeline.evaluate import (
     block_nll,
     compare,
@@ -23,11 +25,9 @@ from pipeline.evaluate import (
     sliding_windows,
     summarize,
     token_bytes,
-    token_nll,
     token_stream,
 )
-from pipeline.loading import load_model, load_tokenizer
-from pipeline.outputs import write_manifest
+from tests.support import token_nll
 
 
 def blocks(rows: list[list[int]], labels: list[list[int]] | None = None) -> datasets.Dataset:
@@ -187,7 +187,7 @@ def test_bf16_evaluation_is_close_to_fp32(pipeline_outputs):
     import torch as _torch
 
     if not _torch.cuda.is_available():
-        from pipeline.device import cpu_has_native_bf16
+        from pipeline.core.device import cpu_has_native_bf16
 
         if not cpu_has_native_bf16():
             pytest.skip("no native bf16 here")

@@ -10,12 +10,13 @@ import datasets
 import numpy as np
 import pytest
 
-from pipeline.common import PipelineError
+from pipeline.core.common import PipelineError
+from pipeline.core.loading import load_model, load_tokenizer
 from pipeline.generate import copied_fraction, distinct, training_ngrams
-from pipeline.loading import load_model, load_tokenizer
-from pipeline.params import project_section
-from pipeline.sampling import cut_at_stop, load_prompts, sample
+from pipeline.generation.prompts import load_prompts
+from pipeline.generation.sampling import cut_at_stop, sample
 from tests.conftest import run_stage
+from tests.support import project_section
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import merge
+from pipeline.core.params import merge
 from tests.conftest import ROOT, TINY
 from tests.hub import Hub, folder_files
 
@@ -243,7 +243,7 @@ def test_a_download_stalled_mid_file_is_one_line_in_bounded_time_and_the_next_ru
 @pytest.mark.e2e
 def test_dvc_repro_from_hub_ids_records_what_it_ran_on_and_a_pinned_revision_reproduces(repos, tmp_path,
                                                                                          tokenizer_dir):
-    from pipeline.demo import make_workspace
+    from pipeline.tools.demo import make_workspace
 
     hub = serve(repos)
     try:
@@ -277,7 +277,7 @@ def test_dvc_repro_from_hub_ids_records_what_it_ran_on_and_a_pinned_revision_rep
 # --- publish -------------------------------------------------------------------------------------------
 
 def publish(hub: Hub, root: Path, home: Path, token: str | None, *args: str) -> subprocess.CompletedProcess:
-    return command("publish", root, hub_env(hub, home, token), "--model", "models/finetuned", *args)
+    return command("tools.publish", root, hub_env(hub, home, token), "--model", "models/finetuned", *args)
 
 
 def test_publish_pushes_weights_tokenizer_and_model_card_to_a_private_repo(hub, pipeline_outputs, tmp_path):

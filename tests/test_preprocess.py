@@ -6,7 +6,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from pipeline.common import IGNORE_INDEX, PipelineError
+from pipeline.core.common import IGNORE_INDEX, PipelineError
 from pipeline.preprocess import build_blocks, pack, pad, split_documents, tokenize
 from tests.conftest import data_params, prep_params
 

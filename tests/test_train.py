@@ -8,7 +8,10 @@ from dataclasses import replace
 import datasets
 import pytest
 
-from pipeline.checkpoints import (
+from pipeline.core.common import PipelineError
+from pipeline.core.params import load_params
+from pipeline.train import train
+from pipeline.training.checkpoints import (
     COMPLETE,
     FINISHED,
     fingerprint,
@@ -17,9 +20,6 @@ from pipeline.checkpoints import (
     run_folder,
     start_fresh,
 )
-from pipeline.common import PipelineError
-from pipeline.params import load_params
-from pipeline.train import train
 
 
 def test_training_writes_a_loadable_model_and_plots(pipeline_outputs):

@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoints import COMPLETE, FINISHED
-from pipeline.common import PipelineError
-from pipeline.params import load_params, project_section
+from pipeline.core.common import PipelineError
+from pipeline.core.params import load_params
 from pipeline.train import train
+from pipeline.training.checkpoints import COMPLETE, FINISHED
 from tests.conftest import ROOT, write_params
+from tests.support import project_section
 
 
 def run(outputs: Path, tmp_path: Path, **train_changes) -> dict:
@@ -186,7 +187,7 @@ def test_killed_run_resumes_to_the_same_result(long_run, sig):
 
 
 def test_samples_while_training_leave_the_training_unchanged(pipeline_outputs, tmp_path):
-    from pipeline.params import project_section
+    from tests.support import project_section
 
     samples = project_section("train.samples", every=3, prompts=["", "The river"], max_new_tokens=5)
     run(pipeline_outputs, tmp_path / "sampled", samples=samples)

@@ -1,0 +1,278 @@
+"""Reading params.yaml into the schema (pipeline.core.config): pydantic's errors turned into one line that
+names the key and the fix, the numeric strings PyYAML makes of YAML 1.1 numbers read as numbers
+(`lr: 5e-4` arrives as "5e-4"), and the rules across fields checked in one place (`check`). The command
+that checks and describes them: pipeline.tools.params.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from pipeline.core.common import PipelineError, read_utf8
+from pipeline.core.config import TRACKERS, DataConfig, Params, TrainConfig
+
+PARAMS_FILE = Path("params.yaml")
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # the project's own, with every key
+# Local inputs live where dvc.yaml declares them as dependencies, so an edit re-runs what it affects and
+# every experiment commit records them: datasets, models and tokenizers of the download stage, and the
+# generate stage's prompt files.
+INPUTS = Path("data/input")
+PROMPTS = Path("data/prompts")
+
+
+# --- rules across fields -----------------------------------------------------------------------------
+
+def check(p: Params) -> None:
+    """Rules across fields, all in one place."""
+    check_inputs(p)
+    check_model(p)
+    check_source(p.data)
+    check_data(p.data)
+    check_train(p.train)
+    if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
+        fail("evaluate.stride", f"({p.evaluate.stride}) exceeds preprocess.block_size ({p.preprocess.block_size}); "
+                                "windows would skip tokens")
+    if p.generate.no_repeat_ngram_size > p.generate.max_new_tokens:
+        fail("generate.no_repeat_ngram_size", f"({p.generate.no_repeat_ngram_size}) exceeds generate.max_new_tokens "
+                                              f"({p.generate.max_new_tokens}), so it never applies; lower it or 0")
+    if not p.generate.do_sample and p.generate.num_return_sequences > 1:
+        fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
+
+
+def check_model(p: Params) -> None:
+    overrides = p.model.config_overrides
+    if overrides and not p.model.from_scratch:
+        fail("model.config_overrides", "is only used with model.from_scratch: true; remove it or set from_scratch")
+    n_embd, n_head, n_positions = (overrides.get(k) for k in ("n_embd", "n_head", "n_positions"))
+    if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0:
+        check_heads(n_embd, n_head)  # both given: at load time; download checks them with GPT2Config's defaults
+    if isinstance(n_positions, int) and p.preprocess.block_size > n_positions:
+        fail("preprocess.block_size", f"({p.preprocess.block_size}) exceeds model.config_overrides.n_positions "
+                                      f"({n_positions}); lower block_size or raise n_positions")
+
+
+def check_source(d: DataConfig) -> None:
+    """Settings that mean something for one kind of dataset source only are refused for the others."""
+    from pipeline.data.sources import is_local, is_url
+
+    kind = "a URL" if is_url(d.dataset) else "a local path" if is_local(d.dataset) else "a Hub id"
+    if d.sha256 is not None and kind != "a URL":
+        fail("data.sha256", f"only checks a URL download, and data.dataset is {kind}; set it to null")
+    for key, value in (("data.config", d.config), ("data.revision", d.revision)):
+        if value is not None and kind != "a Hub id":
+            fail(key, f"only applies to a Hub dataset, and data.dataset is {kind}; set it to null")
+
+
+def check_data(d: DataConfig) -> None:
+    for key, template in (("data.template", d.template), ("data.prompt_template", d.prompt_template),
+                          ("data.response_template", d.response_template)):
+        if template is not None:
+            check_template(key, template)
+    if d.use_chat_template and not d.dialogue_column:
+        fail("data.use_chat_template", "renders dialogues only, and data.dialogue_column is null; set "
+                                       "dialogue_column or set use_chat_template: false")
+    if (d.prompt_template is None) != (d.response_template is None):
+        fail("data.prompt_template", "and data.response_template go together (prompt/response fine-tuning); "
+                                     "set both or neither")
+    shapes = [name for name, on in (("data.template", d.template), ("data.dialogue_column", d.dialogue_column),
+                                    ("data.prompt_template", d.prompt_template)) if on]
+    if len(shapes) > 1:
+        fail(shapes[1], f"conflicts with {shapes[0]}; records become text one way: set only one of them")
+
+
+def check_train(t: TrainConfig) -> None:
+    if t.warmup_steps and t.max_steps > 0 and t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", f"({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})")
+    if t.load_best_model_at_end and (t.eval_steps == 0 or t.save_steps % t.eval_steps):
+        fail("train.load_best_model_at_end", f"needs eval_steps > 0 and save_steps ({t.save_steps}) a multiple "
+                                             f"of eval_steps ({t.eval_steps})")
+    if t.early_stopping_patience and not t.load_best_model_at_end:
+        fail("train.early_stopping_patience", "needs train.load_best_model_at_end: true")
+    unknown = sorted(set(t.report_to) - set(TRACKERS))
+    if unknown:
+        always = " (dvclive is always on)" if unknown[0] == "dvclive" else ""
+        fail("train.report_to", f"does not know {unknown[0]!r}{always}; use {', '.join(TRACKERS)}")
+    if t.lora.enabled and (t.freeze.embeddings or t.freeze.layers):
+        fail("train.freeze", "does nothing with train.lora.enabled (LoRA keeps every base weight fixed); "
+                             "remove one of them")
+
+
+def check_template(key: str, template: str) -> None:
+    """A format string over a record's fields: it must parse and name at least one field."""
+    from pipeline.data.records import template_fields
+
+    try:
+        fields = template_fields(template)
+    except ValueError as e:
+        fail(key, f"is not a valid format string ({e}); write fields as {{name}} and a literal brace as {{{{ or }}}}")
+    if not fields:
+        fail(key, f"{shorten(template)} names no field, so every record would become the same text; put the "
+                  "record's fields in braces, e.g. {text}")
+    try:  # every field arrives as a string (pipeline.data.records.fill)
+        template.format(**dict.fromkeys(fields, "text"))
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+        problem = "uses a positional field" if isinstance(e, IndexError) else f"cannot be filled ({e})"
+        fail(key, f"{shorten(template, 40)} {problem}; write each field as {{name}} with an optional string "
+                  "format such as {name:>10}")
+
+
+def check_inputs(p: Params) -> None:
+    """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS)."""
+    from pipeline.data.sources import is_local
+
+    local = [("data.dataset", p.data.dataset), ("model.tokenizer", p.model.tokenizer)]
+    if not p.model.from_scratch:
+        local.append(("model.name", p.model.name))
+    for key, value in [*local, ("generate.prompts_file", p.generate.prompts_file)]:
+        long = next((part for part in Path(value or "").parts if len(part.encode()) > 255), None)
+        if long:
+            fail(key, f"has a path component of {len(long.encode())} bytes ({shorten(long, 40)}), over the file "
+                      "system's 255; shorten it")
+    for key, value in local:
+        if value and is_local(value) and not inside(value, INPUTS):
+            fail(key, f"{shorten(value)} is a local path outside {INPUTS}/; move it into {INPUTS}/ (the download "
+                      "stage's dependency, so DVC re-runs what it changes and versions it with every experiment)")
+    prompts = p.generate.prompts_file
+    if prompts and not inside(prompts, PROMPTS):
+        fail("generate.prompts_file", f"{shorten(prompts)} is outside {PROMPTS}/; move it there (the generate "
+                                      "stage's dependency, so editing it re-runs generate)")
+
+
+def inside(path: str, folder: Path) -> bool:
+    """Whether the relative `path` is `folder` or lies in it (no absolute paths, no way out with ..)."""
+    parts = Path(path).parts
+    return not Path(path).is_absolute() and ".." not in parts and Path(*parts[:len(folder.parts)]) == folder
+
+
+def shorten(value: Any, most: int = 80) -> str:
+    """A value quoted for an error line, cut with an ellipsis."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= most else value[:most] + "…")
+    text = repr(value)
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def check_heads(n_embd: int, n_head: int) -> None:
+    """GPT-2's attention splits n_embd among its heads."""
+    if n_embd % n_head:
+        fail("model.config_overrides.n_embd", f"({n_embd}) must be divisible by n_head ({n_head})")
+
+
+def fail(key: str, problem: str) -> typing.NoReturn:
+    """A params error: names the key and what to change."""
+    raise PipelineError(f"params: {key} {problem} (fix it in params.yaml or your -S override)")
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+WHOLE, NUMBER, BOOLEAN = "must be a whole number", "must be a number", "must be true or false"
+MESSAGES = {  # pydantic error type -> what the user reads after the key
+    "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}", "bool_type": BOOLEAN,
+    "bool_parsing": BOOLEAN, "int_type": WHOLE, "int_parsing": WHOLE, "int_from_float": WHOLE, "float_type": NUMBER,
+    "float_parsing": NUMBER, "finite_number": "must be a finite number", "string_type": "must be a string",
+    "string_too_short": "must be a non-empty string", "list_type": "must be a list of strings",
+    "dict_type": "must be a mapping", "dataclass_type": "must be a mapping of {class_name} keys",
+    "string_too_long": "must be at most {max_length} characters", "too_long": "must have at most {max_length} items",
+    "string_pattern_mismatch": "must be 64 hexadecimal digits (a SHA-256)",
+}
+
+
+def error_line(error: dict) -> str:
+    """A pydantic error as `params: <dotted key> <problem>; got <value> (fix ...)`."""
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("literal[", "function-"))]
+    key = ".".join(loc)
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
+        known = list(section(loc[:-1]).__pydantic_fields__)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else f"known keys here: {', '.join(known)}"
+        return f"params: {key} is not a known parameter; {hint} (fix it in params.yaml or your -S override)"
+    if kind in ("missing", "missing_argument"):
+        return f"params: {key} is missing; add it (the project's params.yaml lists every key with its value)"
+    ctx = {k: str(v).replace("'", "").replace(" or ", ", ").replace("True", "true").replace("False", "false")
+           for k, v in (error.get("ctx") or {}).items()}
+    problem = MESSAGES[kind].format(**ctx) if kind in MESSAGES else error["msg"]
+    return f"params: {key} {problem}; got {shorten(error.get('input'))} (fix it in params.yaml or your -S override)"
+
+
+def section(loc: list[str]) -> type:
+    """The dataclass at a dotted location of Params (for the keys it knows)."""
+    cls: Any = Params
+    for part in loc:
+        annotation = cls.__pydantic_fields__[part].annotation
+        cls = next((a for a in typing.get_args(annotation) if hasattr(a, "__pydantic_fields__")), annotation)
+    return cls
+
+
+def from_dict(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML) into Params."""
+    if not isinstance(raw, dict):
+        raise PipelineError("params: the file must be a YAML mapping of sections (seed, lr, model, data, ...)")
+    try:
+        params = TypeAdapter(Params).validate_python(raw)
+    except ValidationError as e:
+        raise PipelineError(error_line(e.errors()[0])) from None
+    check(params)
+    return params
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently; DVC refuses the file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path | str) -> dict:
+    """A YAML mapping from a file, or a one-line error."""
+    path = Path(path)
+    try:
+        raw = yaml.load(read_utf8(path, "params"), Loader=UniqueKeyLoader)  # a SafeLoader
+    except FileNotFoundError:
+        raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
+    except IsADirectoryError:
+        raise PipelineError(f"params: {path} is a directory; pass the params file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = f": {e.problem}" if getattr(e, "problem", None) else ""
+        raise PipelineError(f"params: {path} is not valid YAML{where}{problem}; fix it") from None
+    if raw is None:
+        raise PipelineError(f"params: {path} is empty; it needs every section (the project's params.yaml lists them)")
+    return raw
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    return from_dict(read_yaml(path))
+
+
+@functools.cache
+def project_params() -> Params:
+    """The project's own params.yaml: the values everything else is a change of (ad hoc sampling, tests, bench)."""
+    return load_params(PROJECT_PARAMS)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge an override mapping (a recipe, the demo's overrides) onto a params mapping, as
+    `dvc exp run -S` would; an empty mapping replaces (`config_overrides: {}` clears it)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+    return out

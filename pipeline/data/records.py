@@ -1,0 +1,159 @@
+"""Records into text, for preprocess: a text column, a template over a record's fields, a dialogue
+rendered with speaker labels (or the tokenizer's chat template), or a prompt/response pair for
+supervised fine-tuning; then cleaning (strip, drop short, exact de-duplication).
+
+Every shape becomes the columns `text` (and, for prompt/response, `prompt`: the leading part of
+`text` that is kept out of the loss)."""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.common import PipelineError
+from pipeline.core.config import DataConfig, PreprocessConfig
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+TURN_SPEAKER = ("speaker", "role", "from", "author")
+TURN_TEXT = ("text", "content", "utterance", "value", "message")
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a format string uses ("{title}" -> ["title"])."""
+    return [name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def required_columns(data: DataConfig) -> dict[str, list[str]]:
+    """Which record fields each configured shape needs, by the param that names them."""
+    if data.prompt_template:
+        return {"data.prompt_template": template_fields(data.prompt_template),
+                "data.response_template": template_fields(data.response_template or "")}
+    if data.template:
+        return {"data.template": template_fields(data.template)}
+    if data.dialogue_column:
+        return {"data.dialogue_column": [data.dialogue_column]}
+    return {"data.text_column": [data.text_column]}
+
+
+def check_columns(columns: list[str], data: DataConfig, csv: bool = False) -> None:
+    """One clear line when a field the params name is missing from the records."""
+    for param, fields in required_columns(data).items():
+        missing = [f for f in fields if f not in columns]
+        if missing:
+            hint = ("; if the CSV file has no header row, add one naming the columns" if csv else "")
+            raise PipelineError(f"{param}: field {missing[0]!r} is not in the records; they have "
+                                f"{', '.join(columns) or 'no fields'}{hint}")
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value(v) for v in value)
+    return str(value)
+
+
+def fill(template: str, record: dict) -> str:
+    return template.format(**{k: _value(v) for k, v in record.items()})
+
+
+def dialogue_turns(turns: Any, speakers: list[str]) -> list[tuple[str, str]]:
+    """(speaker, text) pairs from the common dialogue layouts."""
+    if isinstance(turns, dict):  # a dict of lists, e.g. schema-guided dialogue: {"speaker": [...], "utterance": [...]}
+        keys = list(turns)
+        turns = [dict(zip(keys, values, strict=False)) for values in zip(*turns.values(), strict=False)]
+    pairs = []
+    for i, turn in enumerate(turns or []):
+        if isinstance(turn, str):
+            pairs.append((speakers[i % len(speakers)], turn))
+            continue
+        speaker = next((turn[k] for k in TURN_SPEAKER if k in turn), i % len(speakers))
+        text = next((turn[k] for k in TURN_TEXT if k in turn), None)
+        if text is None:
+            raise PipelineError(f"data.dialogue_column: a turn has no text field ({', '.join(TURN_TEXT)}); it has "
+                                f"{', '.join(turn)}")
+        if isinstance(speaker, int):
+            speaker = speakers[speaker % len(speakers)]
+        pairs.append((str(speaker), str(text)))
+    return pairs
+
+
+def text_hash(text: str) -> int:
+    """A 63-bit content hash for exact de-duplication."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def renderer(data: DataConfig, cfg: PreprocessConfig, tokenizer: PreTrainedTokenizerBase
+             ) -> Callable[[dict[str, list]], dict[str, list]]:
+    """A batched function from records to `text` (and `prompt`) columns, stripped when preprocess.strip,
+    with a `text_hash` column when preprocess.dedup."""
+    if data.use_chat_template and data.dialogue_column and not getattr(tokenizer, "chat_template", None):
+        raise PipelineError("data.use_chat_template: the tokenizer has no chat template (GPT-2 has none); set it "
+                            "to false to use speaker labels")
+
+    def records(batch: dict[str, list]) -> list[dict]:
+        keys = list(batch)
+        return [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+    def texts(batch: dict[str, list]) -> dict[str, list]:
+        if data.prompt_template:
+            rows = records(batch)
+            prompts = [fill(data.prompt_template, r) for r in rows]
+            return {"prompt": prompts,
+                    "text": [p + fill(data.response_template or "", r) for p, r in zip(prompts, rows, strict=True)]}
+        if data.template:
+            return {"text": [fill(data.template, r) for r in records(batch)]}
+        if data.dialogue_column:
+            out = []
+            for turns in batch[data.dialogue_column]:
+                pairs = dialogue_turns(turns, data.speakers)
+                if data.use_chat_template:
+                    messages = [{"role": s.lower(), "content": t} for s, t in pairs]
+                    out.append(tokenizer.apply_chat_template(messages, tokenize=False))
+                else:
+                    out.append("\n".join(f"{s}: {t}" for s, t in pairs))
+            return {"text": out}
+        return {"text": [t if isinstance(t, str) else _value(t) for t in batch[data.text_column]]}
+
+    def render(batch: dict[str, list]) -> dict[str, list]:
+        out = texts(batch)
+        if cfg.strip:
+            out["text"] = [t.strip() for t in out["text"]]
+            if "prompt" in out:
+                out["prompt"] = [p.lstrip() for p in out["prompt"]]
+        if cfg.dedup:
+            out["text_hash"] = [text_hash(t) for t in out["text"]]
+        return out
+
+    return render
+
+
+def clean(docs: Dataset, cfg: PreprocessConfig, seen: set | None = None) -> tuple[Dataset, dict, set]:
+    """Drop documents shorter than min_chars and exact duplicates (within the split, and of `seen`:
+    the training split's hashes, when cleaning validation and test). Returns the kept documents, the
+    counts, and the kept documents' hashes (None without dedup)."""
+    import numpy as np
+
+    counts = {"short_or_empty_dropped": 0, "duplicates_dropped": 0, "seen_in_train_dropped": 0}
+    if cfg.min_chars:
+        before = len(docs)
+        docs = docs.filter(lambda b: [len(t) >= cfg.min_chars for t in b["text"]], batched=True,
+                           desc="drop short documents")
+        counts["short_or_empty_dropped"] = before - len(docs)
+    if not cfg.dedup:
+        return docs, counts, None
+    hashes = np.asarray(docs.with_format("numpy")["text_hash"], dtype=np.int64)
+    keep = np.zeros(len(hashes), dtype=bool)
+    keep[np.unique(hashes, return_index=True)[1]] = True
+    counts["duplicates_dropped"] = int(len(hashes) - keep.sum())
+    if seen is not None:
+        in_train = keep & np.isin(hashes, seen)
+        counts["seen_in_train_dropped"] = int(in_train.sum())
+        keep &= ~in_train
+    docs = docs.select(np.flatnonzero(keep)).remove_columns("text_hash")
+    return docs, counts, hashes[keep]

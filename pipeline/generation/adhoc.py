@@ -1,0 +1,65 @@
+"""Sampling ad hoc from the command line (python -m pipeline.generate --model DIR --prompt ...): params.yaml's
+generate settings with the flags given over them, prompts from the flags, a file or standard input,
+printed, nothing written."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from pipeline.core.config import GenerateConfig
+from pipeline.core.loading import load_model, load_tokenizer
+from pipeline.core.params import PROJECT_PARAMS, from_dict, merge, read_yaml
+from pipeline.generation.prompts import read_prompts
+from pipeline.generation.sampling import sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def ad_hoc_config(params_path: str, flags: dict[str, Any]) -> tuple[GenerateConfig, bool]:
+    """generate.* of params.yaml (the defaults where there is none) with the flags given on the command
+    line, checked as params are; and model.trust_remote_code."""
+    overrides = {k: v for k, v in flags.items() if k != "greedy"}
+    if flags.get("greedy"):
+        overrides = {"num_return_sequences": 1, **overrides, "do_sample": False}
+    if "stop" in overrides:
+        overrides["stop"] = list(overrides["stop"])
+    raw = read_yaml(params_path if Path(params_path).exists() else PROJECT_PARAMS)
+    params = from_dict(merge(raw, {"generate": overrides}) if overrides else raw)
+    return params.generate, params.model.trust_remote_code
+
+
+def stdin_prompts() -> Iterator[str]:
+    """Prompts from standard input, one per line; in a terminal, asked for one at a time."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("prompt (Ctrl-D to end)> ", err=True, nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def print_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                  cfg: GenerateConfig) -> None:
+    records, tokens_per_second = sample(model, tokenizer, prompts, cfg)
+    for r in records:
+        click.echo(f"--- {r['prompt']!r} #{r['sample'] + 1}\n{r['prompt']}{r['text']}")
+    click.echo(f"({tokens_per_second:.0f} tokens/s)", err=True)
+
+
+def ad_hoc(model_dir: Path, prompts: list[str], prompts_file: Path | None, cfg: GenerateConfig, trust: bool) -> None:
+    """Sample the prompts given (then those of stdin where one of them is '-') and print; write nothing."""
+    given = [p for p in prompts if p != "-"] + (read_prompts(prompts_file, "--prompts-file") if prompts_file else [])
+    model, tokenizer = load_model(model_dir, trust), load_tokenizer(model_dir, trust)
+    if given:
+        print_samples(model, tokenizer, given, cfg)
+    if "-" in prompts:
+        for prompt in stdin_prompts():
+            print_samples(model, tokenizer, [prompt], cfg)

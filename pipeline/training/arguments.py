@@ -1,0 +1,52 @@
+"""The Trainer's arguments from params: the one place train.* meets the Trainer's names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.common import PipelineError
+from pipeline.core.config import Params
+from pipeline.training.plan import Plan
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+
+def training_arguments(params: Params, plan: Plan, checkpoints: Path) -> TrainingArguments:
+    """TrainingArguments from params: the one place train.* meets the Trainer's names."""
+    from transformers import TrainingArguments
+
+    t, cuda = params.train, plan.device == "cuda"
+    return TrainingArguments(
+        output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, learning_rate=params.lr,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        optim=t.optimizer, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm, bf16=plan.precision == "bf16", fp16=plan.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing, torch_compile=plan.compile,
+        logging_steps=t.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
+        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps or None,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model="eval_loss", greater_is_better=False,
+        dataloader_num_workers=t.dataloader_num_workers,
+        # pinned batches copied without blocking: the host never waits for the GPU between steps
+        dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
+        use_cpu=not cuda, report_to=trackers(t.report_to), disable_tqdm=True,
+    )
+
+
+def trackers(names: list[str]) -> list[str] | str:
+    """train.report_to for the Trainer, each integration checked to be installed."""
+    if not names:
+        return "none"  # dvclive is added by the stage itself (live_callback)
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = sorted(set(names) - set(get_available_reporting_integrations()))
+    if missing:
+        raise PipelineError(f"train.report_to: {missing[0]} is not installed; pip install {missing[0]} into this "
+                            "environment, or remove it from train.report_to")
+    return list(names)

@@ -1,0 +1,124 @@
+"""Resumable training: `checkpoints/<run>/` holds one run's Trainer checkpoints, named by a fingerprint
+of what made it (training params, data, base model), with the run's live log (dvclive/) beside them.
+
+An interrupted `dvc repro` resumes its run from the newest whole checkpoint: one whose completion
+marker follows its files and whose files still have the sizes the marker lists. A new experiment
+starts a folder of its own, so no run continues another's or deletes its checkpoints; a run that
+finished (its outputs in place) is marked so, and running it again trains it again from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.common import digest
+from pipeline.core.config import Params
+from pipeline.core.outputs import file_sizes, remove, size_problem, write_json
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+log = logging.getLogger(__name__)
+FINGERPRINT = "fingerprint.json"
+COMPLETE = "checkpoint-complete.json"  # written once the Trainer has finished a checkpoint
+FINISHED = "finished.json"  # written once the run's outputs are in place
+LIVE = "dvclive"  # the run's live log, copied to the stage's dvclive/ output when the run ends
+
+
+def fingerprint(params: Params, data_dir: Path, base_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: training params and the exact inputs."""
+    inputs = {p.relative_to(data_dir).as_posix(): p.read_text() for p in sorted(data_dir.glob("*/state.json"))}
+    for name in ("config.json", "provenance.json"):
+        if (base_dir / name).exists():
+            inputs[name] = (base_dir / name).read_text()
+    return digest({"train": asdict(params.train), "lr": params.lr, "seed": params.seed, "inputs": inputs})
+
+
+def run_folder(checkpoints: Path, run_id: str) -> Path:
+    return checkpoints / run_id
+
+
+def resume_checkpoint(folder: Path, run_id: str) -> str | None:
+    """The newest whole checkpoint of an interrupted run in `folder`, if any. Checkpoints cut short (a run
+    killed while saving) or damaged since are skipped with a warning naming them."""
+    started = started_with(folder)
+    if started.get("fingerprint") != run_id:
+        return None
+    if (folder / FINISHED).exists():
+        log.info("this run finished before (%s); training it again from the start", folder)
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    for path in found:
+        problem = damage(path)
+        if problem is None:
+            return str(path)
+        log.warning("skipping %s: %s", path, problem)
+    return None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE).read_text())
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "incomplete (the run stopped while writing it)"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+    return size_problem(checkpoint, marker.get("files") or {})
+
+
+def start_fresh(folder: Path, run_id: str, attention: str) -> None:
+    """Begin this run's folder (an earlier, unresumable attempt of the same run is replaced; other runs'
+    folders are left alone)."""
+    remove(folder)
+    write_json(folder / FINGERPRINT, {"fingerprint": run_id, "attention": attention})
+
+
+def started_with(folder: Path) -> dict:
+    """What the run in `folder` recorded when it started (its fingerprint, its attention); {} if nothing
+    readable (a folder of a killed start, or a damaged file: the run starts afresh)."""
+    try:
+        started = json.loads((folder / FINGERPRINT).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; starting this run afresh", folder / FINGERPRINT)
+        return {}
+    return started if isinstance(started, dict) else {}
+
+
+def mark_finished(folder: Path) -> None:
+    write_json(folder / FINISHED, {})
+
+
+def note_other_runs(checkpoints: Path, folder: Path) -> None:
+    """Say what other runs' checkpoints take on disk: they are kept for resuming those runs."""
+    others = [p for p in checkpoints.glob("*") if p.is_dir() and p != folder]
+    if others:
+        size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+        log.info("%s also holds checkpoints of %d other run(s), %.2f GB, kept to resume them; delete the folders "
+                 "you will not resume", checkpoints, len(others), size / 1e9)
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int:
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+def mark_complete_callback() -> TrainerCallback:
+    """A TrainerCallback writing the completion marker, with every file's size, after each checkpoint."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    write_json(folder / COMPLETE, {"step": state.global_step, "files": file_sizes(folder, COMPLETE)})
+
+    return MarkComplete()

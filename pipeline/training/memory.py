@@ -1,0 +1,236 @@
+"""Training memory: a calibrated estimate of the peak, and the preflight that stops a run that would not
+fit with the batch size that does (the peak actually reached: pipeline.training.peak).
+
+A training step is at its peak at the end of the forward pass, when the loss's gradient is formed
+while every activation saved for the backward is still held. The estimate adds what is alive then:
+
+    weights            4 bytes per parameter (fp32 master weights)
+    optimizer states   8 per trainable parameter (AdamW's two moments)
+    gradients          4 per trainable parameter, only when they are held across accumulation
+    16-bit copies      2 per parameter: autocast casts each weight once and keeps the copy for the backward
+    activations        n_layer x tokens x hidden x `layer` bytes, plus n_layer x batch x heads x T^2 x
+                       `scores` where attention materialises its score matrix (eager; sdpa on a CPU with
+                       dropout, which falls back to the math kernel)
+    logits             tokens x vocabulary x `logits` bytes (logits, their fp32 copy, the loss's gradient)
+
+and takes the larger of that, the optimizer step (weights, gradients and states) and an evaluation
+batch. The per-unit byte counts are not theory (Korthikanti et al. give 34 bytes per layer-token-hidden
+unit; Hugging Face's GPT-2 keeps 64-86 eagerly, because autocast keeps some of it in fp32): they were
+measured, per device kind, and CALIBRATION says where and when. On a GPU, `python bench/bench.py
+--only memory` prints the estimate beside the measured peak of the train stage for GPT-2 shapes up to
+gpt2-xl; on a CPU, tests/training/test_memory.py holds it to the tensor memory of real steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.common import PipelineError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Bytes per unit of a training step, measured on one kind of device."""
+
+    layer: float        # per layer x token x hidden unit, saved for the backward
+    scores: float       # per attention score element, where the score matrix is materialised
+    logits: float       # per logit in training: the logits, their fp32 copy, the gradients
+    eval_logits: float  # per logit in an evaluation forward (no gradients)
+    lora: float         # per element of an adapted module's input (LoRA keeps a dropped-out copy)
+    checkpoint: float   # per layer x token x hidden unit with gradient checkpointing (each block's input)
+    source: str
+
+
+_CPU_SOURCE = ("measured with pipeline.training.peak.PeakTensorMemory on an AMD EPYC (2 cores), torch 2.13.0, "
+               "2026-11-23: GPT-2 shapes d 256-768, T 128-1024, 2-4 layers")
+# What each coefficient was fitted to, and how far the estimate is from what was measured where: docs/speed.md
+# ("Memory"); `source` names the measurements.
+_H100_SOURCE = "fitted to torch.cuda.max_memory_allocated on one H100 80GB (torch 2.11), 2026-11-23"
+CALIBRATION: dict[tuple[str, str, bool], Calibration] = {
+    # (device type, "16-bit" or "fp32", torch.compile)
+    ("cuda", "16-bit", False): Calibration(86.2, 7.0, 12.25, 10.3, 2.0, 4.1, _H100_SOURCE),
+    ("cuda", "16-bit", True): Calibration(34.1, 7.0, 10.95, 10.3, 2.0, 4.1, _H100_SOURCE),
+    # fp32 keeps the same tensors on every device (no autocast): measured on CPU, not on a GPU
+    ("cuda", "fp32", False): Calibration(120.2, 12.0, 12.1, 8.1, 4.5, 4.1, _CPU_SOURCE),
+    ("cpu", "16-bit", False): Calibration(64.1, 14.0, 12.0, 10.3, 4.5, 4.1, _CPU_SOURCE),
+    ("cpu", "fp32", False): Calibration(120.2, 12.0, 12.1, 8.1, 4.5, 4.1, _CPU_SOURCE),
+}
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adafactor": 0, "sgd": 0}
+
+
+def calibration(device: str, precision: str, compiled: bool) -> Calibration:
+    """The measured coefficients for this device, precision and compile setting. Where compile was not
+    measured (CPU, fp32) the eager figures stand in: compiling saves memory, so they over-estimate."""
+    kind = "fp32" if precision == "fp32" else "16-bit"
+    return CALIBRATION.get((device, kind, compiled)) or CALIBRATION[(device, kind, False)]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know of a model as it will train."""
+
+    parameters: int      # all, vocabulary padding rows included
+    trainable: int
+    block_parameters: int
+    n_layer: int
+    hidden: int
+    heads: int
+    vocab: int           # rows of the output matrix (padded)
+    lora_inputs: int = 0  # per block: the input widths of the modules with LoRA adapters, summed
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How it will train."""
+
+    device: str          # "cuda" or "cpu"
+    precision: str       # fp32, bf16 or fp16
+    batch: int           # per device
+    eval_batch: int
+    block_size: int
+    accumulation: int = 1
+    attention: str = "sdpa"
+    dropout: float = 0.1
+    compiled: bool = False
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw_torch_fused"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    states: int       # weights, optimizer states, held gradients, 16-bit copies
+    activations: int  # saved for the backward, one micro-batch
+    logits: int
+    step: int         # the optimizer step: weights, gradients and states
+    evaluation: int   # an evaluation batch, optimizer states alive
+
+    @property
+    def training(self) -> int:
+        return self.states + self.activations + self.logits
+
+    @property
+    def total(self) -> int:
+        return max(self.training, self.step, self.evaluation)
+
+
+def scores_materialised(run: RunShape) -> bool:
+    """Whether attention keeps its B x heads x T x T score matrix for the backward."""
+    if run.attention == "eager":
+        return True
+    # sdpa: CUDA's flash / memory-efficient kernels keep O(T); on a CPU its fused kernel has no dropout,
+    # so with dropout it falls back to the math kernel, which keeps the scores as eager does
+    return run.attention == "sdpa" and run.device == "cpu" and run.dropout > 0
+
+
+def estimate_memory(model: ModelShape, run: RunShape) -> MemoryEstimate:
+    """Peak bytes of one training step (see the module's docstring)."""
+    c = calibration(run.device, run.precision, run.compiled)
+    sixteen_bit = run.precision in ("bf16", "fp16")
+    state_bytes = OPTIMIZER_STATE_BYTES.get(run.optimizer, 8)
+    tokens = run.batch * run.block_size
+    per_layer = tokens * model.hidden * c.layer + tokens * model.lora_inputs * c.lora
+    if scores_materialised(run):
+        per_layer += run.batch * model.heads * run.block_size**2 * c.scores
+    if run.gradient_checkpointing:  # each block's input, and one block recomputed at a time
+        activations = model.n_layer * tokens * model.hidden * c.checkpoint + per_layer
+        copied = model.parameters - (model.n_layer - 1) * model.block_parameters  # blocks re-cast when recomputed
+    else:
+        activations = model.n_layer * per_layer
+        copied = model.parameters
+    states = (4 * model.parameters + state_bytes * model.trainable
+              + (4 * model.trainable if run.accumulation > 1 else 0) + (2 * copied if sixteen_bit else 0))
+    step = 4 * model.parameters + (4 + state_bytes) * model.trainable
+    evaluation = 4 * model.parameters + state_bytes * model.trainable + \
+        run.eval_batch * run.block_size * model.vocab * c.eval_logits
+    return MemoryEstimate(int(states), int(activations), int(tokens * model.vocab * c.logits), int(step),
+                          int(evaluation))
+
+
+def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
+    """The ModelShape of a transformers causal LM (maybe inside a peft wrapper), as it will train."""
+    from pipeline.training.model import transformer_layers, without_adapters
+
+    base = without_adapters(model)
+    config = base.config
+    params = list(model.parameters())
+    first = transformer_layers(model)[0]
+    adapted = [m for m in first.modules() if hasattr(m, "lora_A")]
+    return ModelShape(
+        parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
+        block_parameters=sum(p.numel() for p in first.parameters()), n_layer=config.num_hidden_layers,
+        hidden=config.hidden_size, heads=config.num_attention_heads,
+        vocab=base.get_output_embeddings().weight.shape[0], lora_inputs=sum(m.in_features for m in adapted))
+
+
+# --- the preflight ---------------------------------------------------------------------------------
+
+def free_memory() -> tuple[int, str]:
+    """Bytes free on the training device, and its name."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, torch.cuda.get_device_name()
+    import psutil
+
+    return psutil.virtual_memory().available, "CPU RAM"
+
+
+def largest_fitting(fits: Callable[[int], bool], most: int) -> int:
+    """The largest batch in 1..most for which `fits` holds (0: not even 1); memory grows with the batch."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def preflight(model: ModelShape, run: RunShape, lora: bool, headroom: float = 0.9) -> MemoryEstimate:
+    """Estimate the peak and fail before training, with the batch size that fits, when the estimate
+    exceeds `headroom` of the free memory. Returns the estimate."""
+    estimate = estimate_memory(model, run)
+    free, where = free_memory()
+    log.info("memory preflight: estimated peak %.1f GiB (states %.1f, activations %.1f, logits %.1f, evaluation "
+             "%.1f); %.1f GiB free on %s", estimate.total / GIB, estimate.states / GIB, estimate.activations / GIB,
+             estimate.logits / GIB, estimate.evaluation / GIB, free / GIB, where)
+    limit = headroom * free
+    if estimate.total <= limit:
+        return estimate
+    raise PipelineError(f"training needs about {estimate.total / GIB:.1f} GiB but {where} has {free / GIB:.1f} GiB "
+                        f"free; {' or '.join(fixes(model, run, lora, limit))}")
+
+
+def fixes(model: ModelShape, run: RunShape, lora: bool, limit: float) -> list[str]:
+    """What to change, most direct first: the batch sizes that fit (keeping the effective batch), then
+    the levers that shrink the rest."""
+    def at(**changes: Any) -> MemoryEstimate:
+        return estimate_memory(model, replace(run, **changes))
+
+    found = []
+    if at().evaluation > limit:
+        fits = largest_fitting(lambda b: at(eval_batch=b).evaluation <= limit, run.eval_batch)
+        if fits:
+            found.append(f"set train.per_device_eval_batch_size: {fits}")
+    if max(at().training, at().step) > limit:
+        fits = largest_fitting(lambda b: max(at(batch=b).training, at().step) <= limit, run.batch)
+        effective = run.batch * run.accumulation
+        keeps = max((b for b in range(1, fits + 1) if effective % b == 0), default=0)
+        if keeps:
+            found.append(f"set train.per_device_train_batch_size: {keeps} with gradient_accumulation_steps: "
+                         f"{effective // keeps} (the same effective batch of {effective} blocks; about "
+                         f"{at(batch=keeps, accumulation=effective // keeps).training / GIB:.1f} GiB)")
+        if not run.gradient_checkpointing:
+            found.append("train.gradient_checkpointing: true")
+        if not lora:
+            found.append("train.lora.enabled: true")
+    return found or ["a device with more memory, or sharding (FSDP/DeepSpeed)"]

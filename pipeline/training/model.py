@@ -1,0 +1,128 @@
+"""The model as it will train: dropout, padded vocabulary, frozen parts or LoRA adapters, the loss it
+computes (prepare_model), and what the rest of the stage asks of it (its layers, its parameters). How it
+will run (attention, compile, memory) is decided in pipeline.training.plan."""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.common import PipelineError
+from pipeline.core.config import TrainConfig
+from pipeline.core.loading import load_config, load_model
+from pipeline.training.loss import causal_lm_loss, pad_vocab
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch.nn import Module
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from pipeline.core.config import LoraConfig as LoraSettings
+
+    Model = PreTrainedModel | PeftModel  # a transformers model, or one with LoRA adapters around it
+
+
+def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int) -> tuple[Model, int]:
+    """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss, the
+    tokenizer's pad token) and its real vocabulary size."""
+    overrides = dropout_overrides(load_config(base_dir, trust, "download"), t.dropout)
+    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id},
+                       made_by="download")
+    if model.generation_config is not None:  # GPT-2 has no pad token: EOS stands in (core.loading.load_tokenizer)
+        model.generation_config.pad_token_id = pad_token_id
+    vocab = pad_vocab(model, t.pad_vocab_multiple_of)
+    freeze(model, t.freeze.embeddings, t.freeze.layers)
+    if t.lora.enabled:
+        model = add_lora(model, t.lora)
+    if t.gradient_checkpointing:
+        model.config.use_cache = False
+    base = without_adapters(model)
+    # transformers 5 names no loss type for GPT2LMHeadModel; without "ForCausalLM" the Trainer counts position 0
+    # of every block as a target and scales train and eval losses by (T-1)/T
+    base.loss_type = "ForCausalLM"
+    base.loss_function = causal_lm_loss(vocab)  # the padding rows out of the loss, computed inside the model
+    return model, vocab
+
+
+def dropout_overrides(config: PretrainedConfig, dropout: float | None) -> dict[str, float]:
+    """Config fields that set dropout (GPT-2: resid_pdrop, embd_pdrop, attn_pdrop; others: *_dropout),
+    all set to `dropout`; empty for None (keep the model's own). Given to from_pretrained, so every
+    module is built with them."""
+    if dropout is None:
+        return {}
+    names = [k for k, v in config.to_dict().items()
+             if isinstance(v, float) and re.search(r"(pdrop|dropout|dropout_prob|dropout_rate)$", k)]
+    if not names:
+        raise PipelineError(f"train.dropout is set but {type(config).__name__} has no dropout field to set; "
+                            "remove train.dropout")
+    return dict.fromkeys(names, dropout)
+
+
+def transformer_layers(model: Model) -> list[Module]:
+    """The transformer blocks of a causal LM (GPT-2's h, Llama-style layers, ...)."""
+    base = without_adapters(model)
+    inner = getattr(base, base.base_model_prefix, base)
+    for name in ("h", "layers", "blocks"):
+        if hasattr(inner, name):
+            return list(getattr(inner, name))
+    raise PipelineError(f"cannot find the transformer blocks of {type(base).__name__}; set train.freeze.layers: 0")
+
+
+def without_adapters(model: Model) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (the model itself without LoRA)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def position_embeddings(model: Model) -> list[Module]:
+    base = without_adapters(model)
+    inner = getattr(base, base.base_model_prefix, base)
+    return [inner.wpe] if hasattr(inner, "wpe") else []
+
+
+def freeze(model: Model, embeddings: bool, layers: int) -> None:
+    """Keep the embeddings and/or the first `layers` transformer blocks fixed."""
+    found = transformer_layers(model)
+    if layers > len(found):
+        raise PipelineError(f"params: train.freeze.layers ({layers}) exceeds the model's {len(found)} blocks")
+    frozen = [*found[:layers], *([model.get_input_embeddings(), *position_embeddings(model)] if embeddings else [])]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2's layers are Conv1D (weights stored transposed); peft needs to be told, or it warns and guesses
+    targets = [m for name, m in model.named_modules() if name.split(".")[-1] in cfg.target_modules]
+    transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
+    width = min((min(m.weight.shape) for m in targets if getattr(m, "weight", None) is not None), default=None)
+    if width is not None and cfg.r >= width:  # a rank-r update of a narrower layer is a full-rank copy of it
+        raise PipelineError(f"params: train.lora.r ({cfg.r}) is not below the width of the layers it adapts "
+                            f"({width}); lower it, or set lora.enabled: false to train every weight")
+    try:
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                                                      fan_in_fan_out=transposed))
+    except ValueError as e:
+        raise PipelineError(f"params: train.lora.target_modules {cfg.target_modules} do not fit this model "
+                            f"({str(e).splitlines()[0]}); name its linear layers") from None
+    # checkpoints and the saved adapter hold the adapters alone: LoRA leaves the embeddings as they were, and
+    # peft would otherwise copy them into every checkpoint because vocabulary padding changed their size
+    peft_model.save_pretrained = partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
+
+
+def count_parameters(model: Model, vocab: int) -> tuple[int, int]:
+    """Total and trainable parameters, not counting vocabulary padding rows."""
+    params = list(model.parameters())
+    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    embeddings = model.get_input_embeddings().weight
+    padding = (embeddings.shape[0] - vocab) * embeddings.shape[1]
+    return total - padding, trainable - (padding if embeddings.requires_grad else 0)
+
+
+def position_parameters(model: Model) -> int:
+    return sum(p.numel() for module in position_embeddings(model) for p in module.parameters())
