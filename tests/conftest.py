@@ -129,6 +129,14 @@ def pipeline_outputs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
 
 
 @pytest.fixture(scope="session")
+def hub_repos(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict:
+    """The repos a loopback Hub serves to the tests that run the Hub path (tests/hub_repos.py)."""
+    from tests.hub_repos import build_repos
+
+    return build_repos(tmp_path_factory.mktemp("hub-repos"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir: Path):
     from pipeline.core.loading import load_tokenizer
 

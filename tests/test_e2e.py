@@ -1,6 +1,9 @@
-"""The real pipeline through DVC, as a user runs it, in a temporary git repository: dvc repro, the run
-committed as the baseline, an experiment that changes only lr, and what a user compares them with
-(dvc exp show, dvc exp diff, dvc plots); then an edited prompt file, which only generate reads."""
+"""The real pipeline through DVC, as a user runs it, in a temporary git repository, in the default shape:
+the model and the dataset are Hub ids with revisions, served by a Hub on loopback (tests/hub.py). dvc
+repro, the commits it ran on recorded, the run committed as the baseline, an experiment that changes
+only lr, and what a user compares them with (dvc exp show, dvc exp diff, dvc plots); an edited prompt
+file, which only generate reads; the pinned revisions reproducing after the branches moved on; and a
+SIGKILL at a random moment of each stage. (The local-files shape runs through DVC in `make demo`.)"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tools.demo import commit_baseline, dvc, make_workspace, tool_env
-from tests.conftest import CORPUS, TINY
+from pipeline.core.params import merge
+from pipeline.tools.demo import commit_baseline, dvc, make_workspace
+from tests.conftest import TINY
+from tests.hub_repos import DATASET, HUB_PARAMS, MODEL, commit_of, hub_env, jsonl, sentences, serve, tiny_gpt2
 
 pytestmark = pytest.mark.e2e
 
@@ -46,14 +50,41 @@ def exp_rows(workspace) -> dict[str, dict]:
     return rows
 
 
+PARAMS = merge(merge(TINY, HUB_PARAMS), {"generate": {"prompts_file": "data/prompts/extra.txt"}})
+
+
 @pytest.fixture(scope="module")
-def experimented(tmp_path_factory):
-    """A workspace where `dvc repro` ran, was committed as the baseline, and `dvc exp run -S lr=5e-4` followed."""
-    workspace = make_workspace(tmp_path_factory.mktemp("e2e") / "ws",
-                               {**TINY, "generate": {**TINY["generate"], "prompts_file": "data/prompts/extra.txt"}})
-    shutil.copytree(CORPUS, workspace / "data/input/corpus")
+def hub(hub_repos):
+    server = serve(hub_repos)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def online(hub, tmp_path_factory) -> dict[str, str]:
+    """The environment of DVC and its stages with the loopback Hub switched on."""
+    return hub_env(hub, tmp_path_factory.mktemp("hf-home"))
+
+
+def workspace_for(root) -> Path:
+    workspace = make_workspace(root / "ws", PARAMS)
     (workspace / "data/prompts/extra.txt").write_text("The mountain\n")
-    dvc(workspace, "repro")
+    return workspace
+
+
+def repro(workspace, env: dict, *args: str) -> subprocess.CompletedProcess:
+    ran = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", *args], cwd=workspace, env=env,
+                         text=True, capture_output=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    return ran
+
+
+@pytest.fixture(scope="module")
+def experimented(tmp_path_factory, online):
+    """A workspace where `dvc repro` ran from the Hub, was committed as the baseline, and `dvc exp run -S
+    lr=5e-4` followed."""
+    workspace = workspace_for(tmp_path_factory.mktemp("e2e"))
+    repro(workspace, online)
     commit_baseline(workspace)
     ran = dvc(workspace, "exp", "run", "-S", "lr=5e-4", capture=True)
     workspace.joinpath("exp-run.log").write_text(ran.stdout + ran.stderr)
@@ -101,6 +132,16 @@ def test_a_generate_only_change_leaves_train_and_evaluate_up_to_date(experimente
         (experimented / path).write_text(before)  # the workspace is shared by this module's tests
 
 
+def test_the_run_records_the_commits_it_ran_on(experimented, hub):
+    model = json.loads((experimented / "models/base/provenance.json").read_text())
+    data = json.loads((experimented / "data/raw/provenance.json").read_text())
+    v1_model, v1_data = commit_of(hub, "model", MODEL, "v1"), commit_of(hub, "dataset", DATASET, "v1")
+    assert model["resolved_commit"] == model["tokenizer_commit"] == v1_model != commit_of(hub, "model", MODEL, "main")
+    assert data["resolved_commit"] == v1_data != commit_of(hub, "dataset", DATASET, "main")
+    card = (experimented / "models/finetuned/README.md").read_text()
+    assert f"base_model: {MODEL}" in card and v1_model in card and v1_data in card
+
+
 def test_plots_render_offline(experimented):
     """The page dvc plots show writes needs no network: no script comes from an http(s) address."""
     dvc(experimented, "plots", "show", "-o", "plots-page")
@@ -113,6 +154,17 @@ def test_plots_render_offline(experimented):
     evals = [row["step"] for row in shown["data"]["loss"][0]["content"]["data"]["values"]
              if row["filename"] == "eval/loss.tsv"]
     assert len(evals) == len(set(evals)), evals  # one evaluation per step: the last one is not run twice
+
+
+def test_pinned_revisions_reproduce_after_the_branches_move_on(experimented, hub, online, tmp_path, tokenizer_dir):
+    """main of the model and of the dataset move on; download re-run gives the same outputs, so dvc.lock
+    does not change and nothing downstream would re-run."""
+    lock = (experimented / "dvc.lock").read_text()
+    hub.commit("model", MODEL, tiny_gpt2(2, tmp_path / "v3", tokenizer_dir))
+    hub.commit("dataset", DATASET, {"small/train.jsonl": jsonl(sentences(5, "raft"))})
+    repro(experimented, online, "-f", "-s", "download")
+    assert (experimented / "dvc.lock").read_text() == lock
+    assert "Data and pipelines are up to date" in dvc(experimented, "status", capture=True).stdout
 
 
 # --- SIGKILL at a random moment of each stage ----------------------------------------------------------
@@ -136,9 +188,9 @@ def stage_processes(workspace, stage: str) -> list[int]:
     return found
 
 
-def kill_during(workspace, stage: str, moment: float) -> str:
+def kill_during(workspace, env: dict, stage: str, moment: float) -> str:
     """Start `dvc repro`, wait for `stage` to start, SIGKILL dvc and the stage `moment` seconds later."""
-    repro = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=workspace, env=tool_env(),
+    repro = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=workspace, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not stage_processes(workspace, stage):
@@ -169,21 +221,18 @@ def assert_intact(workspace) -> None:
         json.loads(metrics.read_text())
 
 
-def test_sigkill_at_a_random_moment_of_each_stage_then_repro_gives_the_uninterrupted_metrics(experimented,
+def test_sigkill_at_a_random_moment_of_each_stage_then_repro_gives_the_uninterrupted_metrics(experimented, online,
                                                                                              tmp_path_factory):
     seed = int.from_bytes(os.urandom(4), "little")
     moments = random.Random(seed)
-    workspace = make_workspace(tmp_path_factory.mktemp("killed") / "ws",
-                               {**TINY, "generate": {**TINY["generate"], "prompts_file": "data/prompts/extra.txt"}})
-    shutil.copytree(CORPUS, workspace / "data/input/corpus")
-    (workspace / "data/prompts/extra.txt").write_text("The mountain\n")
+    workspace = workspace_for(tmp_path_factory.mktemp("killed"))
     log = []
     for stage in STAGES:
         moment = moments.uniform(0, SECONDS[stage])
-        log.append(f"{stage} at {moment:.2f} s: killed {kill_during(workspace, stage, moment)}")
+        log.append(f"{stage} at {moment:.2f} s: killed {kill_during(workspace, online, stage, moment)}")
         assert_intact(workspace)
     print("\n".join(log))  # where the kills landed (pytest -s shows it)
-    dvc(workspace, "repro")
+    repro(workspace, online)
     assert "Data and pipelines are up to date" in dvc(workspace, "status", capture=True).stdout
     for path, keys in SAME.items():
         expected = json.loads(subprocess.run(["git", "show", f"HEAD:{path}"], cwd=experimented, check=True,

@@ -6,7 +6,6 @@ libraries read HF_ENDPOINT when they are imported; the rest of the suite stays o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,97 +17,25 @@ import yaml
 from pipeline.core.params import merge
 from tests.conftest import ROOT, TINY
 from tests.hub import Hub, folder_files
+from tests.hub_repos import (
+    DATASET,
+    HUB_PARAMS,
+    MODEL,
+    SECRET,
+    TOKEN,
+    commit_of,
+    hub_env,
+    serve,
+)
 
-TOKEN = "hf_alice_write_token"
-MODEL, SECRET, DATASET = "alice/tiny-gpt2", "alice/secret-gpt2", "alice/tiny-text"
 ONE_LINE_MAX = 420
 
 
-def tiny_gpt2(seed: int, out: Path, tokenizer_dir: Path) -> dict[str, bytes]:
-    """The files of a repo holding a 2-layer, 32-wide GPT-2 (seeded weights) and GPT-2's tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(out)
-    return {**folder_files(tokenizer_dir), **folder_files(out)}
-
-
-def jsonl(texts: list[str]) -> bytes:
-    return "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
-
-
-DATASET_CARD = b"""---
-configs:
-- config_name: small
-  data_files:
-  - {split: train, path: small/train.jsonl}
-  - {split: validation, path: small/validation.jsonl}
-- config_name: large
-  data_files:
-  - {split: train, path: large/train.jsonl}
----
-Two configs of short made-up sentences, for the pipeline's tests.
-"""
-
-
-def sentences(count: int, topic: str) -> list[str]:
-    return [f"The {topic} number {i} crossed the river at dawn, and the town watched it go by." for i in range(count)]
-
-
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory, tokenizer_dir) -> dict:
-    """What every Hub in this module serves: a model at tag v1 with main moved on after it (new weights),
-    a private model, a model with pickle weights only, a model without tokenizer files, and a dataset
-    with two configs at tag v1, main moved on after it (more rows)."""
-    work = tmp_path_factory.mktemp("repos")
-    v1, v2 = tiny_gpt2(0, work / "v1", tokenizer_dir), tiny_gpt2(1, work / "v2", tokenizer_dir)
-    data_v1 = {"README.md": DATASET_CARD, "small/train.jsonl": jsonl(sentences(60, "boat")),
-               "small/validation.jsonl": jsonl(sentences(12, "bridge")),
-               "large/train.jsonl": jsonl(sentences(90, "cart"))}
-    data_v2 = {"small/train.jsonl": jsonl(sentences(80, "barge"))}
-    pickle_only = {name: data for name, data in v1.items() if name != "model.safetensors"}
-    pickle_only["pytorch_model.bin"] = b"not loaded: pickle weights can run code"
-    no_tokenizer = {name: v1[name] for name in ("config.json", "generation_config.json", "model.safetensors")}
-    return {"model": [v1, v2], "dataset": [data_v1, data_v2], "pickle": pickle_only, "no_tokenizer": no_tokenizer}
-
-
-def serve(repos: dict) -> Hub:
-    hub = Hub(tokens={TOKEN: "alice"})
-    for kind, (first, second) in (("model", repos["model"]), ("dataset", repos["dataset"])):
-        name = MODEL if kind == "model" else DATASET
-        hub.commit(kind, name, first, tag="v1")
-        hub.commit(kind, name, second)  # main moves on after v1
-    hub.commit("model", SECRET, repos["model"][0], private=True)
-    hub.commit("model", "alice/pickle-only", repos["pickle"])
-    hub.commit("model", "alice/no-tokenizer", repos["no_tokenizer"])
-    hub.start()
-    return hub
-
-
-@pytest.fixture(scope="module")
-def hub(repos):
-    server = serve(repos)
+def hub(hub_repos):
+    server = serve(hub_repos)
     yield server
     server.stop()
-
-
-def hub_env(hub: Hub, home: Path, token: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a command that talks to `hub`: online, its own HF_HOME, short timeouts."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DOWNLOAD_TIMEOUT="2", HF_HUB_ETAG_TIMEOUT="2",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.update(extra)
-    if token:
-        env["HF_TOKEN"] = token
-    return env
-
-
-HUB_PARAMS = {"model": {"name": MODEL, "revision": "v1", "tokenizer": None, "from_scratch": False,
-                        "config_overrides": {}},
-              "data": {"dataset": DATASET, "config": "small", "revision": "v1"}}
 
 
 def project(root: Path, overrides: dict | None = None) -> Path:
@@ -137,10 +64,6 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 def provenance(root: Path) -> tuple[dict, dict]:
     return (json.loads((root / "models/base/provenance.json").read_text()),
             json.loads((root / "data/raw/provenance.json").read_text()))
-
-
-def commit_of(hub: Hub, kind: str, repo_id: str, revision: str) -> str:
-    return hub.repos[(kind, repo_id)].resolve(revision)
 
 
 # --- download -------------------------------------------------------------------------------------------
@@ -197,8 +120,8 @@ def test_something_missing_on_the_hub_is_one_line_naming_it_and_nothing_is_writt
     assert not (root / "models").exists() and not (root / "data").exists()
 
 
-def test_a_hub_that_is_gone_is_one_line_and_the_cache_serves_an_offline_run(repos, tmp_path):
-    hub = serve(repos)
+def test_a_hub_that_is_gone_is_one_line_and_the_cache_serves_an_offline_run(hub_repos, tmp_path):
+    hub = serve(hub_repos)
     root, home = project(tmp_path / "p"), tmp_path / "home"
     assert command("download", root, hub_env(hub, home)).returncode == 0
     first = provenance(root)
@@ -214,8 +137,8 @@ def test_a_hub_that_is_gone_is_one_line_and_the_cache_serves_an_offline_run(repo
     assert provenance(root) == first
 
 
-def test_a_download_stalled_mid_file_is_one_line_in_bounded_time_and_the_next_run_uses_the_cache(repos, tmp_path):
-    hub = serve(repos)
+def test_a_download_stalled_mid_file_is_one_line_in_bounded_time_and_the_next_run_uses_the_cache(hub_repos, tmp_path):
+    hub = serve(hub_repos)
     root, home = project(tmp_path / "p"), tmp_path / "home"
     hub.stall = {"model.safetensors": 1_000_000}  # of its 6.5 MB
     try:
@@ -234,42 +157,6 @@ def test_a_download_stalled_mid_file_is_one_line_in_bounded_time_and_the_next_ru
             hub.files("model", MODEL, "v1")["model.safetensors"]
         fetched = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
         assert sum(path.endswith("/tokenizer.json") for path in fetched) == 1  # the cache served the second run
-    finally:
-        hub.stop()
-
-
-# --- the pipeline from Hub ids -----------------------------------------------------------------------
-
-@pytest.mark.e2e
-def test_dvc_repro_from_hub_ids_records_what_it_ran_on_and_a_pinned_revision_reproduces(repos, tmp_path,
-                                                                                         tokenizer_dir):
-    from pipeline.tools.demo import make_workspace
-
-    hub = serve(repos)
-    try:
-        workspace = make_workspace(tmp_path / "ws", merge(TINY, HUB_PARAMS))
-        env = hub_env(hub, tmp_path / "home")
-        dvc = [str(Path(sys.executable).parent / "dvc")]
-        ran = subprocess.run([*dvc, "repro"], cwd=workspace, env=env, text=True, capture_output=True, timeout=600)
-        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-        model, data = provenance(workspace)
-        v1_model, v1_data = commit_of(hub, "model", MODEL, "v1"), commit_of(hub, "dataset", DATASET, "v1")
-        assert model["resolved_commit"] == v1_model != commit_of(hub, "model", MODEL, "main")
-        assert data["resolved_commit"] == v1_data != commit_of(hub, "dataset", DATASET, "main")
-        card = (workspace / "models/finetuned/README.md").read_text()
-        assert f"base_model: {MODEL}" in card and v1_model in card and v1_data in card
-        summary = json.loads((workspace / "metrics/summary.json").read_text())
-        assert summary["ppl"] < summary["ppl_base"]
-        lock = (workspace / "dvc.lock").read_text()
-        # main moves on again; the pinned revisions give the same outputs, so nothing downstream re-runs
-        hub.commit("model", MODEL, tiny_gpt2(2, tmp_path / "v3", tokenizer_dir))
-        hub.commit("dataset", DATASET, {"small/train.jsonl": jsonl(sentences(5, "raft"))})
-        again = subprocess.run([*dvc, "repro", "-f", "-s", "download"], cwd=workspace, env=env, text=True,
-                               capture_output=True, timeout=600)
-        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-        assert (workspace / "dvc.lock").read_text() == lock
-        status = subprocess.run([*dvc, "status"], cwd=workspace, env=env, text=True, capture_output=True)
-        assert "Data and pipelines are up to date" in status.stdout, status.stdout
     finally:
         hub.stop()
 
