@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-venv demo test lint bench repro plots params publish clean docker-build docker-train \
+.PHONY: help setup check-venv demo demo-classify test lint bench repro plots params publish clean docker-build docker-train \
 	docker-shell docker-test docker-demo docker-check
 
 help: ## List the targets
@@ -29,6 +29,9 @@ check-venv:
 
 demo: setup ## Run the whole pipeline offline on a tiny GPT-2 (about 2 minutes on 2 CPU cores)
 	$(BIN)/python -m pipeline.tools.demo
+
+demo-classify: setup ## The same, as a text classifier: standard library docstrings by module family
+	$(BIN)/python -m pipeline.tools.demo --workdir .demo-classify --overrides examples/demo-classify.yaml
 
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
@@ -55,7 +58,7 @@ publish: setup ## Push models/finetuned to the Hub repo publish.repo_id (needs H
 	$(BIN)/python -m pipeline.tools.publish
 
 clean: ## Remove the demo workspace and caches (not .venv, not DVC outputs)
-	rm -rf .demo .pytest_cache
+	rm -rf .demo .demo-classify .pytest_cache
 	find . -name __pycache__ -not -path './.venv/*' -exec rm -rf {} +
 
 # --- Docker, for a GPU host (README, "GPU host"; docs/docker.md) ----------------------------------------

@@ -55,7 +55,7 @@ def prepare(work: Path) -> None:
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
-    from pipeline.tools.demo import write_gpt2_tokenizer, write_python_reference
+    from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference
     from tests.support import project_section
 
     write_gpt2_tokenizer(work / "tokenizer")
@@ -231,7 +231,7 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
-    from pipeline.tools.demo import write_gpt2_tokenizer, write_python_reference
+    from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference
     from tests.support import project_section
 
     if not (work / "tokenizer").exists():

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from pipeline.classification.evaluation import evaluate_classifier
 from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, stage_command
 from pipeline.core.device import autocast_dtype, device, keep_freed_memory, resolve_precision
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
@@ -240,19 +241,29 @@ def perplexity_rows(results: dict) -> list[dict]:
 @click.option("--metrics", "metrics_path", default="metrics/eval.json", show_default=True,
               type=click.Path(path_type=Path), help="Where the metrics are written.")
 @click.option("--plot", "plot_path", default="metrics/perplexity.json", show_default=True,
-              type=click.Path(path_type=Path), help="Base vs fine-tuned perplexity rows for dvc plots.")
+              type=click.Path(path_type=Path), help="Base vs fine-tuned perplexity rows for dvc plots (causal_lm).")
+@click.option("--confusion", "confusion_path", default="metrics/confusion.json", show_default=True,
+              type=click.Path(path_type=Path), help="Validation labels and predictions for dvc plots (classification).")
 def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, metrics_path: Path,
-         plot_path: Path) -> None:
+         plot_path: Path, confusion_path: Path) -> None:
     """Loss, perplexity (blocks and sliding window) and bits per byte of the base and the fine-tuned
-    model on the same tokens, and the improvement."""
+    model on the same tokens, and the improvement; with task: classification, accuracy, macro-F1, the
+    per-class figures and the confusion matrix beside the majority class and the base model zero-shot.
+    Each task leaves the other's plot file empty."""
     params = load_params(params_path)
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
-    results = evaluate(base_dir, finetuned_dir, data_dir, params.evaluate.batch_size, params.model.trust_remote_code,
-                       precision, params.evaluate.stride)
-    with outputs(metrics_path, plot_path) as (metrics_tmp, plot_tmp):
+    if params.task == "classification":
+        results, confusion = evaluate_classifier(params, base_dir, finetuned_dir, data_dir, precision)
+        perplexity = []
+    else:
+        results = evaluate(base_dir, finetuned_dir, data_dir, params.evaluate.batch_size,
+                           params.model.trust_remote_code, precision, params.evaluate.stride)
+        perplexity, confusion = perplexity_rows(results), []
+    with outputs(metrics_path, plot_path, confusion_path) as (metrics_tmp, plot_tmp, confusion_tmp):
         write_json(metrics_tmp, results)
-        write_json(plot_tmp, perplexity_rows(results))
+        write_json(plot_tmp, perplexity)
+        write_json(confusion_tmp, confusion)
 
 
 if __name__ == "__main__":

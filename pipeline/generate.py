@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from pipeline.classification.prediction import predict, print_predictions, write_predictions
 from pipeline.core.common import PipelineError, params_option, stage_command
 from pipeline.core.config import GenerateConfig
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import outputs, write_json, write_text
 from pipeline.core.params import load_params
-from pipeline.generation.adhoc import ad_hoc, ad_hoc_config
+from pipeline.generation.adhoc import ad_hoc, ad_hoc_config, stdin_prompts
 from pipeline.generation.prompts import load_prompts
 from pipeline.generation.sampling import sample
 
@@ -181,6 +182,9 @@ def write_outputs(by_model: dict[str, list[dict]], metrics: dict, cfg: GenerateC
 @click.option("--prompt", "prompts", multiple=True,
               help="Ad hoc: sample this prompt from --model and print it; writes nothing. Repeat it for more; "
                    "'-' reads prompts from standard input, one per line (asked for one by one in a terminal).")
+@click.option("--text", "texts", multiple=True,
+              help="Ad hoc, for a classifier: print this text's label and probabilities; '-' reads texts from "
+                   "standard input, one per line.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Ad hoc: the prompts of this file (.txt one per line, .jsonl a \"prompt\" field per line).")
 @click.option("--max-new-tokens", type=int, help="Ad hoc: tokens per sample (generate.max_new_tokens).")
@@ -195,11 +199,15 @@ def write_outputs(by_model: dict[str, list[dict]], metrics: dict, cfg: GenerateC
 @click.option("--stop", multiple=True, help="Ad hoc: cut a sample at this string (repeatable).")
 @click.option("--seed", type=int, help="Ad hoc: sampling seed (generate.seed).")
 def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out: Path, metrics_path: Path,
-         prompts: tuple[str, ...], prompts_file: Path | None, **flags: Any) -> None:
+         prompts: tuple[str, ...], texts: tuple[str, ...], prompts_file: Path | None, **flags: Any) -> None:
     """Sample continuations of the prompts in params (reproducible under generate.seed), base and
     fine-tuned side by side, with copying and repetition checks. With --prompt or --prompts-file:
     sample --model ad hoc and print (settings from params.yaml, where there is one, and the flags)."""
     flags = {k: v for k, v in flags.items() if v not in (None, ())}
+    if texts:
+        given = [t for t in texts if t != "-"] + (list(stdin_prompts()) if "-" in texts else [])
+        print_predictions(model_dir, given, ad_hoc_config(params_path, {})[1])
+        return
     if prompts or prompts_file:
         ad_hoc(model_dir, list(prompts), prompts_file, *ad_hoc_config(params_path, flags))
         return
@@ -208,6 +216,10 @@ def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out:
         raise PipelineError(f"{name} is for ad hoc sampling (with --prompt or --prompts-file); the stage takes its "
                             "settings from generate.* in params.yaml")
     params = load_params(params_path)
+    if params.task == "classification":
+        records, metrics = predict(params, load_prompts(params.generate), model_dir, base_dir)
+        write_predictions(records, metrics, out, metrics_path)
+        return
     by_model, metrics = generate(params, model_dir, base_dir, data_dir)
     write_outputs(by_model, metrics, params.generate, out, metrics_path)
 

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from pipeline.classification.data import classification_blocks
 from pipeline.core.common import IGNORE_INDEX, PipelineError, check_processes, digest, params_option, stage_command
-from pipeline.core.config import DataConfig, PreprocessConfig
+from pipeline.core.config import DataConfig, Params, PreprocessConfig
 from pipeline.core.loading import context_length, load_config, load_saved_dataset, load_tokenizer, read_json
 from pipeline.core.outputs import outputs, write_json
 from pipeline.core.params import load_params
+from pipeline.data.lengths import histogram_rows, length_stats
 from pipeline.data.records import check_columns, clean, renderer
 
 if TYPE_CHECKING:
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
-HISTOGRAM_EDGES = [2**k for k in range(4, 17)]  # document lengths in tokens: 16, 32, ... 65536, more
 
 
 def split_documents(raw: DatasetDict, data: DataConfig, val_fraction: float, seed: int) -> dict[str, Dataset]:
@@ -200,13 +201,13 @@ def length_summary(tokens: Dataset) -> tuple[dict, list[int]]:
     """Document length percentiles (tokens) and histogram counts over HISTOGRAM_EDGES."""
     import numpy as np
 
-    lengths = np.concatenate([n for _, _, n in _documents(tokens)] or [np.zeros(0, np.int64)])
-    if not len(lengths):
-        return {}, [0] * (len(HISTOGRAM_EDGES) + 1)
-    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
-    counts = np.bincount(np.searchsorted(HISTOGRAM_EDGES, lengths), minlength=len(HISTOGRAM_EDGES) + 1)
-    return ({"length_p50": float(p50), "length_p90": float(p90), "length_p99": float(p99),
-             "length_max": int(lengths.max())}, counts.tolist())
+    return length_stats(np.concatenate([n for _, _, n in _documents(tokens)] or [np.zeros(0, np.int64)]))
+
+
+def check_block_size(block_size: int, max_positions: int | None) -> None:
+    if max_positions is not None and block_size > max_positions:
+        raise PipelineError(f"params: preprocess.block_size ({block_size}) exceeds the model's n_positions "
+                            f"({max_positions}); set block_size to at most {max_positions}")
 
 
 def build_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_positions: int | None, data: DataConfig,
@@ -214,9 +215,7 @@ def build_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_posit
     """The processed DatasetDict, per-split stats, and the document-length histogram rows."""
     import datasets
 
-    if max_positions is not None and cfg.block_size > max_positions:
-        raise PipelineError(f"params: preprocess.block_size ({cfg.block_size}) exceeds the model's n_positions "
-                            f"({max_positions}); set block_size to at most {max_positions}")
+    check_block_size(cfg.block_size, max_positions)
     if data.train_split not in raw:
         raise PipelineError(f"params: data.train_split {data.train_split!r} is not a split of the downloaded data "
                             f"({', '.join(raw)}); set it to one of them")
@@ -237,10 +236,7 @@ def build_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_posit
             processed[name], stats[name] = pad(tokens, cfg.block_size, tokenizer.pad_token_id)
         lengths, counts_by_length = length_summary(tokens)
         stats[name].update(counts | lengths)
-        # one row per split and length bin; bin_index keeps the plot's bins in order (.dvc/plots/lengths.json)
-        histogram += [{"split": name, "bin": str(edge) if edge else f">{HISTOGRAM_EDGES[-1]}", "bin_index": i,
-                       "documents": n} for i, (edge, n) in enumerate(zip([*HISTOGRAM_EDGES, None], counts_by_length,
-                                                                         strict=True))]
+        histogram += histogram_rows(name, counts_by_length)
         if stats[name]["tokens"] == 0:
             raise PipelineError(f"empty corpus: the {name} split has no text ({_source(data)}); check data.dataset "
                                 "and the column or template that makes the text")
@@ -256,10 +252,13 @@ RECORD_KEYS = ("train_split", "validation_split", "text_column", "template", "di
                "use_chat_template", "prompt_template", "response_template")
 
 
-def data_provenance(source: dict, data: DataConfig, cfg: PreprocessConfig) -> dict:
+def data_provenance(source: dict, params: Params, labels: list[str] | None) -> dict:
     """What the blocks are made of: the raw data's provenance (data/raw/provenance.json), how records
-    became text, and the preprocessing. The train stage's model card reads it from here."""
-    return {"source": source, "records": {key: getattr(data, key) for key in RECORD_KEYS}, "preprocess": asdict(cfg)}
+    became text, and the preprocessing; for classification the label names in id order. The later
+    stages (and the train stage's model card) read it from here."""
+    task = {"task": params.task, **({"labels": labels, "classify": asdict(params.classify)} if labels else {})}
+    return {"source": source, "records": {key: getattr(params.data, key) for key in RECORD_KEYS},
+            "preprocess": asdict(params.preprocess), **task}
 
 
 def _source(data: DataConfig) -> str:
@@ -295,11 +294,17 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     provenance = read_json(raw_dir / "provenance.json", "download")
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code, "download")
     context = context_length(load_config(model_dir, made_by="download"))
-    processed, stats, histogram = build_blocks(raw, tokenizer, context, params.data, params.preprocess,
-                                               params.seed, csv=provenance.get("format") == "csv")
+    csv = provenance.get("format") == "csv"
+    if params.task == "classification":
+        check_block_size(params.preprocess.block_size, context)
+        processed, stats, histogram = classification_blocks(raw, tokenizer, params, csv)
+    else:
+        processed, stats, histogram = build_blocks(raw, tokenizer, context, params.data, params.preprocess,
+                                                   params.seed, csv=csv)
+    labels = stats.get("labels")
     with outputs(out, stats_path, lengths_path) as (out_tmp, stats_tmp, lengths_tmp):
         processed.save_to_disk(str(out_tmp))
-        write_json(out_tmp / "provenance.json", data_provenance(provenance, params.data, params.preprocess))
+        write_json(out_tmp / "provenance.json", data_provenance(provenance, params, labels))
         write_json(stats_tmp, stats)
         write_json(lengths_tmp, histogram)
 

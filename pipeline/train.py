@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from pipeline.classification.metrics import trainer_metrics
+from pipeline.classification.training import add_pad_token, classification_card, weighted_loss
 from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
 from pipeline.core.device import keep_freed_memory
@@ -113,7 +115,7 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
     inputs = _setup_inputs(params, data_dir, base_dir)
     train_blocks = inputs.blocks["train"]
     plan = make_plan(t, len(train_blocks), len(train_blocks[0]["input_ids"]))
-    trainable = _setup_model(params, base_dir, inputs.tokenizer)
+    trainable = _setup_model(params, base_dir, inputs)
     run = _setup_run_folder(params, data_dir, base_dir, checkpoints)  # every rank decides before rank 0 writes
     args = training_arguments(params, plan, run.path)
     # on the CPU the model is loaded on: CUDA needs no measuring, and the preflight must run before the
@@ -137,11 +139,26 @@ def _setup_inputs(params: Params, data_dir: Path, base_dir: Path) -> Inputs:
     # read now, not after training: a damaged one stops the stage here
     sources = read_json(base_dir / "provenance.json", "download"), read_json(data_dir / "provenance.json",
                                                                                "preprocess")
+    made_for = sources[1].get("task", "causal_lm")
+    if made_for != params.task:
+        raise PipelineError(f"{data_dir} was made for task: {made_for}, and task is {params.task}; re-run "
+                            "preprocess (dvc repro -f preprocess)")
     return Inputs(blocks, tokenizer, sources)
 
 
-def _setup_model(params: Params, base_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Trainable:
-    t = params.train
+def _setup_model(params: Params, base_dir: Path, inputs: Inputs) -> Trainable:
+    t, tokenizer = params.train, inputs.tokenizer
+    if params.task == "classification":  # a pad token of its own, and a head over the data's labels
+        from transformers import set_seed
+
+        made = inputs.provenance[1]
+        set_seed(params.seed)  # the new head's initial weights: the same params, the same classifier
+        model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, add_pad_token(tokenizer),
+                                     made["labels"])
+        model.config.text_blocks = {"block_size": made["preprocess"]["block_size"],  # how texts are read: its
+                                    "add_eos": made["preprocess"]["add_eos"],        # predictions read them so
+                                    "padding_side": made["classify"]["padding_side"]}
+        return Trainable(model, vocab, count_parameters(model, vocab))
     model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
     if t.samples.every:
         check_room(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens, context_length(model.config),
@@ -172,12 +189,17 @@ def _setup_checkpoints(args: TrainingArguments, checkpoints: Path, run: RunFolde
 
 
 def _setup_meter(trainable: Trainable, plan: Plan) -> ThroughputMeter:
-    """The meter of this run's throughput: FLOPs per token of this model, the device's peak."""
+    """The meter of this run's throughput: FLOPs per token of this model, the device's peak. A classifier
+    multiplies by its token embeddings nowhere (they are only looked up; a language model's output layer is
+    them), so they are not counted."""
     model = trainable.model
     config = without_adapters(model).config
     peak, source = peak_flops(plan.precision)
-    flops = flops_per_token(trainable.parameters[0] - position_parameters(model), config.num_hidden_layers,
-                            config.hidden_size, plan.block_size)
+    looked_up = position_parameters(model)
+    if without_adapters(model).get_output_embeddings() is None:
+        looked_up += trainable.vocab * config.hidden_size
+    flops = flops_per_token(trainable.parameters[0] - looked_up, config.num_hidden_layers, config.hidden_size,
+                            plan.block_size)
     return ThroughputMeter(plan.tokens_per_step, flops, peak, warmup=warmup_steps(plan.steps),
                            peak_source=source)
 
@@ -192,9 +214,23 @@ def make_trainer(s: Setup, params: Params) -> Trainer:
                  *early_stopping(t.early_stopping_patience)]
     trainer = Trainer(model=s.trainable.model, args=s.args, train_dataset=s.inputs.blocks["train"],
                       eval_dataset=s.inputs.blocks["validation"], data_collator=default_data_collator,
-                      processing_class=s.inputs.tokenizer, callbacks=callbacks)
+                      processing_class=s.inputs.tokenizer, callbacks=callbacks, **classifier_options(s, params))
     trainer.remove_callback(PrinterCallback)  # its raw dicts: progress_callback says it in one line
     return trainer
+
+
+def classifier_options(s: Setup, params: Params) -> dict:
+    """The Trainer's accuracy and macro-F1 at every evaluation, and the weighted loss, for a classifier."""
+    if params.task != "classification":
+        return {}
+    options: dict = {"compute_metrics": trainer_metrics}
+    if params.classify.class_weights == "balanced":
+        from collections import Counter
+
+        seen = Counter(s.inputs.blocks["train"]["labels"])
+        options["compute_loss_func"] = weighted_loss([seen.get(i, 0) for i in range(len(s.inputs.provenance[1]
+                                                                                          ["labels"]))])
+    return options
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -215,9 +251,11 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
                **s.attention.metrics(), "torch_compile": s.plan.compile, "world_size": s.args.world_size,
                "parameters": s.trainable.parameters[0], "trainable_parameters": s.trainable.parameters[1]}
     if trainer.is_world_process_zero():
-        card = model_card(params.train, params.seed, params.lr, *s.inputs.provenance,
-                          (metrics["base_eval_loss"], metrics["eval_loss"]), metrics,
-                          lock_hashes([str(base_dir), str(data_dir)]), git_commit())
+        inputs, commit = lock_hashes([str(base_dir), str(data_dir)]), git_commit()
+        card = classification_card(params, *s.inputs.provenance, metrics, inputs, commit) \
+            if params.task == "classification" else model_card(
+                params.train, params.seed, params.lr, *s.inputs.provenance,
+                (metrics["base_eval_loss"], metrics["eval_loss"]), metrics, inputs, commit)
         with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
             save(trainer, s.args, model_tmp, s.trainable.vocab, params.train.lora.enabled, card)
             shutil.copytree(s.run.path / LIVE, live_tmp)

@@ -41,7 +41,7 @@ def _hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.tools.demo import write_gpt2_tokenizer
+    from pipeline.tools.corpora import write_gpt2_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "gpt2-tokenizer"
     write_gpt2_tokenizer(out)
@@ -90,11 +90,13 @@ def in_process(command, args: list[str], cwd: Path, stdin: str | None = None) ->
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
-def run_stage(stage: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m pipeline.<stage> args...` as a user runs it (with extra environment variables `env`)."""
+def run_stage(stage: str, *args: str, cwd: Path | None = None, env: dict | None = None,
+              stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline.<stage> args...` as a user runs it (with extra environment variables `env`, and
+    `stdin` on its standard input)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=600)
+                          capture_output=True, timeout=600, input=stdin)
 
 
 def prepare(root: Path, tokenizer_dir: Path, overrides: dict) -> Path:

@@ -301,14 +301,41 @@ class PublishConfig:
 
 
 @dataclass(frozen=True, config=STRICT)
+class ClassifyConfig:
+    label_column: Text = doc("task: classification. The column holding each record's label (strings or ints).")
+    labels: Annotated[list[Text], Field(min_length=2, max_length=1000)] | None = doc(
+        "The label names, in the order of their ids. null: the dataset's ClassLabel names, else the sorted "
+        "distinct labels of the training split.")
+    bad_rows: Literal["drop", "refuse"] = doc(
+        "Records with a missing or unknown label, or no text: drop them (counted per reason in "
+        "metrics/data.json) or refuse (stop, naming the first).")
+    class_weights: Literal["none", "balanced"] = doc(
+        "balanced: weigh the loss of each class by n / (classes x its count in train), for imbalanced data.")
+    padding_side: Literal["right", "left"] = doc(
+        "Where texts are padded to preprocess.block_size. Both classify from the last real token (the pad "
+        "token is one of its own, never EOS); left also gives GPT-2 position ids that start at the text.")
+    best_metric: Literal["macro_f1", "accuracy", "loss"] = doc(
+        "The validation metric train.load_best_model_at_end and early stopping follow.")
+    zero_shot_prompt: LongText = doc(
+        "The base model's zero-shot baseline in evaluate: each label name is scored as the continuation of "
+        "this template (a {text} field) and the likeliest is its answer.")
+
+
+@dataclass(frozen=True, config=STRICT)
 class Params:
     seed: Whole = doc("One seed for model init (from scratch), data split, data order and dropout.", ge=0,
                       le=SEED_MAX)
+    task: Literal["causal_lm", "classification"] = doc(
+        "What the model learns: causal_lm (continue text) or classification (a label per text, "
+        "GPT2ForSequenceClassification; settings under classify).")
     lr: Number = doc("Peak learning rate (top level so `dvc exp run -S lr=5e-4` works).", gt=0.0, le=1.0)
     model: ModelConfig = doc("Base model and tokenizer.")
     data: DataConfig = doc("Raw dataset source.")
     preprocess: PreprocessConfig = doc("Tokenize, add EOS, chunk and split.")
     train: TrainConfig = doc("Fine-tuning hyperparameters (Hugging Face Trainer).")
     evaluate: EvaluateConfig = doc("Base vs fine-tuned evaluation.")
-    generate: GenerateConfig = doc("Sampling from the fine-tuned model.")
+    generate: GenerateConfig = doc(
+        "Sampling from the fine-tuned model; with task: classification, the labels of generate.prompts (and "
+        "prompts_file) predicted instead (the sampling settings are not used).")
+    classify: ClassifyConfig = doc("Text classification (task: classification).")
     publish: PublishConfig = doc("Pushing the fine-tuned model to the Hub (pipeline.tools.publish, not a stage).")

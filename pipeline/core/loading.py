@@ -4,11 +4,14 @@ checks the directory first and says which stage makes it. Heavy imports stay ins
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.common import PipelineError
 from pipeline.core.outputs import MANIFEST, size_problem
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -121,23 +124,30 @@ def check_weights(path: Path) -> None:
 
 
 def load_model(path: Path | str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
-               config_overrides: dict[str, Any] | None = None, made_by: str | None = None) -> PreTrainedModel:
-    """Load a causal LM from a local directory, safetensors only; `config_overrides` replace fields of
-    its config before the modules are built (e.g. dropout)."""
+               config_overrides: dict[str, Any] | None = None, made_by: str | None = None,
+               task: str = "causal_lm") -> PreTrainedModel:
+    """Load a causal LM (task "causal_lm") or a sequence classifier ("classification") from a local
+    directory, safetensors only; `config_overrides` replace fields of its config before the modules are
+    built (e.g. dropout). A classifier loaded from a language model gets a new head (`score`), logged."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = Path(path)
     check_weights(path)
     check_folder(path, made_by)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = auto.from_pretrained(
             path, use_safetensors=True, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             output_loading_info=True, **(config_overrides or {}))
     except Exception as e:  # noqa: BLE001 - safetensors, JSON or config errors: the files are damaged
         raise damaged(path, made_by, e) from None
-    wrong = [name for name in info["missing_keys"] if not name.endswith("lm_head.weight")]  # lm_head: tied to wte
-    wrong += [str(key) for key in info["mismatched_keys"]]
+    head = [name for name in info["missing_keys"] if task == "classification" and name.startswith("score.")]
+    if head:
+        log.info("classification head %s newly initialised (%d labels)", ", ".join(sorted(head)),
+                 model.config.num_labels)
+    wrong = [name for name in info["missing_keys"] if not name.endswith("lm_head.weight") and name not in head]
+    wrong += [str(key) for key in info["mismatched_keys"]]  # lm_head: tied to wte
     if wrong:
         raise damaged(path, made_by, ValueError(f"weights missing or of the wrong shape: {wrong[0]}"))
     return model

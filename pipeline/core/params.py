@@ -17,6 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from pipeline.core.common import PipelineError, read_utf8
 from pipeline.core.config import TRACKERS, DataConfig, Params, TrainConfig
+from pipeline.data.records import template_fields
 
 PARAMS_FILE = Path("params.yaml")
 PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # the project's own, with every key
@@ -36,6 +37,7 @@ def check(p: Params) -> None:
     check_source(p.data)
     check_data(p.data)
     check_train(p.train)
+    check_task(p)
     if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
         fail("evaluate.stride", f"({p.evaluate.stride}) exceeds preprocess.block_size ({p.preprocess.block_size}); "
                                 "windows would skip tokens")
@@ -44,6 +46,26 @@ def check(p: Params) -> None:
                                               f"({p.generate.max_new_tokens}), so it never applies; lower it or 0")
     if not p.generate.do_sample and p.generate.num_return_sequences > 1:
         fail("generate.num_return_sequences", "must be 1 when do_sample is false (greedy gives one answer)")
+
+
+def check_task(p: Params) -> None:
+    """task: classification reads one text per block and has no use for the language-model-only features."""
+    c = p.classify
+    check_template("classify.zero_shot_prompt", c.zero_shot_prompt)
+    if set(template_fields(c.zero_shot_prompt)) != {"text"}:
+        fail("classify.zero_shot_prompt", "must use the one field {text} (the text to classify)")
+    if c.labels is not None and len(set(c.labels)) < len(c.labels):
+        duplicate = next(label for label in c.labels if c.labels.count(label) > 1)
+        fail("classify.labels", f"lists {duplicate!r} twice; give each label once")
+    if p.task != "classification":
+        return
+    if p.preprocess.mode != "pad":
+        fail("preprocess.mode", "must be pad with task: classification (one text per block, padded to block_size)")
+    if p.data.prompt_template:
+        fail("data.prompt_template", "is prompt/response fine-tuning of a language model, and task is "
+                                     "classification; remove it, or set task: causal_lm")
+    if p.train.samples.every:
+        fail("train.samples.every", "samples text during training, and task is classification; set it to 0")
 
 
 def check_model(p: Params) -> None:
@@ -106,8 +128,6 @@ def check_train(t: TrainConfig) -> None:
 
 def check_template(key: str, template: str) -> None:
     """A format string over a record's fields: it must parse and name at least one field."""
-    from pipeline.data.records import template_fields
-
     try:
         fields = template_fields(template)
     except ValueError as e:

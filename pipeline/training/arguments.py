@@ -18,6 +18,7 @@ def training_arguments(params: Params, plan: Plan, checkpoints: Path) -> Trainin
     from transformers import TrainingArguments
 
     t, cuda = params.train, plan.device == "cuda"
+    best = params.classify.best_metric if params.task == "classification" else "loss"
     return TrainingArguments(
         output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, learning_rate=params.lr,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -31,7 +32,8 @@ def training_arguments(params: Params, plan: Plan, checkpoints: Path) -> Trainin
         logging_steps=t.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps or None,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model="eval_loss", greater_is_better=False,
+        load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model=f"eval_{best}",
+        greater_is_better=best != "loss",
         dataloader_num_workers=t.dataloader_num_workers,
         # pinned batches copied without blocking: the host never waits for the GPU between steps
         dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},

@@ -83,8 +83,10 @@ def progress_callback(tokens_per_step: int) -> TrainerCallback:
                     logs: dict | None = None, **kwargs: Any) -> None:
             logs, step, total = logs or {}, state.global_step, state.max_steps
             if "eval_loss" in logs:
-                log.info("step %d/%d: eval loss %.4f (perplexity %s), %.1f s", step, total, logs["eval_loss"],
-                         f"{math.exp(min(logs['eval_loss'], 700)):,.1f}", logs.get("eval_runtime", 0.0))
+                figures = (f"accuracy {logs['eval_accuracy']:.3f}, macro-F1 {logs['eval_macro_f1']:.3f}"
+                           if "eval_accuracy" in logs else f"perplexity {math.exp(min(logs['eval_loss'], 700)):,.1f}")
+                log.info("step %d/%d: eval loss %.4f (%s), %.1f s", step, total, logs["eval_loss"], figures,
+                         logs.get("eval_runtime", 0.0))
             if "loss" not in logs:
                 return
             rate = logs.get("perf/tokens_per_second")

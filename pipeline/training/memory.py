@@ -157,7 +157,8 @@ def estimate_memory(model: ModelShape, run: RunShape) -> MemoryEstimate:
 
 
 def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
-    """The ModelShape of a transformers causal LM (maybe inside a peft wrapper), as it will train."""
+    """The ModelShape of a transformers causal LM or sequence classifier (maybe inside a peft wrapper), as it
+    will train. A classifier's logits are one per label, not one per vocabulary entry."""
     from pipeline.training.model import transformer_layers, without_adapters
 
     base = without_adapters(model)
@@ -165,11 +166,13 @@ def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
     params = list(model.parameters())
     first = transformer_layers(model)[0]
     adapted = [m for m in first.modules() if hasattr(m, "lora_A")]
+    output = base.get_output_embeddings()
     return ModelShape(
         parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
         block_parameters=sum(p.numel() for p in first.parameters()), n_layer=config.num_hidden_layers,
         hidden=config.hidden_size, heads=config.num_attention_heads,
-        vocab=base.get_output_embeddings().weight.shape[0], lora_inputs=sum(m.in_features for m in adapted))
+        vocab=output.weight.shape[0] if output is not None else config.num_labels,
+        lora_inputs=sum(m.in_features for m in adapted))
 
 
 # --- the preflight ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.training.checkpoints import checkpoint_step
 from pipeline.training.memory import GIB, MemoryEstimate
 from pipeline.training.peak import peak_used
 from pipeline.training.plan import Plan
@@ -34,15 +35,15 @@ def run_metrics(trainer: Trainer, result: TrainOutput, seconds: float, start_ste
                        if "eval_runtime" in h and (h["step"] > start_step or not start_step))
     # with eval_steps the Trainer has evaluated the last step itself; without, evaluate once here
     final_eval = trainer.evaluate() if t.eval_strategy == "no" else {}
-    # load_best_model_at_end: the saved model is the best checkpoint, whose loss the Trainer kept
-    best = trainer.state.best_metric if t.load_best_model_at_end else None
+    final = final_eval or saved_model_evaluation(trainer)
     step = trainer.state.global_step
     trained = step - start_step  # 0 when a run stopped after its last checkpoint is run again
     tokens_per_second = trained * plan.tokens_per_step / (seconds - eval_seconds) if trained else None
     return {
         "train_loss": whole_run_loss(history, start_step, result.training_loss, trained),
         "final_train_loss": last_logged(history, "loss"),
-        "eval_loss": final_eval.get("eval_loss", best if best is not None else last_logged(history, "eval_loss")),
+        "eval_loss": final.get("eval_loss"),
+        **{key: final[key] for key in ("eval_accuracy", "eval_macro_f1") if key in final},  # classification
         "base_eval_loss": next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None),
         "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * plan.tokens_per_step,
         "effective_batch_size": plan.effective_batch, "effective_batch_tokens": plan.tokens_per_step,
@@ -53,6 +54,17 @@ def run_metrics(trainer: Trainer, result: TrainOutput, seconds: float, start_ste
         "flops_per_token": meter.flops_per_token, "device_peak_flops": meter.peak_flops,
         "resumed_from_step": start_step or None, "best_checkpoint": trainer.state.best_model_checkpoint,
     }
+
+
+def saved_model_evaluation(trainer: Trainer) -> dict:
+    """The last evaluation of the model that is saved: with load_best_model_at_end the best checkpoint's
+    (the Trainer kept its step), else the last one logged."""
+    evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    if best:
+        step = checkpoint_step(best)
+        evaluations = [h for h in evaluations if h["step"] == step] or evaluations
+    return evaluations[-1] if evaluations else {}
 
 
 def whole_run_loss(history: list[dict], start_step: int, session_loss: float, trained: int) -> float | None:

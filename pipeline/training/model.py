@@ -24,20 +24,28 @@ if TYPE_CHECKING:
     Model = PreTrainedModel | PeftModel  # a transformers model, or one with LoRA adapters around it
 
 
-def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int) -> tuple[Model, int]:
+def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int, labels: list[str] | None = None
+                  ) -> tuple[Model, int]:
     """The model as it will train (dropout, padded vocabulary, frozen parts or adapters, its loss, the
-    tokenizer's pad token) and its real vocabulary size."""
+    tokenizer's pad token) and its real vocabulary size. With `labels`, a sequence classifier over them
+    (task: classification), its head new; the pad token may then be one the tokenizer just gained."""
     overrides = dropout_overrides(load_config(base_dir, trust, "download"), t.dropout)
-    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id},
-                       made_by="download")
-    if model.generation_config is not None:  # GPT-2 has no pad token: EOS stands in (core.loading.load_tokenizer)
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}} if labels else {}
+    model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id, **head},
+                       made_by="download", task="classification" if labels else "causal_lm")
+    if getattr(model, "generation_config", None) is not None:  # GPT-2 has no pad token: EOS stands in
         model.generation_config.pad_token_id = pad_token_id
+    if model.get_input_embeddings().weight.shape[0] <= pad_token_id:  # a pad token of its own (classification)
+        model.resize_token_embeddings(pad_token_id + 1, mean_resizing=False)
     vocab = pad_vocab(model, t.pad_vocab_multiple_of)
     freeze(model, t.freeze.embeddings, t.freeze.layers)
     if t.lora.enabled:
-        model = add_lora(model, t.lora)
+        model = add_lora(model, t.lora, "SEQ_CLS" if labels else "CAUSAL_LM")
     if t.gradient_checkpointing:
         model.config.use_cache = False
+    if labels:
+        return model, vocab  # its own loss: cross-entropy over the labels (weighted: classification.training)
     base = without_adapters(model)
     # transformers 5 names no loss type for GPT2LMHeadModel; without "ForCausalLM" the Trainer counts position 0
     # of every block as a target and scales train and eval losses by (T-1)/T
@@ -91,7 +99,8 @@ def freeze(model: Model, embeddings: bool, layers: int) -> None:
         module.requires_grad_(False)
 
 
-def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
+def add_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str = "CAUSAL_LM") -> PeftModel:
+    """LoRA adapters on cfg.target_modules; for a classifier (task_type SEQ_CLS) peft trains its head in full."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -104,7 +113,7 @@ def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
                             f"({width}); lower it, or set lora.enabled: false to train every weight")
     try:
         peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                                                      target_modules=list(cfg.target_modules), task_type=task_type,
                                                       fan_in_fan_out=transposed))
     except ValueError as e:
         raise PipelineError(f"params: train.lora.target_modules {cfg.target_modules} do not fit this model "
