@@ -31,7 +31,7 @@ demo: setup ## Run the whole pipeline offline on a tiny GPT-2 (about 2 minutes o
 	$(BIN)/python -m pipeline.tools.demo
 
 demo-classify: setup ## The same, as a text classifier: standard library docstrings by module family
-	$(BIN)/python -m pipeline.tools.demo --workdir .demo-classify --overrides examples/demo-classify.yaml
+	$(BIN)/python -m pipeline.tools.demo --workdir .demo-classify --overrides examples/data/classification.yaml
 
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
@@ -42,6 +42,7 @@ lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 
 bench: setup ## Benchmark the stages against their peers, side by side (CPU: ~15 minutes; GPU: docs/speed.md)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/classify.py
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)
 	$(BIN)/dvc repro

@@ -52,6 +52,7 @@ CONFIGS = {  # name: (GPT2Config overrides, block size, per-device batch, optimi
 def prepare(work: Path) -> None:
     """Tokenizer, raw text, base models and blocks, once, under `work`."""
     from pipeline.core.loading import load_tokenizer
+    from pipeline.core.outputs import write_json, write_manifest
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
@@ -69,6 +70,9 @@ def prepare(work: Path) -> None:
         blocks, _, _ = build_blocks(raw, tokenizer, 1024, project_section("data", dataset="x"),
                                     project_section("preprocess", block_size=block, val_fraction=0.1), 0)
         blocks.save_to_disk(str(work / name / "blocks"))
+        write_json(work / name / "blocks/provenance.json", {"task": "causal_lm"})  # as preprocess writes it
+        for folder in ("base", "blocks"):  # what the stages check of the folders they read
+            write_manifest(work / name / folder)
 
 
 # --- cases, each run in its own process ------------------------------------------------------------
@@ -228,6 +232,7 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     import datasets
 
     from pipeline.core.loading import load_tokenizer
+    from pipeline.core.outputs import write_json, write_manifest
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
     from pipeline.preprocess import build_blocks
@@ -245,10 +250,13 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
         blocks, _, _ = build_blocks(raw, load_tokenizer(work / "tokenizer"), 1024, project_section("data", dataset="x"),
                                     project_section("preprocess", block_size=1024, val_fraction=0.01), 0)
         blocks.save_to_disk(str(work / "gpu-blocks"))
+        write_json(work / "gpu-blocks/provenance.json", {"task": "causal_lm"})  # as preprocess writes it
+        write_manifest(work / "gpu-blocks")  # what the stages check of the folders they read
     for size in sizes:
         if not (work / size / "base").exists():
             save_base(project_section("model", name=size, tokenizer=str(work / "tokenizer"), from_scratch=True,
                                   config_overrides=GPU_SIZES[size]), 0, work / size / "base")
+            write_manifest(work / size / "base")
 
 
 def case_gpu_peer(work: Path, spec: str) -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.core.common import PipelineError
 from pipeline.core.params import from_dict, load_params, merge
-from tests.conftest import ROOT, TINY, in_process, run_stage, write_params
+from tests.conftest import ROOT, TINY, in_process, write_params
 
 FAMILIES = ("numbers", "files", "network")
 PROMPTS = ["Return the square root of x.", "Remove the file at the given path.", "Connect to host and port."]
@@ -104,8 +104,10 @@ def test_the_predictions_are_those_of_transformers_pipeline(classified):
 
 def test_ad_hoc_text_prints_labels_and_writes_nothing(classified):
     before = sorted(p.relative_to(classified) for p in classified.rglob("*"))
-    result = run_stage("generate", "--model", "models/finetuned", "--text", PROMPTS[0], "--text", "-",
-                       cwd=classified, stdin=PROMPTS[1] + "\n")
+    from pipeline.generate import main
+
+    result = in_process(main, ["--model", "models/finetuned", "--text", PROMPTS[0], "--text", "-"], classified,
+                        stdin=PROMPTS[1] + "\n")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].endswith(PROMPTS[0]) and lines[1].endswith(PROMPTS[1])

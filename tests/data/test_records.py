@@ -118,6 +118,10 @@ EXAMPLE_RECORDS = {
                                           for i in range(8)]},
     "prompt-response.yaml": {"pairs.jsonl": [{"instruction": f"Add {i} and {i}.", "output": f"{2 * i}"}
                                              for i in range(8)]},
+    "classification.yaml": {"stdlib-docstrings.jsonl": [{"text": f"Return the {kind} of x, number {i}.",
+                                                         "label": label, "module": "math"}
+                                                        for kind, label in (("sine", "numbers"), ("path", "files"))
+                                                        for i in range(8)]},
 }
 
 
@@ -137,10 +141,14 @@ def test_data_examples_run_through_download_and_preprocess(example, tmp_path, to
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content))
     override["preprocess"].update(block_size=32, val_fraction=0.25)  # the tiny model's 64 positions
+    override.get("train", {}).pop("warmup_steps", None)  # TINY trains 8 steps
     prepare(tmp_path, tokenizer_dir, override)
 
     stats = json.loads((tmp_path / "metrics/data.json").read_text())
     train = datasets.load_from_disk(str(tmp_path / "data/processed"))["train"]
+    if example == "classification.yaml":  # one text per block, and its label
+        assert stats["labels"] == ["files", "numbers"] and stats["train"]["examples"] == len(train) == 12
+        return
     assert len(train) > 0 and stats["train"]["blocks"] == len(train)
     tokenizer = load_tokenizer(tmp_path / "data/input/gpt2-tokenizer")
     text = tokenizer.decode([t for t in train[0]["input_ids"] if t != tokenizer.eos_token_id])
