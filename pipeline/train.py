@@ -25,13 +25,14 @@ from pipeline.classification.training import add_pad_token, classification_card,
 from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
 from pipeline.core.device import keep_freed_memory
-from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json
+from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json, saved_labels
 from pipeline.core.outputs import outputs, write_json, write_text
 from pipeline.core.params import load_params
 from pipeline.generation.room import check_room
 from pipeline.training.arguments import training_arguments
 from pipeline.training.callbacks import (
     early_stopping,
+    leave_classifier_curves_empty,
     live_callback,
     progress_callback,
     samples_callback,
@@ -69,11 +70,12 @@ log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__
 @dataclass(frozen=True)
 class Inputs:
     """What the stages before wrote: the blocks and the tokenizer, and the provenance of the base model and
-    of the blocks, for the model card."""
+    of the blocks, for the model card; and, for a classifier, the label names the blocks' ids stand for."""
 
     blocks: DatasetDict
     tokenizer: PreTrainedTokenizerBase
     provenance: tuple[dict, dict]
+    labels: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ def _setup_inputs(params: Params, data_dir: Path, base_dir: Path) -> Inputs:
     if made_for != params.task:
         raise PipelineError(f"{data_dir} was made for task: {made_for}, and task is {params.task}; re-run "
                             "preprocess (dvc repro -f preprocess)")
-    return Inputs(blocks, tokenizer, sources)
+    labels = saved_labels(sources[1], data_dir) if params.task == "classification" else None
+    return Inputs(blocks, tokenizer, sources, labels)
 
 
 def _setup_model(params: Params, base_dir: Path, inputs: Inputs) -> Trainable:
@@ -154,7 +157,7 @@ def _setup_model(params: Params, base_dir: Path, inputs: Inputs) -> Trainable:
         made = inputs.provenance[1]
         set_seed(params.seed)  # the new head's initial weights: the same params, the same classifier
         model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, add_pad_token(tokenizer),
-                                     made["labels"])
+                                     inputs.labels)
         model.config.text_blocks = {"block_size": made["preprocess"]["block_size"],  # how texts are read: its
                                     "add_eos": made["preprocess"]["add_eos"],        # predictions read them so
                                     "padding_side": made["classify"]["padding_side"]}
@@ -228,8 +231,7 @@ def classifier_options(s: Setup, params: Params) -> dict:
         from collections import Counter
 
         seen = Counter(s.inputs.blocks["train"]["labels"])
-        options["compute_loss_func"] = weighted_loss([seen.get(i, 0) for i in range(len(s.inputs.provenance[1]
-                                                                                          ["labels"]))])
+        options["compute_loss_func"] = weighted_loss([seen.get(i, 0) for i in range(len(s.inputs.labels))])
     return options
 
 
@@ -259,6 +261,8 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
         with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
             save(trainer, s.args, model_tmp, s.trainable.vocab, params.train.lora.enabled, card)
             shutil.copytree(s.run.path / LIVE, live_tmp)
+            if params.task != "classification":
+                leave_classifier_curves_empty(live_tmp)
             write_json(metrics_tmp, metrics)
         mark_finished(s.run.path)
     return metrics

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TOKEN = "hf_alice_write_token"
 MODEL, SECRET, DATASET = "alice/tiny-gpt2", "alice/secret-gpt2", "alice/tiny-text"
+LABELLED, LABEL_NAMES = "alice/labelled-text", ["sea", "land", "air"]  # a ClassLabel's order, not sorted
 
 
 def tiny_gpt2(seed: int, out: Path, tokenizer_dir: Path) -> dict[str, bytes]:
@@ -48,10 +49,23 @@ def sentences(count: int, topic: str) -> list[str]:
     return [f"The {topic} number {i} crossed the river at dawn, and the town watched it go by." for i in range(count)]
 
 
+def labelled_parquet(work: Path, split: str, count: int) -> bytes:
+    """A parquet file as datasets writes it (the features, a ClassLabel among them, in its schema)."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"), "topic": datasets.ClassLabel(
+        names=LABEL_NAMES)})
+    rows = {"sentence": [f"{sentences(count, name)[i]}" for i in range(count) for name in LABEL_NAMES],
+            "topic": [label for _ in range(count) for label in range(len(LABEL_NAMES))]}
+    path = work / f"{split}.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    return path.read_bytes()
+
+
 def build_repos(work: Path, tokenizer_dir: Path) -> dict:
     """What every test Hub serves: a model at tag v1 with main moved on after it (new weights), a private
-    model, a model with pickle weights only, a model without tokenizer files, and a dataset with two
-    configs at tag v1, main moved on after it (more rows)."""
+    model, a model with pickle weights only, a model without tokenizer files, a dataset with two
+    configs at tag v1, main moved on after it (more rows), and a labelled dataset (parquet, ClassLabel)."""
     v1, v2 = tiny_gpt2(0, work / "v1", tokenizer_dir), tiny_gpt2(1, work / "v2", tokenizer_dir)
     data_v1 = {"README.md": DATASET_CARD, "small/train.jsonl": jsonl(sentences(60, "boat")),
                "small/validation.jsonl": jsonl(sentences(12, "bridge")),
@@ -60,7 +74,10 @@ def build_repos(work: Path, tokenizer_dir: Path) -> dict:
     pickle_only = {name: data for name, data in v1.items() if name != "model.safetensors"}
     pickle_only["pytorch_model.bin"] = b"not loaded: pickle weights can run code"
     no_tokenizer = {name: v1[name] for name in ("config.json", "generation_config.json", "model.safetensors")}
-    return {"model": [v1, v2], "dataset": [data_v1, data_v2], "pickle": pickle_only, "no_tokenizer": no_tokenizer}
+    labelled = {"data/train.parquet": labelled_parquet(work, "train", 8),
+                "data/validation.parquet": labelled_parquet(work, "validation", 2)}
+    return {"model": [v1, v2], "dataset": [data_v1, data_v2], "pickle": pickle_only, "no_tokenizer": no_tokenizer,
+            "labelled": labelled}
 
 
 def serve(repos: dict) -> Hub:
@@ -72,6 +89,7 @@ def serve(repos: dict) -> Hub:
     hub.commit("model", SECRET, repos["model"][0], private=True)
     hub.commit("model", "alice/pickle-only", repos["pickle"])
     hub.commit("model", "alice/no-tokenizer", repos["no_tokenizer"])
+    hub.commit("dataset", LABELLED, repos["labelled"])
     hub.start()
     return hub
 

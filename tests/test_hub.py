@@ -20,6 +20,8 @@ from tests.hub import Hub, folder_files
 from tests.hub_repos import (
     DATASET,
     HUB_PARAMS,
+    LABEL_NAMES,
+    LABELLED,
     MODEL,
     SECRET,
     TOKEN,
@@ -159,6 +161,32 @@ def test_a_download_stalled_mid_file_is_one_line_in_bounded_time_and_the_next_ru
         assert sum(path.endswith("/tokenizer.json") for path in fetched) == 1  # the cache served the second run
     finally:
         hub.stop()
+
+
+def test_a_hub_dataset_with_a_classlabel_column_gives_its_label_names_and_ids(hub, tmp_path):
+    """task: classification from a Hub dataset in parquet whose label column is a ClassLabel: its names in
+    its own order (sorted, they would be air, land, sea), each record's id kept, the Hub's validation split."""
+    root = project(tmp_path / "p", {
+        "task": "classification", "data": {"dataset": LABELLED, "config": None, "revision": "main",
+                                           "text_column": "sentence"},
+        "classify": {"label_column": "topic"}, "preprocess": {"mode": "pad", "block_size": 24, "add_eos": False}})
+    env = hub_env(hub, tmp_path / "home")
+    for stage in ("download", "preprocess"):
+        result = command(stage, root, env)
+        assert result.returncode == 0, (stage, result.stderr[-2000:])
+    assert provenance(root)[1]["resolved_commit"] == commit_of(hub, "dataset", LABELLED, "main")
+    data = json.loads((root / "metrics/data.json").read_text())
+    assert data["labels"] == LABEL_NAMES
+    assert data["train"]["label_counts"] == dict.fromkeys(LABEL_NAMES, 8)
+    assert data["validation"]["label_counts"] == dict.fromkeys(LABEL_NAMES, 2)
+    import datasets
+
+    train = datasets.load_from_disk(str(root / "data/processed"))["train"]
+    first = [token for token in train[0]["input_ids"] if token < 50257]
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(root / "models/base").decode(first)
+    assert LABEL_NAMES[train[0]["labels"]] in text.split()[1], text  # "The <topic> number ..."
 
 
 # --- publish -------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def test_training_writes_a_loadable_model_and_plots(pipeline_outputs):
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) > 3
     # rows are logged at the Trainer's global step, so train and eval share the x axis
     assert [row.split("\t")[0] for row in eval_loss[1:]] == ["0", "4", "8"]  # 0: the base model
+    assert (out / "dvclive/plots/metrics/eval/macro_f1.tsv").read_text() == "step\tmacro_f1\n"  # a classifier's
 
 
 def test_training_reduces_the_loss(pipeline_outputs):

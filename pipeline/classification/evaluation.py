@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.classification.metrics import scores
 from pipeline.classification.scoring import probabilities, texts_of, zero_shot
+from pipeline.core.common import PipelineError
 from pipeline.core.config import Params
 from pipeline.core.loading import (
     MADE_BY,
@@ -20,6 +21,7 @@ from pipeline.core.loading import (
     load_saved_dataset,
     load_tokenizer,
     read_json,
+    saved_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,15 @@ def evaluate_classifier(params: Params, base_dir: Path, finetuned_dir: Path, dat
     for name, path in (("base", base_dir), ("finetuned", finetuned_dir)):  # both, before minutes on the first
         check_folder(path, MADE_BY[name])
     processed = load_saved_dataset(data_dir, "preprocess")
-    names = read_json(data_dir / "provenance.json", "preprocess").get("labels")
+    names = saved_labels(read_json(data_dir / "provenance.json", "preprocess"), data_dir)
     trust, batch = params.model.trust_remote_code, params.evaluate.batch_size
     counts = Counter(processed["train"]["labels"])
     majority = max(range(len(names)), key=lambda i: (counts.get(i, 0), -i))
     classifier = load_model(finetuned_dir, trust, made_by="train", task="classification")
+    trained_on = [classifier.config.id2label[i] for i in range(classifier.config.num_labels)]
+    if trained_on != names:
+        raise PipelineError(f"{finetuned_dir} was trained on the labels {trained_on[:6]}, and {data_dir} has "
+                            f"{names[:6]}; re-run the train stage (dvc repro train)")
     base, base_tokenizer = load_model(base_dir, trust, made_by="download"), load_tokenizer(base_dir, trust, "download")
     results: dict = {"task": "classification", "labels": names, "precision": precision,
                      "majority_class": names[majority]}

@@ -13,7 +13,6 @@ import click
 
 from pipeline.classification.data import blocks_of
 from pipeline.classification.scoring import probabilities, zero_shot
-from pipeline.core.common import PipelineError
 from pipeline.core.config import Params
 from pipeline.core.loading import MADE_BY, check_folder, context_length, load_model, load_tokenizer
 from pipeline.core.outputs import outputs, write_json, write_text
@@ -88,8 +87,6 @@ def write_predictions(records: list[dict], metrics: dict, out: Path, metrics_pat
 def print_predictions(model_dir: Path, texts: list[str], trust: bool) -> None:
     """Ad hoc: the label and the probabilities of each text, printed; nothing is written."""
     model = load_model(model_dir, trust, task="classification")
-    if not getattr(model.config, "id2label", None):
-        raise PipelineError(f"{model_dir} is not a classifier; use --prompt to sample a language model")
     for r in classify(model, load_tokenizer(model_dir, trust), texts):
         ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
         click.echo(f"{r['label']}\t{ranked}\t{r['text']}")

@@ -125,10 +125,11 @@ def check_weights(path: Path) -> None:
 
 def load_model(path: Path | str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
                config_overrides: dict[str, Any] | None = None, made_by: str | None = None,
-               task: str = "causal_lm") -> PreTrainedModel:
+               task: str = "causal_lm", new_head: bool = False) -> PreTrainedModel:
     """Load a causal LM (task "causal_lm") or a sequence classifier ("classification") from a local
     directory, safetensors only; `config_overrides` replace fields of its config before the modules are
-    built (e.g. dropout). A classifier loaded from a language model gets a new head (`score`), logged."""
+    built (e.g. dropout). With `new_head`, a classifier loaded from a language model gets a new head
+    (`score`), logged; without it, a folder with no head is not a classifier and is refused."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -143,6 +144,10 @@ def load_model(path: Path | str, trust_remote_code: bool = False, dtype: torch.d
     except Exception as e:  # noqa: BLE001 - safetensors, JSON or config errors: the files are damaged
         raise damaged(path, made_by, e) from None
     head = [name for name in info["missing_keys"] if task == "classification" and name.startswith("score.")]
+    if head and not new_head:
+        raise PipelineError(f"{path} is not a classifier (it has no {head[0]}): a language model, or a classifier "
+                            "saved without its head; " + (rerun(made_by) + " with task: classification" if made_by
+                                                          else "point --model at a classifier's folder"))
     if head:
         log.info("classification head %s newly initialised (%d labels)", ", ".join(sorted(head)),
                  model.config.num_labels)
@@ -181,3 +186,15 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False, made_by: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def saved_labels(provenance: dict, data_dir: Path) -> list[str]:
+    """The label names preprocess kept in data/processed/provenance.json, or one line saying they are not
+    there as it writes them (at least two distinct strings)."""
+    names = provenance.get("labels")
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise PipelineError(f"{data_dir / 'provenance.json'} holds no list of label names (labels: "
+                            f"{str(names)[:60]}) as task: classification writes it; re-run the preprocess stage "
+                            "(dvc repro -f preprocess)")
+    return names

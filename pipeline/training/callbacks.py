@@ -67,6 +67,17 @@ def trim_live_log(live_dir: Path, step: int) -> None:
         write_text(samples, sections[0] + "".join("## step " + s for s in kept))
 
 
+def leave_classifier_curves_empty(live_dir: Path) -> None:
+    """A language model's live log gets the classifier's accuracy and macro-F1 curves as headers alone:
+    dvc.yaml declares those plots for both tasks, and DVC skips an empty one where a missing one is an
+    error ("failed to load some plots")."""
+    for name in ("accuracy", "macro_f1"):
+        path = live_dir / "plots/metrics/eval" / f"{name}.tsv"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, f"step\t{name}\n")
+
+
 def progress_callback(tokens_per_step: int) -> TrainerCallback:
     """One log line per logging interval: step/total, loss, learning rate, tokens/s, elapsed and ETA
     (from the interval's speed); one per evaluation. Replaces the Trainer's printed dicts."""

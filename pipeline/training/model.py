@@ -33,7 +33,7 @@ def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int
     head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)}} if labels else {}
     model = load_model(base_dir, trust, config_overrides={**overrides, "pad_token_id": pad_token_id, **head},
-                       made_by="download", task="classification" if labels else "causal_lm")
+                       made_by="download", task="classification" if labels else "causal_lm", new_head=True)
     if getattr(model, "generation_config", None) is not None:  # GPT-2 has no pad token: EOS stands in
         model.generation_config.pad_token_id = pad_token_id
     if model.get_input_embeddings().weight.shape[0] <= pad_token_id:  # a pad token of its own (classification)

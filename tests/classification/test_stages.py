@@ -1,12 +1,18 @@
 """task: classification through every stage, on a tiny GPT-2 and real labelled text (standard library
 docstrings of three module families): the classifier's figures beside its baselines, the confusion
 plot, predictions that transformers.pipeline("text-classification") reproduces, the headline row, the
-model card; determinism, class weights and LoRA; the ad hoc --text command; the params it refuses."""
+model card; determinism, class weights, LoRA and freezing; a SIGKILL and the resumed run; broken label
+files and a language model where a classifier belongs; the ad hoc --text command; the params it refuses."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +85,8 @@ def test_every_stage_reports_the_classifier_beside_its_baselines(classified):
     confusion = read(classified, "metrics/confusion.json")
     assert len(confusion) == validation["finetuned"]["examples"] == sum(map(sum, validation["finetuned"]
                                                                            ["confusion"]))
+    curve = (classified / "dvclive/plots/metrics/eval/macro_f1.tsv").read_text().splitlines()  # 0: the new head
+    assert curve[0] == "step\tmacro_f1" and [row.split("\t")[0] for row in curve[1:]] == ["0", "6", "12"]
     assert {row["actual"] for row in confusion} <= set(FAMILIES) and read(classified, "metrics/perplexity.json") == []
     summary = read(classified, "metrics/summary.json")
     assert set(summary) == {"macro_f1", "accuracy", "f1_majority", "f1_zero_shot", "eval_loss", "tokens_s", "mfu",
@@ -176,3 +184,94 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_freezing_keeps_the_frozen_parts_and_trains_the_head(classified, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    params = load_params(classified / "params.yaml")
+    frozen = replace(params.train.freeze, embeddings=True, layers=1)
+    metrics, weights = retrain(classified, tmp_path, train={"freeze": frozen})
+    base = load_file(classified / "models/base/model.safetensors")
+    rows = base["transformer.wte.weight"].shape[0]  # the classifier's pad token adds a row past them
+    assert torch.equal(weights["transformer.wte.weight"][:rows], base["transformer.wte.weight"])
+    assert torch.equal(weights["transformer.wpe.weight"], base["transformer.wpe.weight"])
+    assert torch.equal(weights["transformer.h.0.mlp.c_fc.weight"], base["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], base["transformer.h.1.mlp.c_fc.weight"])
+    assert "score.weight" in weights and metrics["trainable_parameters"] < metrics["parameters"]
+
+
+def test_a_killed_classifier_resumes_to_the_same_model(classified, tmp_path):
+    """SIGKILL once the step-6 checkpoint is complete; the next run resumes from it (best-model choice
+    included) and saves the weights the uninterrupted run saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.training.checkpoints import COMPLETE
+
+    root = tmp_path / "run"
+    shutil.copytree(classified, root, ignore=shutil.ignore_patterns("checkpoints", "finetuned", "dvclive"))
+    (root / "metrics/train.json").unlink()
+    command, env = [sys.executable, "-m", "pipeline.train"], {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(root.glob(f"checkpoints/*/checkpoint-6/{COMPLETE}")) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
+    assert not (root / "models/finetuned").exists() and not (root / "metrics/train.json").exists()
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed, straight = read(root, "metrics/train.json"), read(classified, "metrics/train.json")
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == straight["steps"] == 12
+    assert resumed["eval_macro_f1"] == straight["eval_macro_f1"]
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-6)
+    a, b = (load_file(r / "models/finetuned/model.safetensors") for r in (root, classified))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+
+
+@pytest.fixture
+def broken(classified, tmp_path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(classified, root, symlinks=True)
+    return root
+
+
+def edit_json(path: Path, change) -> None:
+    """Change a JSON file a stage wrote, and its size in the folder's manifest: a file as an older or
+    other version of the stage might write it, not a damaged one (the manifest catches those)."""
+    from pipeline.core.outputs import write_manifest
+
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    write_manifest(path.parent)
+
+
+@pytest.mark.parametrize("labels", [None, ["numbers"], ["a", "a", "b"], [1, 2, 3], "numbers"])
+def test_label_names_missing_from_the_processed_data_are_one_line(broken, labels):
+    from tests.test_bad_input import run_clean_failure
+
+    edit_json(broken / "data/processed/provenance.json", lambda d: d.update(labels=labels))
+    for stage in ("train", "evaluate"):
+        line = run_clean_failure(broken, stage)
+        assert "provenance.json holds no list of label names" in line and "re-run the preprocess stage" in line
+
+
+def test_a_classifier_trained_on_other_labels_is_one_line(broken):
+    from tests.test_bad_input import run_clean_failure
+
+    edit_json(broken / "data/processed/provenance.json", lambda d: d.update(labels=d["labels"][::-1]))
+    line = run_clean_failure(broken, "evaluate")
+    assert "was trained on the labels" in line and "re-run the train stage" in line
+
+
+def test_a_language_model_where_a_classifier_belongs_is_one_line(classified):
+    from pipeline.generate import main
+
+    result = in_process(main, ["--model", "models/base", "--text", PROMPTS[0]], classified)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "models/base is not a classifier (it has no score.weight)" in errors[0], errors
