@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-venv demo demo-classify test lint bench repro plots params publish clean docker-build docker-train \
+.PHONY: help setup check-venv demo demo-classify test test-scale lint bench repro plots params publish clean docker-build docker-train \
 	docker-shell docker-test docker-demo docker-check
 
 help: ## List the targets
@@ -35,6 +35,9 @@ demo-classify: setup ## The same, as a text classifier: standard library docstri
 
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+test-scale: setup ## Runs past one process: two hosts (network namespaces, root), sharded resume, queued experiments
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m scale tests/scale
 
 lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 	$(BIN)/ruff check pipeline tests
@@ -80,11 +83,23 @@ DOCKER_USER     = $(shell id -u):$(shell id -g)
 GPU_FLAGS       = $(if $(filter podman,$(notdir $(DOCKER))),--device nvidia.com/gpu=all,--gpus all)
 # GPUS > 1: the train stage re-launches itself through torchrun with that many processes (NPROC_PER_NODE).
 GPUS            = 1
+# NODES > 1: one run across hosts (docs/scaling.md). Run the same make line on every host with its own
+# NODE_RANK: node 0 runs the pipeline (dvc repro, EXP, RECIPE), the others the train stage alone, which
+# waits at the rendezvous (RDZV_ENDPOINT, node 0's address:port) for node 0 to reach it. The repo must be
+# on a file system every host shares. NODE_ADDR: this host's address, where the hostname does not resolve.
+NODES           = 1
+NODE_RANK       = 0
+RDZV_ENDPOINT   =
+NODE_ADDR       =
+NODE_FLAGS      = $(if $(filter-out 1,$(NODES)),--network host -e NNODES=$(NODES) -e NODE_RANK=$(NODE_RANK) \
+	-e RDZV_ENDPOINT=$(RDZV_ENDPOINT) $(if $(strip $(NODE_ADDR)),-e NODE_ADDR=$(NODE_ADDR)) \
+	-e RDZV_ID=gpt2-$(GIT_SHA))
 # EXP='-S lr=5e-4' runs `dvc exp run -S lr=5e-4` instead of `dvc repro`; RECIPE=examples/gpu.yaml runs
 # that override file as an experiment (checked and expanded in the container), EXP's flags after it.
 EXP             =
 RECIPE          =
-TRAIN_CMD       = $(if $(strip $(RECIPE)),python -m pipeline.tools.recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
+PIPELINE_CMD    = $(if $(strip $(RECIPE)),python -m pipeline.tools.recipe $(RECIPE) --run $(EXP),$(if $(strip $(EXP)),dvc exp run $(EXP),dvc repro))
+TRAIN_CMD       = $(if $(filter-out 0,$(NODE_RANK)),python -m pipeline.train,$(PIPELINE_CMD))
 
 # `dvc exp run` commits: the container uses your git identity (git config user.name / user.email).
 docker-train docker-shell docker-test docker-demo: export GIT_AUTHOR_NAME     ?= $(shell git config user.name 2>/dev/null)
@@ -104,7 +119,7 @@ PASS_ENV = $(strip $(foreach v,HF_TOKEN GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COM
 USERNS = $(if $(filter podman,$(notdir $(DOCKER))),$(if $(filter 0,$(shell id -u)),,--userns=keep-id))
 DOCKER_RUN = $(DOCKER) run --rm --init $(GPU_FLAGS) --ipc=host \
 	-v "$(CURDIR):/repo" -w /repo -v $(HF_CACHE_VOLUME):/cache/huggingface \
-	--user $(DOCKER_USER) $(USERNS) -e NPROC_PER_NODE=$(GPUS) $(PASS_ENV)
+	--user $(DOCKER_USER) $(USERNS) -e NPROC_PER_NODE=$(GPUS) $(NODE_FLAGS) $(PASS_ENV)
 
 # A bad GPUS stops make before anything runs (under make -n too): one word, digits only, no leading 0.
 digits-removed = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
@@ -113,12 +128,15 @@ ifneq ($(filter docker-%,$(MAKECMDGOALS)),)
   ifeq ($(GPUS_VALID),)
     $(error GPUS must be a whole number >= 1, the GPUs to train on (e.g. GPUS=2); got '$(GPUS)')
   endif
+  ifneq ($(and $(filter-out 1,$(NODES)),$(if $(strip $(RDZV_ENDPOINT)),,yes)),)
+    $(error NODES=$(NODES) needs RDZV_ENDPOINT=host:port, node 0's address where the hosts meet (e.g. 10.0.0.1:29400))
+  endif
 endif
 
 docker-build: ## Build the GPU image, tagged gpt2-pipeline:<version>-<git sha> (DOCKER=podman works too)
 	$(DOCKER) build --tag $(IMAGE):$(TAG) $(if $(strip $(BASE_IMAGE)),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 
-docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4' or RECIPE=file: an experiment; GPUS=N: torchrun)
+docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4' or RECIPE=file: an experiment; GPUS=N, NODES=N: torchrun)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) $(TRAIN_CMD)
 
 docker-shell: docker-build ## An interactive shell in the image, with the same mounts

@@ -14,7 +14,8 @@ Their parts live in packages beside them:
                  what earlier stages wrote (loading.py), device and precision (device.py)
     data/        where text and models come from (sources.py, hub.py) and how records become text (records.py)
     training/    the train stage's parts: plan.py (every run decision), model.py, loss.py, memory.py,
-                 throughput.py, callbacks.py, checkpoints.py, arguments.py, metrics.py, card.py, peak.py
+                 throughput.py, callbacks.py, checkpoints.py, arguments.py, metrics.py, card.py, peak.py,
+                 launch.py (torchrun: GPUs and hosts), sharding.py (DeepSpeed ZeRO)
     generation/  sampling (sampling.py), prompts (prompts.py), their room in the context (room.py), ad hoc
                  sampling (adhoc.py)
     tools/       commands beside the pipeline: params.py (check and describe params.yaml), recipe.py (override

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ import click
 
 from pipeline.classification.evaluation import evaluate_classifier
 from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, stage_command
-from pipeline.core.device import autocast_dtype, device, keep_freed_memory, resolve_precision
+from pipeline.core.device import autocast_dtype, claim_gpus, device, keep_freed_memory, resolve_precision, visible_gpus
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import outputs, write_json
 from pipeline.core.params import load_params
@@ -251,6 +252,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     per-class figures and the confusion matrix beside the majority class and the base model zero-shot.
     Each task leaves the other's plot file empty."""
     params = load_params(params_path)
+    claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
     if params.task == "classification":

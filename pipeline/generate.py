@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import click
 from pipeline.classification.prediction import predict, print_predictions, write_predictions
 from pipeline.core.common import PipelineError, params_option, stage_command
 from pipeline.core.config import GenerateConfig
+from pipeline.core.device import claim_gpus, visible_gpus
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import outputs, write_json, write_text
 from pipeline.core.params import load_params
@@ -216,6 +218,7 @@ def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out:
         raise PipelineError(f"{name} is for ad hoc sampling (with --prompt or --prompts-file); the stage takes its "
                             "settings from generate.* in params.yaml")
     params = load_params(params_path)
+    claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
     if params.task == "classification":
         records, metrics = predict(params, load_prompts(params.generate), model_dir, base_dir)
         write_predictions(records, metrics, out, metrics_path)

@@ -3,8 +3,8 @@
 set_up (the inputs; the model with dropout, padding, freezing or LoRA and its own loss; this run's
 checkpoint folder; the plan: steps, precision, compile, attention, memory) -> run (the Trainer) -> save
 (merged, unpadded, safetensors, with its model card) and the metrics: steady and whole-run throughput, the
-training's peak memory beside its estimate. Multi-GPU (torchrun, see NPROC_PER_NODE) and mixed precision
-come from the Trainer.
+training's peak memory beside its estimate. Several GPUs and hosts (torchrun: pipeline.training.launch),
+sharding (DeepSpeed ZeRO: pipeline.training.sharding) and mixed precision come through the Trainer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pipeline.classification.metrics import trainer_metrics
 from pipeline.classification.training import add_pad_token, classification_card, weighted_loss
 from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
-from pipeline.core.device import keep_freed_memory
+from pipeline.core.device import claim_gpus, keep_freed_memory, visible_gpus
 from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json, saved_labels
 from pipeline.core.outputs import outputs, write_json, write_text
 from pipeline.core.params import load_params
@@ -51,11 +50,13 @@ from pipeline.training.checkpoints import (
     start_fresh,
     started_with,
 )
+from pipeline.training.launch import processes_per_node, run_under_torchrun
 from pipeline.training.memory import MemoryEstimate
 from pipeline.training.metrics import memory_metrics, run_metrics, summary_line
 from pipeline.training.model import count_parameters, position_parameters, prepare_model, without_adapters
 from pipeline.training.peak import reset_peak
 from pipeline.training.plan import Attention, Plan, choose_attention, estimated_memory, make_plan
+from pipeline.training.sharding import gathered_weights, plain_model
 from pipeline.training.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
 if TYPE_CHECKING:
@@ -245,13 +246,15 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     trainer = make_trainer(s, params)
     since_reset = reset_peak()  # the reported peak is the training's, not the set-up's
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=s.run.resume_from)
+    result = run_trainer(trainer, s)
     seconds = time.perf_counter() - started
     memory = memory_metrics(s.memory, since_reset)  # before the final evaluation, which is not training
     metrics = {**run_metrics(trainer, result, seconds, checkpoint_step(s.run.resume_from), s.meter, s.plan),
                **memory, "device_peak_source": s.meter.peak_source, "precision": s.plan.precision,
                **s.attention.metrics(), "torch_compile": s.plan.compile, "world_size": s.args.world_size,
                "parameters": s.trainable.parameters[0], "trainable_parameters": s.trainable.parameters[1]}
+    # sharded: every rank takes part in gathering the full weights; rank 0 saves them
+    weights = gathered_weights(trainer.model) if s.plan.sharding != "none" else None
     if trainer.is_world_process_zero():
         inputs, commit = lock_hashes([str(base_dir), str(data_dir)]), git_commit()
         card = classification_card(params, *s.inputs.provenance, metrics, inputs, commit) \
@@ -259,7 +262,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
                 params.train, params.seed, params.lr, *s.inputs.provenance,
                 (metrics["base_eval_loss"], metrics["eval_loss"]), metrics, inputs, commit)
         with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
-            save(trainer, s.args, model_tmp, s.trainable.vocab, params.train.lora.enabled, card)
+            save(trainer, s.args, model_tmp, s.trainable.vocab, params.train.lora.enabled, card, weights)
             shutil.copytree(s.run.path / LIVE, live_tmp)
             if params.task != "classification":
                 leave_classifier_curves_empty(live_tmp)
@@ -268,10 +271,30 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     return metrics
 
 
-def save(trainer: Trainer, args: TrainingArguments, out: Path, vocab: int, lora: bool, card: str) -> None:
+def run_trainer(trainer: Trainer, s: Setup):  # noqa: ANN201 - the Trainer's TrainOutput
+    """trainer.train; where another process of the run went away (killed, out of memory, its host
+    down), one line instead of the collective's traceback."""
+    import torch.distributed as dist
+
+    try:
+        return trainer.train(resume_from_checkpoint=s.run.resume_from)
+    except (dist.DistError, RuntimeError) as e:
+        lost = isinstance(e, dist.DistError) or "Connection closed by peer" in str(e) or "Connection reset" in str(e)
+        if s.plan.world_size == 1 or not lost:
+            raise
+        raise PipelineError(f"train: process {os.environ.get('RANK', '?')} of {s.plan.world_size} lost another "
+                            "process of the run (it stopped, or its host went away); its log says why; run again "
+                            "to resume from the last checkpoint") from None
+
+
+def save(trainer: Trainer, args: TrainingArguments, out: Path, vocab: int, lora: bool, card: str,
+         weights: dict | None = None) -> None:
     """models/finetuned: a plain model (adapters merged, padding trimmed, safetensors), its tokenizer, its
-    model card (README.md), and for LoRA the adapter alone in adapter/."""
+    model card (README.md), and for LoRA the adapter alone in adapter/. `weights`: a sharded run's
+    gathered fp32 weights, put into a model of their own."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if weights is not None:
+        model = plain_model(model, weights)
     if lora:
         model.save_pretrained(out / "adapter")  # the adapters alone (model.add_lora), for the unpadded base
         model = model.merge_and_unload()
@@ -282,19 +305,6 @@ def save(trainer: Trainer, args: TrainingArguments, out: Path, vocab: int, lora:
     trainer.processing_class.save_pretrained(out)
     write_text(out / "training_args.json", args.to_json_string())  # not the pickled training_args.bin
     write_text(out / "README.md", card)
-
-
-def relaunch_under_torchrun() -> None:
-    """With NPROC_PER_NODE=N (N > 1), re-run this stage as `torchrun --nproc_per_node N -m pipeline.train ...`:
-    data-parallel training (DDP through the Trainer; NCCL on GPUs, gloo on CPU) without changing dvc.yaml."""
-    value = os.environ.get("NPROC_PER_NODE", "1") or "1"
-    if not value.isdigit() or int(value) < 1:
-        raise PipelineError(f"NPROC_PER_NODE={value!r} is not a process count; set it to the number of GPUs, e.g. 2")
-    if int(value) > 1 and "LOCAL_RANK" not in os.environ:  # torchrun sets LOCAL_RANK in its workers
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={value}",
-                   "-m", "pipeline.train", *sys.argv[1:]]
-        log.info("launching %s", " ".join(command[1:]))
-        os.execv(sys.executable, command)
 
 
 @stage_command
@@ -316,7 +326,9 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
          metrics_path: Path) -> None:
     """Fine-tune the base model with the Hugging Face Trainer, resuming an interrupted run."""
     params = load_params(params_path)
-    relaunch_under_torchrun()
+    claim_gpus(dict(os.environ), processes_per_node(dict(os.environ)), visible_gpus())  # before CUDA starts
+    if run_under_torchrun():
+        return  # its workers trained and wrote the outputs
     keep_freed_memory()
     metrics = train(params, data_dir, base_dir, out, checkpoints, live_dir, metrics_path)
     if is_main_process():

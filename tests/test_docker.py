@@ -251,6 +251,18 @@ def test_docker_train_runs_a_recipe_in_the_container():
     assert (ROOT / "examples/gpu.yaml").exists()
 
 
+def test_docker_train_across_hosts_runs_the_pipeline_on_node_0_and_the_train_stage_elsewhere():
+    hosts = ("GPUS=8", "NODES=2", "RDZV_ENDPOINT=10.0.0.1:29400", "EXP=-S lr=1e-4")
+    first = docker_line(make("-n", "docker-train", *hosts, "NODE_RANK=0").stdout, "run")
+    other = docker_line(make("-n", "docker-train", *hosts, "NODE_RANK=1", "NODE_ADDR=10.0.0.2").stdout, "run")
+    for argv in first, other:
+        assert {"--network", "NNODES=2", "RDZV_ENDPOINT=10.0.0.1:29400", "NPROC_PER_NODE=8"} <= set(argv), argv
+    assert "NODE_RANK=0" in first and " ".join(first).endswith(" dvc exp run -S lr=1e-4")
+    assert "NODE_RANK=1" in other and "NODE_ADDR=10.0.0.2" in other and other[-3:] == ["python", "-m", "pipeline.train"]
+    missing = make("-n", "docker-train", "NODES=2", check=False)
+    assert missing.returncode != 0 and "NODES=2 needs RDZV_ENDPOINT=host:port" in missing.stderr
+
+
 def test_plain_docker_train_runs_dvc_repro_on_one_process():
     argv = docker_line(make("-n", "docker-train").stdout, "run")
     assert argv[-2:] == ["dvc", "repro"], argv

@@ -41,6 +41,8 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
         logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per Hub request otherwise
+        # DeepSpeed's guess on a machine without a GPU ("unable to detect it"): the stages name the device
+        logging.getLogger("DeepSpeed").addFilter(lambda record: "unable to detect it" not in record.getMessage())
         for library in ("huggingface_hub", "datasets"):  # they print through a handler of their own too
             logging.getLogger(library).propagate = False
         signal.signal(signal.SIGTERM, stop)

@@ -233,6 +233,11 @@ class TrainConfig:
         "the padding takes no part in the loss and is trimmed before saving. 0: off.", ge=0, le=1024)
     gradient_checkpointing: StrictBool = doc(
         "Recompute activations in the backward pass: less memory, ~30% more compute.")
+    sharding: Literal["none", "zero2", "zero3"] = doc(
+        "Shard the training state across the processes of a multi-GPU (or multi-node) run with DeepSpeed ZeRO "
+        "through the Trainer: zero2 splits the AdamW states and gradients, zero3 the weights too (gpt2-xl full "
+        "fine-tuning on 24 GB cards). none: plain DDP, every process holds everything. Needs 2 or more "
+        "processes (NPROC_PER_NODE, NNODES); the saved model is the ordinary full one.")
     freeze: FreezeConfig = doc("Transfer learning: parts of the base model kept fixed.")
     lora: LoraConfig = doc("Parameter-efficient fine-tuning with peft LoRA.")
     memory_preflight: StrictBool = doc(

@@ -1,9 +1,15 @@
 """The device and precision a stage runs on, chosen by measuring or asking, never assumed: CUDA when
 present, bf16 only where the hardware runs it natively, an explicit choice the device cannot run an
-error. And the glibc setting that keeps the CPU path from page-faulting every step."""
+error. The glibc setting that keeps the CPU path from page-faulting every step. And GPUs of its own for
+each run where several run on one host (dvc queue start -j N)."""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +17,8 @@ from pipeline.core.common import PipelineError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
@@ -75,3 +83,61 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+# --- one GPU per run: parallel experiments ----------------------------------------------------------
+
+GPU_LOCKS = Path(tempfile.gettempdir()) / "gpt2-pipeline-gpus"  # host-wide: every queue worker sees it
+
+
+def visible_gpus() -> int:
+    """The GPUs of this host (or container), counted from their device files: asking CUDA would fix
+    this process's devices before CUDA_VISIBLE_DEVICES can choose them."""
+    return sum(1 for p in Path("/dev").glob("nvidia*") if p.name[len("nvidia"):].isdigit())
+
+
+def claim_gpus(env: dict[str, str], want: int, devices: int, lock_dir: Path = GPU_LOCKS,
+               wait_s: float = float("inf"), poll_s: float = 5.0) -> list[int]:
+    """Give this stage `want` GPUs (train: NPROC_PER_NODE; evaluate, generate: 1) no other run of this
+    pipeline on the host holds, by an flock on
+    a file per GPU, held until this process (or the torchrun it starts, which inherits the files) ends,
+    and set CUDA_VISIBLE_DEVICES to them: `dvc queue start -j N` then runs N experiments on N GPUs
+    instead of N on GPU 0. Waits while they are taken (a queue with more workers than GPUs). Returns
+    the GPUs claimed; none where there are no GPUs, or the user chose them (CUDA_VISIBLE_DEVICES,
+    or GPU_SHARING=1 to let runs share)."""
+    if devices == 0 or "CUDA_VISIBLE_DEVICES" in env or env.get("GPU_SHARING") == "1" or "LOCAL_RANK" in env:
+        return []
+    if want > devices:
+        raise PipelineError(f"NPROC_PER_NODE={want} but this host has {devices} GPU(s); lower it")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        held = []
+        for gpu in range(devices):
+            fd = os.open(lock_dir / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            held.append((gpu, fd))
+            if len(held) == want:
+                break
+        if len(held) == want:
+            for _, fd in held:
+                os.set_inheritable(fd, True)  # kept through os.exec and into torchrun's workers
+            gpus = [gpu for gpu, _ in held]
+            os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+            log.info("GPUs %s of %d claimed for this run (others held by runs beside it: %s)",
+                     env["CUDA_VISIBLE_DEVICES"], devices, lock_dir)
+            return gpus
+        for _, fd in held:
+            os.close(fd)
+        if time.monotonic() >= deadline:
+            raise PipelineError(f"no {want} free GPU(s) of {devices} within {wait_s:.0f} s: other runs hold them "
+                                f"({lock_dir}); wait, lower NPROC_PER_NODE or dvc queue start -j, or set "
+                                "GPU_SHARING=1 to share")
+        if not told:
+            log.info("waiting for %d free GPU(s): the others of %d are held by runs beside this one", want, devices)
+            told = True
+        time.sleep(poll_s)

@@ -121,6 +121,13 @@ def check_train(t: TrainConfig) -> None:
     if unknown:
         always = " (dvclive is always on)" if unknown[0] == "dvclive" else ""
         fail("train.report_to", f"does not know {unknown[0]!r}{always}; use {', '.join(TRACKERS)}")
+    if t.sharding != "none" and t.lora.enabled:
+        fail("train.sharding", f"{t.sharding} with train.lora.enabled: LoRA's trained weights and their AdamW states "
+                               "are a few MB, nothing to shard (and DeepSpeed would hold the frozen base in 16 "
+                               "bits); set train.sharding: none")
+    if t.sharding != "none" and t.torch_compile is True:
+        fail("train.torch_compile", f"true with train.sharding: {t.sharding}: the DeepSpeed engine runs the model "
+                                    "uncompiled here; set torch_compile: false (or auto)")
     if t.lora.enabled and (t.freeze.embeddings or t.freeze.layers):
         fail("train.freeze", "does nothing with train.lora.enabled (LoRA keeps every base weight fixed); "
                              "remove one of them")

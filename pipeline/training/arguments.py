@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.common import PipelineError
 from pipeline.core.config import Params
 from pipeline.training.plan import Plan
+from pipeline.training.sharding import deepspeed_config
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -38,6 +39,7 @@ def training_arguments(params: Params, plan: Plan, checkpoints: Path) -> Trainin
         # pinned batches copied without blocking: the host never waits for the GPU between steps
         dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda, report_to=trackers(t.report_to), disable_tqdm=True,
+        deepspeed=deepspeed_config(plan.sharding),
     )
 
 

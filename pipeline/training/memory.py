@@ -104,6 +104,8 @@ class RunShape:
     compiled: bool = False
     gradient_checkpointing: bool = False
     optimizer: str = "adamw_torch_fused"
+    sharding: str = "none"  # none (DDP: all of it on every process), zero2, zero3
+    shards: int = 1         # the processes sharded states are split across
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,30 @@ def estimate_memory(model: ModelShape, run: RunShape) -> MemoryEstimate:
     else:
         activations = model.n_layer * per_layer
         copied = model.parameters
-    states = (4 * model.parameters + state_bytes * model.trainable
-              + (4 * model.trainable if run.accumulation > 1 else 0) + (2 * copied if sixteen_bit else 0))
-    step = 4 * model.parameters + (4 + state_bytes) * model.trainable
-    evaluation = 4 * model.parameters + state_bytes * model.trainable + \
-        run.eval_batch * run.block_size * model.vocab * c.eval_logits
+    if run.sharding == "none":
+        states = (4 * model.parameters + state_bytes * model.trainable
+                  + (4 * model.trainable if run.accumulation > 1 else 0) + (2 * copied if sixteen_bit else 0))
+        step = 4 * model.parameters + (4 + state_bytes) * model.trainable
+        resident = 4 * model.parameters + state_bytes * model.trainable
+    else:
+        states = step = resident = sharded_states(model, run, sixteen_bit, state_bytes)
+    evaluation = resident + run.eval_batch * run.block_size * model.vocab * c.eval_logits
     return MemoryEstimate(int(states), int(activations), int(tokens * model.vocab * c.logits), int(step),
                           int(evaluation))
+
+
+def sharded_states(model: ModelShape, run: RunShape, sixteen_bit: bool, state_bytes: int) -> float:
+    """One process's share of the state under DeepSpeed ZeRO. DeepSpeed casts the model itself to 16 bits
+    under bf16/fp16 and keeps the fp32 master weights in the optimizer; zero2 splits those, the AdamW
+    states and the fp32 gradients across the processes, zero3 the model's weights too, gathering each
+    block's whole while it runs (two blocks with prefetch, and the embedding, which GPT-2 also reads for
+    the logits). Not yet measured on a GPU: an estimate from the sizes alone."""
+    width = 2 if sixteen_bit else 4
+    split = ((4 if sixteen_bit else 0) + state_bytes + 4) * model.trainable / run.shards
+    if run.sharding == "zero2":
+        return width * model.parameters + split
+    gathered = width * (2 * model.block_parameters + model.vocab * model.hidden)
+    return width * model.parameters / run.shards + gathered + split
 
 
 def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
@@ -236,4 +255,18 @@ def fixes(model: ModelShape, run: RunShape, lora: bool, limit: float) -> list[st
             found.append("train.gradient_checkpointing: true")
         if not lora:
             found.append("train.lora.enabled: true")
-    return found or ["a device with more memory, or sharding (FSDP/DeepSpeed)"]
+        if not lora and run.sharding != "zero3":
+            found.append(sharding_fix(model, run, limit))
+    return [fix for fix in found if fix] or ["a device with more memory"]
+
+
+def sharding_fix(model: ModelShape, run: RunShape, limit: float) -> str:
+    """train.sharding: zero3 across this run's processes, or across the fewest of 2, 4 or 8 GPUs that makes
+    it fit by the estimate, with the per-process figure; '' when not even 8 would."""
+    for shards in [run.shards] if run.shards > 1 else [2, 4, 8]:
+        each = estimate_memory(model, replace(run, sharding="zero3", shards=shards)).total
+        if each <= limit:
+            where = "on these" if run.shards > 1 else "across"
+            return (f"train.sharding: zero3 {where} {shards} GPUs (about {each / GIB:.1f} GiB each"
+                    + (f"; NPROC_PER_NODE={shards})" if run.shards == 1 else ")"))
+    return ""

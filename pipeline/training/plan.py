@@ -36,6 +36,7 @@ class Plan:
     steps: int              # optimizer steps planned
     effective_batch: int    # blocks per optimizer step, all devices
     compile: bool
+    sharding: str = "none"  # none (DDP), zero2, zero3 (DeepSpeed ZeRO across the world_size processes)
 
     @property
     def tokens_per_step(self) -> int:
@@ -73,9 +74,25 @@ def make_plan(t: TrainConfig, train_blocks: int, block_size: int) -> Plan:
     if t.warmup_steps > steps:
         raise PipelineError(f"params: train.warmup_steps ({t.warmup_steps}) exceeds the {steps} steps planned; "
                             "lower it")
+    check_sharding(t.sharding, world)
     compiled, why = use_compile(t.torch_compile, device, steps * effective * block_size)
+    if compiled and t.sharding != "none":  # only `auto` gets here: an explicit true is refused with sharding
+        compiled, why = False, f"auto: off with train.sharding: {t.sharding} (the DeepSpeed engine runs it eagerly)"
     log.info("torch.compile: %s (%s)", "on" if compiled else "off", why)
-    return Plan(precision, device, world, block_size, steps, effective, compiled)
+    return Plan(precision, device, world, block_size, steps, effective, compiled, t.sharding)
+
+
+def check_sharding(sharding: str, world: int) -> None:
+    """Sharding needs processes to shard over, and DeepSpeed installed."""
+    if sharding == "none":
+        return
+    if world < 2:
+        raise PipelineError(f"train.sharding: {sharding} splits the training state across processes, and this run "
+                            "has 1; start it on several GPUs (NPROC_PER_NODE=N, make docker-train GPUS=N, or "
+                            "NNODES) or set train.sharding: none")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise PipelineError(f"train.sharding: {sharding} runs on DeepSpeed, which is not installed; pip install "
+                            "deepspeed (requirements.lock pins it), or set train.sharding: none")
 
 
 # --- torch.compile ---------------------------------------------------------------------------------
@@ -221,4 +238,4 @@ def run_shape(t: TrainConfig, plan: Plan, attention: str, model: PreTrainedModel
         (m.p for m in model.modules() if type(m).__name__ == "Dropout"), default=0.0)
     return RunShape(plan.device, plan.precision, t.per_device_train_batch_size, t.per_device_eval_batch_size,
                     plan.block_size, t.gradient_accumulation_steps, attention, dropout, plan.compile,
-                    t.gradient_checkpointing, t.optimizer)
+                    t.gradient_checkpointing, t.optimizer, plan.sharding, plan.world_size)

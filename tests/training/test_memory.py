@@ -200,8 +200,28 @@ def test_profiles_fit_the_cards_they_name(profile):
     params = from_dict(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text())))
     t = params.train
     # torch_compile: auto may stay off (a short run), so unless a profile compiles for sure it must fit without
+    gpus = re.search(r"^# gpus: (\d+)", profile.read_text(), re.MULTILINE)  # a sharded profile names its GPUs
+    assert (t.sharding != "none") == bool(gpus), f"{profile.name}: sharding {t.sharding} needs a # gpus: N line"
     run = RunShape("cuda", "fp16" if t.precision == "fp16" else "bf16", t.per_device_train_batch_size,
                    t.per_device_eval_batch_size, params.preprocess.block_size, t.gradient_accumulation_steps,
-                   compiled=t.torch_compile is True, gradient_checkpointing=t.gradient_checkpointing)
+                   compiled=t.torch_compile is True, gradient_checkpointing=t.gradient_checkpointing,
+                   sharding=t.sharding, shards=int(gpus.group(1)) if gpus else 1)
     estimate = estimate_memory(gpt2_shape(params.model.name, lora_r=t.lora.r if t.lora.enabled else 0), run).total
     assert estimate <= 0.9 * card_bytes(profile), f"{estimate / GIB:.1f} GiB"
+
+
+def test_sharding_divides_the_state_and_is_offered_where_it_makes_a_run_fit(monkeypatch):
+    """gpt2-xl full fine-tuning: over 24 GiB of state unsharded; ZeRO-2 and ZeRO-3 divide what they split
+    by the processes; the preflight on a 24 GB card offers zero3 across the GPUs that make it fit."""
+    xl_shape = gpt2_shape("gpt2-xl")
+    run = RunShape("cuda", "bf16", 1, 1, 1024, 8)
+    alone = estimate_memory(xl_shape, run)
+    two, four = (estimate_memory(xl_shape, replace(run, sharding="zero3", shards=n)) for n in (2, 4))
+    zero2 = estimate_memory(xl_shape, replace(run, sharding="zero2", shards=4))
+    assert alone.states > 24 * GIB > two.total and four.states < two.states < alone.states / 1.9
+    assert four.states < zero2.states < alone.states  # zero2 keeps the 16-bit weights whole on every process
+    assert four.activations == alone.activations  # sharding splits state, not a micro-batch's activations
+    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (23.5 * 1e9, "RTX 4090 (test)"))
+    with pytest.raises(PipelineError, match=r"train.sharding: zero3 across (\d) GPUs \(about [\d.]+ GiB each; "
+                                            r"NPROC_PER_NODE=\1\)"):
+        preflight(xl_shape, run, lora=False)

@@ -146,3 +146,16 @@ def test_planned_steps_count_as_the_trainer_does(epochs, max_steps, expected):
                      precision="fp32")
     planned = make_plan(t, train_blocks=100, block_size=64)
     assert planned.steps == expected and planned.effective_batch == 16 and planned.tokens_per_step == 1024
+
+
+def test_sharding_needs_processes_to_shard_over(monkeypatch):
+    from pipeline.core.common import PipelineError
+
+    t = train_params(sharding="zero3", precision="fp32", torch_compile="auto")
+    with pytest.raises(PipelineError, match=r"train.sharding: zero3 splits the training state across processes, and "
+                                            r"this run has 1; .*NPROC_PER_NODE=N"):
+        make_plan(t, train_blocks=100, block_size=64)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(plan_module, "use_compile", lambda *_: (True, "auto: CUDA, a long run"))
+    planned = make_plan(t, train_blocks=100, block_size=64)
+    assert planned.sharding == "zero3" and planned.world_size == 2 and not planned.compile  # auto turns it off

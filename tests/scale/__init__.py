@@ -1,0 +1,1 @@
+"""Tests of runs past one process: several hosts, sharded resume, experiments at once (make test-scale)."""

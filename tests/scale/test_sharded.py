@@ -1,0 +1,64 @@
+"""A ZeRO-3 run (train.sharding: zero3, 2 processes, gloo) killed with SIGKILL, the whole process group
+at once as a scheduler or the OOM killer does, resumes from its last complete checkpoint (the sharded
+optimizer states and weights DeepSpeed wrote per rank) to the weights of the run that was not killed;
+its workers, which torchrun starts in sessions of their own, die with it instead of training on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.training.checkpoints import COMPLETE
+from tests.conftest import ROOT, prepare, write_params
+
+pytestmark = [pytest.mark.scale, pytest.mark.skipif(shutil.which("c++") is None, reason=(
+    "DeepSpeed on a CPU builds its shared-memory op with a C++ compiler, which this machine lacks"))]
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+MODEL = {"config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, **NO_DROPOUT}}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC_PER_NODE": "2"}
+
+
+def command(tag: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "--params", "params-zero3.yaml", "--out", f"{tag}/model",
+            "--checkpoints", f"{tag}/checkpoints", "--live-dir", f"{tag}/dvclive", "--metrics", f"{tag}/train.json"]
+
+
+def test_a_killed_zero3_run_resumes_to_the_uninterrupted_weights(tmp_path, tokenizer_dir):
+    root = prepare(tmp_path / "zero3", tokenizer_dir, {"model": MODEL})
+    write_params(root, {"model": MODEL, "train": {
+        "sharding": "zero3", "per_device_train_batch_size": 2, "max_steps": 20, "eval_steps": 10, "save_steps": 4,
+        "logging_steps": 2, "save_total_limit": 10}}).rename(root / "params-zero3.yaml")
+    straight = subprocess.run(command("straight"), cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    first = subprocess.Popen(command("killed"), cwd=root, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(root.glob(f"killed/checkpoints/*/checkpoint-8/{COMPLETE}")) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGKILL)  # the agent and both workers
+    assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
+    time.sleep(2)  # torchrun starts its workers in sessions of their own: they must die with the stage
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "killed/model" in " ".join(p.info["cmdline"] or [])]
+    (folder,) = (root / "killed/checkpoints").iterdir()
+    assert list(folder.glob("checkpoint-8/global_step8/*optim_states.pt")), "DeepSpeed's sharded states"
+    assert not (root / "killed/model").exists()
+
+    again = subprocess.run(command("killed"), cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed, reference = (json.loads((root / tag / "train.json").read_text()) for tag in ("killed", "straight"))
+    assert 8 <= resumed["resumed_from_step"] < 20 and resumed["steps"] == 20
+    assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-5)
+    a, b = (load_file(root / tag / "model/model.safetensors") for tag in ("killed", "straight"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
