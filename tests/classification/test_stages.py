@@ -1,7 +1,7 @@
 """task: classification through every stage, on a tiny GPT-2 and real labelled text (standard library
 docstrings of three module families): the classifier's figures beside its baselines, the confusion
 plot, predictions that transformers.pipeline("text-classification") reproduces, the headline row, the
-model card; determinism, class weights, LoRA and freezing; a SIGKILL and the resumed run; broken label
+model card; determinism, class weights, LoRA and freezing; an interrupted run resumed; broken label
 files and a language model where a classifier belongs; the ad hoc --text command; the params it refuses."""
 
 from __future__ import annotations
@@ -202,33 +202,27 @@ def test_freezing_keeps_the_frozen_parts_and_trains_the_head(classified, tmp_pat
     assert "score.weight" in weights and metrics["trainable_parameters"] < metrics["parameters"]
 
 
-def test_a_killed_classifier_resumes_to_the_same_model(classified, tmp_path):
-    """SIGKILL once the step-6 checkpoint is complete; the next run resumes from it (best-model choice
-    included) and saves the weights the uninterrupted run saved."""
+def test_an_interrupted_classifier_resumes_to_the_same_model(classified, tmp_path):
+    """As if killed after the step-6 checkpoint: the next run resumes from it (the best-model choice
+    included) and saves the weights the uninterrupted run saved. With a real SIGKILL: tests/scale."""
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.training.checkpoints import COMPLETE
+    from pipeline.train import train
+    from pipeline.training.checkpoints import FINISHED
 
-    root = tmp_path / "run"
-    shutil.copytree(classified, root, ignore=shutil.ignore_patterns("checkpoints", "finetuned", "dvclive"))
-    (root / "metrics/train.json").unlink()
-    command, env = [sys.executable, "-m", "pipeline.train"], {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(root.glob(f"checkpoints/*/checkpoint-6/{COMPLETE}")) and first.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
-    assert not (root / "models/finetuned").exists() and not (root / "metrics/train.json").exists()
-    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    resumed, straight = read(root, "metrics/train.json"), read(classified, "metrics/train.json")
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(classified / "checkpoints", ckpt)
+    folder = next(ckpt.iterdir())
+    shutil.rmtree(folder / "checkpoint-12")
+    (folder / FINISHED).unlink()
+    params = load_params(classified / "params.yaml")
+    resumed = train(params, classified / "data/processed", classified / "models/base", tmp_path / "model", ckpt,
+                    tmp_path / "live", tmp_path / "train.json")
+    straight = read(classified, "metrics/train.json")
     assert resumed["resumed_from_step"] == 6 and resumed["steps"] == straight["steps"] == 12
     assert resumed["eval_macro_f1"] == straight["eval_macro_f1"]
-    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-6)
-    a, b = (load_file(r / "models/finetuned/model.safetensors") for r in (root, classified))
+    a, b = load_file(tmp_path / "model/model.safetensors"), load_file(classified / "models/finetuned/model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
 
 
@@ -275,3 +269,34 @@ def test_a_language_model_where_a_classifier_belongs_is_one_line(classified):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "models/base is not a classifier (it has no score.weight)" in errors[0], errors
+
+
+@pytest.mark.scale  # a real SIGKILL of a process: make test-scale (CI)
+def test_a_killed_classifier_resumes_to_the_same_model(classified, tmp_path):
+    """SIGKILL once the step-6 checkpoint is complete; the next run resumes from it (best-model choice
+    included) and saves the weights the uninterrupted run saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.training.checkpoints import COMPLETE
+
+    root = tmp_path / "run"
+    shutil.copytree(classified, root, ignore=shutil.ignore_patterns("checkpoints", "finetuned", "dvclive"))
+    (root / "metrics/train.json").unlink()
+    command, env = [sys.executable, "-m", "pipeline.train"], {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(root.glob(f"checkpoints/*/checkpoint-6/{COMPLETE}")) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
+    assert not (root / "models/finetuned").exists() and not (root / "metrics/train.json").exists()
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed, straight = read(root, "metrics/train.json"), read(classified, "metrics/train.json")
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == straight["steps"] == 12
+    assert resumed["eval_macro_f1"] == straight["eval_macro_f1"]
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-6)
+    a, b = (load_file(r / "models/finetuned/model.safetensors") for r in (root, classified))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)

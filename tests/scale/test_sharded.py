@@ -1,7 +1,8 @@
 """A ZeRO-3 run (train.sharding: zero3, 2 processes, gloo) killed with SIGKILL, the whole process group
 at once as a scheduler or the OOM killer does, resumes from its last complete checkpoint (the sharded
 optimizer states and weights DeepSpeed wrote per rank) to the weights of the run that was not killed;
-its workers, which torchrun starts in sessions of their own, die with it instead of training on."""
+its workers, which torchrun starts in sessions of their own, die with it instead of training on. And
+ZeRO-3 with bf16 and gradient checkpointing trains as DDP does, within bf16's precision."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.core.device import cpu_has_native_bf16
 from pipeline.training.checkpoints import COMPLETE
 from tests.conftest import ROOT, prepare, write_params
 
@@ -31,6 +33,17 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC_PER_NODE": "2"}
 def command(tag: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", "--params", "params-zero3.yaml", "--out", f"{tag}/model",
             "--checkpoints", f"{tag}/checkpoints", "--live-dir", f"{tag}/dvclive", "--metrics", f"{tag}/train.json"]
+
+
+def survivors(argument: str, within: float) -> list[str]:
+    """The processes with `argument` on their command line still alive after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [" ".join(p.info["cmdline"]) for p in psutil.process_iter(["cmdline", "status"])
+                 if argument in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def test_a_killed_zero3_run_resumes_to_the_uninterrupted_weights(tmp_path, tokenizer_dir):
@@ -49,8 +62,9 @@ def test_a_killed_zero3_run_resumes_to_the_uninterrupted_weights(tmp_path, token
         time.sleep(0.01)
     os.killpg(first.pid, signal.SIGKILL)  # the agent and both workers
     assert first.wait(timeout=60) != 0, "the run finished before it could be killed"
-    time.sleep(2)  # torchrun starts its workers in sessions of their own: they must die with the stage
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "killed/model" in " ".join(p.info["cmdline"] or [])]
+    # torchrun starts its workers in sessions of their own: they must die with the stage, not train on
+    orphans = survivors("killed/model", within=15)
+    assert not orphans, orphans
     (folder,) = (root / "killed/checkpoints").iterdir()
     assert list(folder.glob("checkpoint-8/global_step8/*optim_states.pt")), "DeepSpeed's sharded states"
     assert not (root / "killed/model").exists()
@@ -62,3 +76,23 @@ def test_a_killed_zero3_run_resumes_to_the_uninterrupted_weights(tmp_path, token
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-5)
     a, b = (load_file(root / tag / "model/model.safetensors") for tag in ("killed", "straight"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
+def test_zero3_combines_with_bf16_and_gradient_checkpointing(tmp_path, tokenizer_dir):
+    """DeepSpeed computes in bf16 (the model itself cast, fp32 master weights in the optimizer) where DDP
+    autocasts fp32 weights: not the same bits, the same training within bf16's precision."""
+    root = prepare(tmp_path / "bf16", tokenizer_dir, {"model": MODEL})
+    runs = {}
+    for tag, sharding in (("ddp", "none"), ("zero3", "zero3")):
+        write_params(root, {"model": MODEL, "train": {
+            "sharding": sharding, "precision": "bf16", "gradient_checkpointing": True, "per_device_train_batch_size": 2,
+            "max_steps": 8, "eval_steps": 8, "save_steps": 8}}).rename(root / "params-zero3.yaml")
+        done = subprocess.run(command(tag), cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[tag] = json.loads((root / tag / "train.json").read_text())
+    assert runs["zero3"]["precision"] == "bf16" and runs["zero3"]["world_size"] == 2
+    assert runs["zero3"]["eval_loss"] < runs["zero3"]["base_eval_loss"]
+    assert runs["zero3"]["eval_loss"] == pytest.approx(runs["ddp"]["eval_loss"], abs=0.05)
+    weights = load_file(root / "zero3/model/model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # the fp32 master weights, not bf16 copies
