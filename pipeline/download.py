@@ -9,6 +9,7 @@ files or a URL (pipeline.data.sources). Each output also gets a provenance.json 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import typing
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pipeline.core.common import PipelineError, params_option, stage_command
-from pipeline.core.config import DataConfig, ModelConfig
-from pipeline.core.loading import load_model, read_tokenizer
+from pipeline.core.config import FLOAT32_TINY, DataConfig, ModelConfig
+from pipeline.core.loading import context_length, load_model, read_tokenizer
 from pipeline.core.outputs import outputs, write_json
 from pipeline.core.params import check_heads, load_params
 from pipeline.data.hub import resolve, snapshot
@@ -80,6 +81,7 @@ def gpt2_config(overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -
     return config
 
 
+DTYPES = ("float32", "float16", "bfloat16")
 # GPT2Config fields that must be at least 1 (sizes), in [0, 1) (dropout) or above 0
 SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 FRACTIONS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
@@ -96,6 +98,14 @@ def checked_override(key: str, value: Any, defaults: dict[str, Any]) -> Any:
         override_error(key, "is not a GPT2Config field; " + (f"did you mean {close[0]}?" if close else
                             "use n_layer, n_embd, n_head, n_positions, n_inner, resid_pdrop, ..."))
     default = defaults[key]
+    if isinstance(value, float) and not (math.isfinite(value) and (value == 0 or abs(value) >= FLOAT32_TINY)):
+        override_error(key, f"must be a finite number of at least 1.2e-38 in size (or 0); got {value!r}")
+    if key in ("dtype", "torch_dtype"):
+        if value not in DTYPES:
+            override_error(key, f"must be one of {', '.join(DTYPES)}; got {value!r}")
+        return value
+    if value is None and default is None:
+        return value  # GPT2Config's own default (n_inner: null is 4 x n_embd)
     wanted = int if key in SIZES else type(default)
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return checked_override(key, float(value), defaults)
@@ -142,10 +152,13 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         model = GPT2LMHeadModel(gpt2_config(cfg.config_overrides, tokenizer))
         try:  # one token through the model: whatever the checks above missed, found here and not in train
             with torch.no_grad():
-                model(torch.tensor([[tokenizer.eos_token_id]]))
+                logits = model(torch.tensor([[tokenizer.eos_token_id]])).logits
         except Exception as e:  # noqa: BLE001 - any failure is the overrides'; one line, not a traceback
             raise PipelineError(f"params: model.config_overrides build a GPT-2 that cannot run "
-                                f"({type(e).__name__}: {e}); fix them") from None
+                                f"({type(e).__name__}: {str(e)[:200]}); fix them") from None
+        if not bool(torch.isfinite(logits).all()) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise PipelineError("params: model.config_overrides build a GPT-2 whose weights or outputs are not finite "
+                                "(check layer_norm_epsilon and initializer_range); fix them")
         return model
     if is_local(cfg.name):
         return load_model(cfg.name, cfg.trust_remote_code)
@@ -172,6 +185,9 @@ def save_base(cfg: ModelConfig, seed: int, out: Path, commits: dict[str, str] | 
         "parameters": sum(p.numel() for p in model.parameters()), "transformers": transformers.__version__,
     }
     model.save_pretrained(out)  # safetensors
+    positions = context_length(model.config)
+    if positions and tokenizer.model_max_length > positions:  # e.g. 1e30, "unset", for a tokenizer from files
+        tokenizer.model_max_length = positions  # so libraries that load the artifact truncate to the context
     tokenizer.save_pretrained(out)
     write_json(out / "provenance.json", provenance)
     log.info("model: %s (%s parameters%s)", cfg.name, f"{provenance['parameters']:,}",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pipeline.classification.evaluation import evaluate_classifier
-from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, stage_command
+from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, perplexity, stage_command
 from pipeline.core.device import autocast_dtype, claim_gpus, device, keep_freed_memory, resolve_precision, visible_gpus
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import outputs, write_json
@@ -152,7 +152,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
 
 def summarize(nll: float, tokens: int, n_bytes: int | None = None) -> dict[str, float]:
     loss = nll / tokens
-    result = {"loss": loss, "perplexity": math.exp(loss)}
+    result = {"loss": loss, "perplexity": perplexity(loss)}
     if n_bytes:
         result["bits_per_byte"] = nll / math.log(2) / n_bytes
     return result

@@ -112,7 +112,9 @@ def out_of_range(key: str) -> list[Any]:
 
 
 # Values inside the params' bounds that a library below would reject, or that could not do what they
-# say here: (value, other changes that make the value matter). The tiny params: a 2-layer, 32-wide
+# say here (subnormal numbers, NaN or a dtype torch lacks inside config_overrides, templates reading
+# attributes or asking for a gigabyte of width, a feature on with no items, splits that leak):
+# (value, other changes that make the value matter). The tiny params: a 2-layer, 32-wide
 # GPT-2 from scratch with 64 positions, 32-token blocks, max_steps 8, the local corpus in data/input.
 LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "model.from_scratch": [(False, {})],  # tiny-gpt2 is not on the (offline) Hub
@@ -127,6 +129,10 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
         ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "layer_norm_epsilon": -1}, {}),
         ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 100}, {}),
         ({"n_layer": 4096, "n_embd": 8192, "n_head": 64, "n_positions": 64}, {}),  # 3.3T parameters
+        ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "initializer_range": float("nan")}, {}),
+        ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "layer_norm_epsilon": 1e-40}, {}),
+        ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "initializer_range": 1e30}, {}),  # inf logits
+        ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dtype": "float99"}, {}),
     ],
     "data.dataset": [("data/input/no-such-corpus.txt", {}), ("Salesforce/wikitext", {"data": {"config": None}})],
     "data.config": [("wikitext-2-raw-v1", {})],
@@ -134,7 +140,15 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "data.sha256": [("0" * 64, {})],
     "data.train_split": [("nope", {})],
     "data.text_column": [("nope", {})],
-    "data.template": [("{nope}", {}), ("{0}", {}), ("{text!z}", {}), ("{text:>>>}", {}), ("no fields", {})],
+    "data.template": [("{nope}", {}), ("{0}", {}), ("{text!z}", {}), ("{text:>>>}", {}), ("no fields", {}),
+                      ("{text.__class__}", {}), ("{text[0]}", {}), ("{text:>1000000000}", {}), ("{text:{text}}", {})],
+    "data.validation_split": [("train", {})],
+    "lr": [(1e-8, {"train": {"lr_scheduler": "polynomial"}})],
+    "train.adam_epsilon": [(1e-40, {})],
+    "train.adam_beta1": [(1e-40, {})],
+    "train.samples.every": [(2, {"train": {"samples": {"prompts": []}}})],
+    "generate.temperature": [(1e-30, {})],
+    "generate.repetition_penalty": [(1e-40, {})],
     "data.dialogue_column": [("nope", {})],
     "data.use_chat_template": [(True, {})],
     "data.prompt_template": [("{nope}", {"data": {"response_template": "{text}"}})],

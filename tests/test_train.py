@@ -223,6 +223,16 @@ def test_in_training_eval_loss_equals_the_evaluate_stage(pipeline_outputs):
     assert logged == pytest.approx(exact["validation"]["finetuned"]["loss"], rel=1e-5)
 
 
+def test_the_saved_tokenizer_knows_the_models_context(pipeline_outputs):
+    """A tokenizer from files says nothing of a context (1e30); the one saved beside the model says its
+    64 positions, so a library loading the artifact truncates a long prompt as for any Hub GPT-2."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline_outputs / "models/finetuned")
+    assert tokenizer.model_max_length == 64
+    assert len(tokenizer("word " * 500, truncation=True)["input_ids"]) == 64
+
+
 def test_model_card_loads_through_transformers_pipeline(pipeline_outputs):
     import math
 

@@ -53,6 +53,24 @@ def test_nan_loss_stops_training_naming_the_step_and_changes_no_output(pipeline_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "checkpoints", "dvclive", "model", "train.json"]
 
 
+def test_a_nan_after_the_last_logged_step_or_in_the_weights_is_caught(pipeline_outputs):
+    """The run's own train_loss covers the steps after the last logging interval; the weights are checked
+    before they are saved, whatever the losses said."""
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+
+    from pipeline.training.callbacks import finite_weights, stop_on_non_finite
+
+    with pytest.raises(PipelineError, match="the training loss became nan by step 8"):
+        stop_on_non_finite().on_log(None, TrainerState(global_step=8), TrainerControl(),
+                                    logs={"train_loss": float("nan")})
+    model = AutoModelForCausalLM.from_pretrained(pipeline_outputs / "models/finetuned")
+    finite_weights(model)  # the trained tiny model is finite
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(PipelineError, match=r"training left non-finite weights \(transformer.h.1.mlp.c_fc.weight\)"):
+        finite_weights(model)
+
+
 def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_path):
     from transformers import AutoModelForCausalLM
 

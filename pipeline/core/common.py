@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -129,3 +130,8 @@ def check_processes(key: str, count: int) -> None:
 def digest(obj: Any) -> str:
     """A short stable hash of a JSON-able object."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where it overflows a float (a loss above ~709), NaN for NaN."""
+    return math.exp(loss) if loss < 709.78 else (math.inf if loss == loss else math.nan)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
@@ -30,21 +30,33 @@ def _auto_or_bool(value: Any) -> Any:
 
 
 def _scalars(value: Any) -> Any:
-    """config_overrides: YAML scalars, numeric strings read as numbers."""
+    """config_overrides: YAML scalars (null: the config's own default), numeric strings read as numbers."""
     if not isinstance(value, dict):
         return value
     out = {}
     for key, item in value.items():
         if isinstance(item, str) and _NUMBER.match(item.strip()):
             item = int(item) if item.strip().lstrip("+-").isdigit() else float(item)
-        elif not isinstance(item, (str, int, float, bool)):
-            raise PydanticCustomError("scalar", "values must be strings, numbers or booleans")
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise PydanticCustomError("scalar", "values must be strings, numbers, booleans or null")
         out[str(key)] = item
     return out
 
 
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: torch computes in it, or narrower
+
+
+def _representable(value: float) -> float:
+    """A number the code below can compute with: 0, or at least float32's smallest normal in size
+    (smaller ones are subnormal: they divide into inf and NaN, or compute as 0)."""
+    if value != 0 and abs(value) < FLOAT32_TINY:
+        raise PydanticCustomError("tiny_number", "must be 0 or at least 1.2e-38 in size (float32, which torch "
+                                                 "computes in, holds nothing smaller)")
+    return value
+
+
 Whole = Annotated[int, BeforeValidator(_no_bool)]
-Number = Annotated[float, BeforeValidator(_no_bool)]
+Number = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_representable)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=1000)]  # ids, paths, names, revisions
 LongText = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]  # templates
 Prompt = Annotated[str, StringConstraints(max_length=100_000)]  # "": from the document boundary
@@ -283,10 +295,12 @@ class GenerateConfig:
     max_new_tokens: Whole = doc("Tokens generated per sample (the prompt and these within the model's positions).",
                                 ge=1, le=TOKENS_MAX)
     do_sample: StrictBool = doc("Sample (true) or greedy decode (false).")
-    temperature: Number = doc("Sampling temperature.", gt=0.0, le=100.0)
+    temperature: Number = doc(
+        "Sampling temperature (below 1e-4 it is greedy decoding in all but name: do_sample: false).", ge=1e-4,
+        le=100.0)
     top_k: Whole = doc("Keep the k most likely tokens (0 disables; at most the vocabulary).", ge=0, le=2**24)
     top_p: Number = doc("Nucleus sampling mass.", gt=0.0, le=1.0)
-    repetition_penalty: Number = doc("Penalise tokens already present (1.0: off; 1.2 is common).", gt=0.0, le=100.0)
+    repetition_penalty: Number = doc("Penalise tokens already present (1.0: off; 1.2 is common).", ge=1e-4, le=100.0)
     no_repeat_ngram_size: Whole = doc("Never repeat an n-gram of this size (0: off; at most max_new_tokens).", ge=0,
                                       le=TOKENS_MAX)
     stop: Texts = doc("Stop a sample at the first of these strings (it is cut there).")

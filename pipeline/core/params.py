@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
+import string
 import typing
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # the proj
 # generate stage's prompt files.
 INPUTS = Path("data/input")
 PROMPTS = Path("data/prompts")
+POLYNOMIAL_LR_END = 1e-7  # the Trainer's polynomial schedule decays to this
+TEMPLATE_WIDTH_MAX = 1000  # a field's width or precision in a template: {text:>1000000000} would allocate a GB
 
 
 # --- rules across fields -----------------------------------------------------------------------------
@@ -38,6 +42,9 @@ def check(p: Params) -> None:
     check_data(p.data)
     check_train(p.train)
     check_task(p)
+    if p.train.lr_scheduler == "polynomial" and p.lr <= POLYNOMIAL_LR_END:
+        fail("lr", f"({p.lr:g}) is not above the polynomial schedule's end lr ({POLYNOMIAL_LR_END:g}, the Trainer's "
+                   "lr_end), so it would rise instead of decay; raise lr or use train.lr_scheduler: linear")
     if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
         fail("evaluate.stride", f"({p.evaluate.stride}) exceeds preprocess.block_size ({p.preprocess.block_size}); "
                                 "windows would skip tokens")
@@ -107,9 +114,16 @@ def check_data(d: DataConfig) -> None:
                                     ("data.prompt_template", d.prompt_template)) if on]
     if len(shapes) > 1:
         fail(shapes[1], f"conflicts with {shapes[0]}; records become text one way: set only one of them")
+    if d.validation_split is not None and d.validation_split == d.train_split:
+        fail("data.validation_split", f"is the training split ({d.train_split!r}): the model would be judged on the "
+                                      "text it learnt; name another split, or null to split one off "
+                                      "(preprocess.val_fraction)")
 
 
 def check_train(t: TrainConfig) -> None:
+    if t.samples.every and not t.samples.prompts:
+        fail("train.samples.every", f"({t.samples.every}) samples during training, and train.samples.prompts is "
+                                    "empty; list prompts ('' starts from a document boundary) or set every: 0")
     if t.warmup_steps and t.max_steps > 0 and t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", f"({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})")
     if t.load_best_model_at_end and (t.eval_steps == 0 or t.save_steps % t.eval_steps):
@@ -134,20 +148,37 @@ def check_train(t: TrainConfig) -> None:
 
 
 def check_template(key: str, template: str) -> None:
-    """A format string over a record's fields: it must parse and name at least one field."""
+    """A format string over a record's fields: it must parse, name at least one field, and each field
+    be a plain {name} (a string format such as {name:>10} allowed, widths bounded): no attribute or index
+    access, which would render every record as a class name or one character, and no width that would
+    allocate gigabytes when filled."""
     try:
-        fields = template_fields(template)
+        parts = list(string.Formatter().parse(template))
     except ValueError as e:
         fail(key, f"is not a valid format string ({e}); write fields as {{name}} and a literal brace as {{{{ or }}}}")
+    fields = [name for _, name, _, _ in parts if name is not None]
     if not fields:
         fail(key, f"{shorten(template)} names no field, so every record would become the same text; put the "
                   "record's fields in braces, e.g. {text}")
+    for _, name, spec, _ in parts:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            fail(key, f"{shorten(template, 40)} uses a positional field {{{name}}}; write each field as {{name}}")
+        if not name.isidentifier() and any(c in name for c in ".[]"):
+            fail(key, f"{{{shorten(name, 40)[1:-1]}}} reads an attribute or an item of a field; write each field as "
+                      "{name}: the record's value as text")
+        if "{" in (spec or ""):
+            fail(key, f"{{{name}:{shorten(spec, 30)[1:-1]}}} nests a field in a format spec; give the spec literally")
+        width = max((int(w) for w in re.findall(r"\d+", spec or "")), default=0)
+        if width > TEMPLATE_WIDTH_MAX:
+            fail(key, f"{{{name}:{shorten(spec, 30)[1:-1]}}} asks for a width or precision of {width:,}; at most "
+                      f"{TEMPLATE_WIDTH_MAX:,}")
     try:  # every field arrives as a string (pipeline.data.records.fill)
         template.format(**dict.fromkeys(fields, "text"))
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
-        problem = "uses a positional field" if isinstance(e, IndexError) else f"cannot be filled ({e})"
-        fail(key, f"{shorten(template, 40)} {problem}; write each field as {{name}} with an optional string "
-                  "format such as {name:>10}")
+        fail(key, f"{shorten(template, 40)} cannot be filled ({e}); write each field as {{name}} with an optional "
+                  "string format such as {name:>10}")
 
 
 def check_inputs(p: Params) -> None:
@@ -209,6 +240,7 @@ MESSAGES = {  # pydantic error type -> what the user reads after the key
     "dict_type": "must be a mapping", "dataclass_type": "must be a mapping of {class_name} keys",
     "string_too_long": "must be at most {max_length} characters", "too_long": "must have at most {max_length} items",
     "string_pattern_mismatch": "must be 64 hexadecimal digits (a SHA-256)",
+    "tiny_number": "must be 0 or at least 1.2e-38 in size (float32, which torch computes in, holds nothing smaller)",
 }
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError, is_main_process
+from pipeline.core.common import PipelineError, is_main_process, perplexity
 from pipeline.core.outputs import write_text
 from pipeline.training.throughput import ThroughputMeter
 
@@ -95,7 +95,7 @@ def progress_callback(tokens_per_step: int) -> TrainerCallback:
             logs, step, total = logs or {}, state.global_step, state.max_steps
             if "eval_loss" in logs:
                 figures = (f"accuracy {logs['eval_accuracy']:.3f}, macro-F1 {logs['eval_macro_f1']:.3f}"
-                           if "eval_accuracy" in logs else f"perplexity {math.exp(min(logs['eval_loss'], 700)):,.1f}")
+                           if "eval_accuracy" in logs else f"perplexity {perplexity(logs['eval_loss']):,.1f}")
                 log.info("step %d/%d: eval loss %.4f (%s), %.1f s", step, total, logs["eval_loss"], figures,
                          logs.get("eval_runtime", 0.0))
             if "loss" not in logs:
@@ -178,18 +178,33 @@ def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg
 
 def stop_on_non_finite() -> TrainerCallback:
     """Stop at the first logged non-finite training loss. Checked at logging steps, where the Trainer
-    copies the loss to the host anyway, not every step (a per-step check would stall the GPU)."""
+    copies the loss to the host anyway, not every step (a per-step check would stall the GPU): a logged
+    loss is the mean of its interval, so a NaN at any step shows; the steps after the last interval
+    show in the run's train_loss, and the weights are checked before they are saved (finite_weights)."""
     from transformers import TrainerCallback
 
     class StopOnNonFinite(TrainerCallback):
         def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                    logs: dict | None = None, **kwargs: Any) -> None:
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise PipelineError(f"the training loss became {loss} by step {state.global_step}; lower lr (now "
-                                    "too high for this model), raise warmup_steps, or use train.precision: fp32")
+            for key in ("loss", "train_loss"):  # an interval's mean, and the whole run's after the last interval
+                loss = (logs or {}).get(key)
+                if loss is not None and not math.isfinite(loss):
+                    raise PipelineError(f"the training loss became {loss} by step {state.global_step}; lower lr (now "
+                                        "too high for this model), raise warmup_steps, use train.precision: fp32, "
+                                        "or check the data (a split of empty responses trains on nothing)")
 
     return StopOnNonFinite()
+
+
+def finite_weights(model: Any) -> None:
+    """Refuse to save a model with NaN or infinite weights, naming the first such tensor."""
+    import torch
+
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise PipelineError(f"training left non-finite weights ({bad}); nothing was saved: lower lr, raise "
+                            "warmup_steps or max_grad_norm's strictness, use train.precision: fp32, or check the base "
+                            "model (download) and the data")
 
 
 def early_stopping(patience: int) -> list:

@@ -9,7 +9,6 @@ data params of its own."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from pipeline.core.common import perplexity
 from pipeline.core.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def card_data(base: dict, source: dict, eval_loss: float | None) -> ModelCardDat
                  dataset_name=dataset + (f" ({config})" if config else ""), dataset_config=config,
                  dataset_split="validation")
     results = None if eval_loss is None else [
-        EvalResult(**place, metric_type="perplexity", metric_value=round(math.exp(eval_loss), 4),
+        EvalResult(**place, metric_type="perplexity", metric_value=round(perplexity(eval_loss), 4),
                    metric_name="Validation perplexity"),
         EvalResult(**place, metric_type="loss", metric_value=round(eval_loss, 6),
                    metric_name="Validation loss (nats/token)")]
@@ -157,4 +157,4 @@ def _loss(loss: float | None) -> str:
 
 
 def _perplexity(loss: float | None) -> str:
-    return f"{math.exp(loss):,.2f}" if loss is not None else "n/a"
+    return f"{perplexity(loss):,.2f}" if loss is not None else "n/a"
