@@ -30,7 +30,7 @@ from pipeline.core.loading import context_length, load_config, load_saved_datase
 from pipeline.core.outputs import outputs, write_json
 from pipeline.core.params import load_params
 from pipeline.data.lengths import histogram_rows, length_stats
-from pipeline.data.records import check_columns, clean, renderer
+from pipeline.data.records import check_columns, clean, drop_bad_records, renderer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -210,6 +210,18 @@ def check_block_size(block_size: int, max_positions: int | None) -> None:
                             f"({max_positions}); set block_size to at most {max_positions}")
 
 
+def check_responses(tokens: Dataset, split: str, add_eos: bool) -> None:
+    """Prompt/response data trains on the responses alone: a split whose responses are all empty has no
+    token to learn from (the loss would be 0/0, NaN)."""
+    import numpy as np
+
+    labels = tokens.data.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    scored = int(np.count_nonzero(labels != IGNORE_INDEX)) - (len(tokens) if add_eos else 0)  # EOS aside
+    if scored <= 0:
+        raise PipelineError(f"every response of the {split} split is empty, so there is nothing to train on or "
+                            "score; check data.response_template and the field it names")
+
+
 def build_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_positions: int | None, data: DataConfig,
                  cfg: PreprocessConfig, seed: int, csv: bool = False) -> tuple[DatasetDict, dict, list[dict]]:
     """The processed DatasetDict, per-split stats, and the document-length histogram rows."""
@@ -223,13 +235,17 @@ def build_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_posit
     tokenizer.model_max_length = int(1e30)  # documents are long on purpose; blocks are cut below
     processed, stats, histogram, train_hashes = {}, {}, [], None
     for name, docs in split_documents(raw, data, cfg.val_fraction, seed).items():
-        docs, counts, hashes = clean(render(docs, data, cfg, tokenizer), cfg, train_hashes)
+        docs, bad = drop_bad_records(render(docs, data, cfg, tokenizer), name, cfg.bad_records)
+        docs, counts, hashes = clean(docs, cfg, train_hashes)
+        counts = bad | counts
         if name == "train":
             train_hashes = hashes
         if len(docs) == 0:
             raise PipelineError(f"empty corpus: no {name} documents left after cleaning ({counts}); check "
                                 "data.dataset and the preprocess.min_chars / dedup settings")
         tokens = tokenize(docs, tokenizer, cfg.add_eos, cfg.num_proc, cfg.batch_size)
+        if "labels" in tokens.column_names:
+            check_responses(tokens, name, cfg.add_eos)
         if cfg.mode == "pack":
             processed[name], stats[name] = pack(tokens, cfg.block_size, cfg.remainder, tokenizer.pad_token_id)
         else:

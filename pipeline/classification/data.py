@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 BAD_REASONS = {"missing_label": "no label", "unknown_label": "a label that is not one of the labels",
-               "empty_text": "no text"}
+               "empty_text": "no text", "missing_text": "no text field (null or absent)",
+               "not_text": "a text field that is not text (a number, list, mapping or bytes)"}
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -69,9 +70,10 @@ def labelled(docs: Dataset, names: list[str], data: DataConfig, cfg: PreprocessC
 
     def batch(rows: dict[str, list]) -> dict[str, list]:
         out = render(rows)
+        text_bad = out.pop("bad")
         ids = [label_id(v, names, class_label) for v in rows[c.label_column]]
-        bad = [i if isinstance(i, str) else ("empty_text" if not t.strip() else "")
-               for i, t in zip(ids, out["text"], strict=True)]
+        bad = [i if isinstance(i, str) else (why or ("empty_text" if not t.strip() else ""))
+               for i, t, why in zip(ids, out["text"], text_bad, strict=True)]
         return {**out, "label": [i if isinstance(i, int) else -1 for i in ids], "bad": bad}
 
     return docs.map(batch, batched=True, batch_size=cfg.batch_size, remove_columns=docs.column_names,

@@ -165,6 +165,9 @@ class PreprocessConfig:
     val_fraction: Number = doc(
         "Fraction of documents split off (seeded) for validation when the dataset has no validation split.",
         gt=0.0, lt=1.0)
+    bad_records: Literal["drop", "refuse"] = doc(
+        "Records whose text field is missing or null, or not text (a number, list, mapping or bytes; a template "
+        "field that is a mapping): drop them, counted per reason in metrics/data.json, or refuse, naming the first.")
     strip: StrictBool = doc("Strip leading and trailing whitespace from every document.")
     min_chars: Whole = doc("Drop documents shorter than this many characters (after strip); 1 drops empty ones.", ge=0,
                            le=STEPS_MAX)

@@ -104,6 +104,9 @@ def check_data(d: DataConfig) -> None:
                           ("data.response_template", d.response_template)):
         if template is not None:
             check_template(key, template)
+    if d.dialogue_column and not d.speakers:
+        fail("data.speakers", "is empty, and data.dialogue_column needs labels for its turns; list them, e.g. "
+                              "[User, Assistant]")
     if d.use_chat_template and not d.dialogue_column:
         fail("data.use_chat_template", "renders dialogues only, and data.dialogue_column is null; set "
                                        "dialogue_column or set use_chat_template: false")

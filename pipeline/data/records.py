@@ -46,8 +46,10 @@ def check_columns(columns: list[str], data: DataConfig, csv: bool = False) -> No
         missing = [f for f in fields if f not in columns]
         if missing:
             hint = ("; if the CSV file has no header row, add one naming the columns" if csv else "")
+            shown = ", ".join(repr(c)[:40] for c in columns[:8]) + (f", … ({len(columns)} in all)" if len(columns) > 8
+                                                                   else "")
             raise PipelineError(f"{param}: field {missing[0]!r} is not in the records; they have "
-                                f"{', '.join(columns) or 'no fields'}{hint}")
+                                f"{shown or 'no fields'}{hint}")
 
 
 def _value(value: Any) -> str:
@@ -56,6 +58,20 @@ def _value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_value(v) for v in value)
     return str(value)
+
+
+def not_text(value: Any) -> str:
+    """Why a record's text field is not text ("" where it is): missing (null), or another kind of value
+    (a number, list, mapping or bytes), which would become text nobody wrote."""
+    if value is None:
+        return "missing_text"
+    return "" if isinstance(value, str) else "not_text"
+
+
+def template_problem(record: dict, fields: list[str]) -> str:
+    """Why a record cannot fill a template: a field that is a mapping or bytes (lists are joined with
+    ", ", nulls are empty, numbers are written out)."""
+    return next(("not_text" for f in fields if isinstance(record.get(f), (dict, bytes, bytearray))), "")
 
 
 def fill(template: str, record: dict) -> str:
@@ -72,6 +88,9 @@ def dialogue_turns(turns: Any, speakers: list[str]) -> list[tuple[str, str]]:
         if isinstance(turn, str):
             pairs.append((speakers[i % len(speakers)], turn))
             continue
+        if not isinstance(turn, dict):
+            raise PipelineError(f"data.dialogue_column: a turn is {type(turn).__name__} {str(turn)[:40]!r}, not a "
+                                f"string or a mapping with a text field ({', '.join(TURN_TEXT)})")
         speaker = next((turn[k] for k in TURN_SPEAKER if k in turn), i % len(speakers))
         text = next((turn[k] for k in TURN_TEXT if k in turn), None)
         if text is None:
@@ -91,7 +110,8 @@ def text_hash(text: str) -> int:
 def renderer(data: DataConfig, cfg: PreprocessConfig, tokenizer: PreTrainedTokenizerBase
              ) -> Callable[[dict[str, list]], dict[str, list]]:
     """A batched function from records to `text` (and `prompt`) columns, stripped when preprocess.strip,
-    with a `text_hash` column when preprocess.dedup."""
+    with a `text_hash` column when preprocess.dedup, and `bad`: why a record has no text of its own
+    ("missing_text", "not_text"; "" for a good one), for drop_bad_records."""
     if data.use_chat_template and data.dialogue_column and not getattr(tokenizer, "chat_template", None):
         raise PipelineError("data.use_chat_template: the tokenizer has no chat template (GPT-2 has none); set it "
                             "to false to use speaker labels")
@@ -107,10 +127,15 @@ def renderer(data: DataConfig, cfg: PreprocessConfig, tokenizer: PreTrainedToken
             return {"prompt": prompts,
                     "text": [p + fill(data.response_template or "", r) for p, r in zip(prompts, rows, strict=True)]}
         if data.template:
-            return {"text": [fill(data.template, r) for r in records(batch)]}
+            rows, fields = records(batch), template_fields(data.template)
+            bad = [template_problem(r, fields) for r in rows]
+            return {"text": ["" if b else fill(data.template, r) for r, b in zip(rows, bad, strict=True)], "bad": bad}
         if data.dialogue_column:
             out = []
             for turns in batch[data.dialogue_column]:
+                if isinstance(turns, str):
+                    raise PipelineError(f"data.dialogue_column: {data.dialogue_column!r} holds text, not a list of "
+                                        "turns; point data.text_column at it instead")
                 pairs = dialogue_turns(turns, data.speakers)
                 if data.use_chat_template:
                     messages = [{"role": s.lower(), "content": t} for s, t in pairs]
@@ -118,10 +143,11 @@ def renderer(data: DataConfig, cfg: PreprocessConfig, tokenizer: PreTrainedToken
                 else:
                     out.append("\n".join(f"{s}: {t}" for s, t in pairs))
             return {"text": out}
-        return {"text": [t if isinstance(t, str) else _value(t) for t in batch[data.text_column]]}
+        bad = [not_text(t) for t in batch[data.text_column]]
+        return {"text": [t if not b else "" for t, b in zip(batch[data.text_column], bad, strict=True)], "bad": bad}
 
     def render(batch: dict[str, list]) -> dict[str, list]:
-        out = texts(batch)
+        out = {"bad": [""] * len(next(iter(batch.values()), [])), **texts(batch)}
         if cfg.strip:
             out["text"] = [t.strip() for t in out["text"]]
             if "prompt" in out:
@@ -131,6 +157,27 @@ def renderer(data: DataConfig, cfg: PreprocessConfig, tokenizer: PreTrainedToken
         return out
 
     return render
+
+
+BAD_RECORDS = {"missing_text": "no text (null or absent)", "not_text": "a text field that is not text (a number, "
+                                                                       "list, mapping or bytes)"}
+
+
+def drop_bad_records(docs: Dataset, split: str, policy: str) -> tuple[Dataset, dict[str, int]]:
+    """The records render gave text, and how many it dropped per reason (`bad`); with preprocess.bad_records:
+    refuse, one line naming the first bad record instead."""
+    from collections import Counter
+
+    reasons = Counter(docs["bad"])
+    counts = {f"{reason}_dropped": reasons.get(reason, 0) for reason in BAD_RECORDS}
+    first = next((i for i, reason in enumerate(docs["bad"]) if reason), None)
+    if first is not None and policy == "refuse":
+        raise PipelineError(f"preprocess.bad_records: record {first} of the {split} split has "
+                            f"{BAD_RECORDS[docs['bad'][first]]} ({sum(counts.values())} such records); fix the data, "
+                            "or set preprocess.bad_records: drop")
+    if first is not None:
+        docs = docs.filter(lambda b: [not r for r in b["bad"]], batched=True, desc="drop records without text")
+    return docs.remove_columns("bad"), counts
 
 
 def clean(docs: Dataset, cfg: PreprocessConfig, seen: set | None = None) -> tuple[Dataset, dict, set]:

@@ -24,6 +24,7 @@ from pipeline.data.hub import hub_call, resolve
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
+INPUTS = Path("data/input")  # where dvc.yaml tracks local inputs (pipeline.core.params.INPUTS)
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
                   ".parquet": "parquet"}
 TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".tsv"}  # read as UTF-8 text
@@ -42,11 +43,19 @@ def is_local(name: str) -> bool:
 
 # --- files -----------------------------------------------------------------------------------------
 
-def local_files(pattern: str) -> list[Path]:
-    """The files a local file, directory or glob names; one type, known to the loader."""
+def suffix(path: Path) -> str:
+    """A data file's kind by its extension, matched case-insensitively (CORPUS.TXT is a .txt file)."""
+    return path.suffix.lower()
+
+
+def local_files(pattern: str, inputs: Path | None = None) -> list[Path]:
+    """The files a local file, directory or glob names; one type, known to the loader. A name that exists
+    is taken literally (a file called "notes[1].txt" is that file, not a pattern); only a name that does
+    not is expanded as a glob. With `inputs` (data/input), a file that resolves outside it (a symlink
+    out) is refused: DVC tracks data/input, not where its links point."""
     path = Path(pattern).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in LOCAL_BUILDERS)
     elif path.is_file():
         files = [path]
     else:
@@ -54,11 +63,20 @@ def local_files(pattern: str) -> list[Path]:
     if not files:
         raise PipelineError(f"data.dataset: no data files at {pattern!r}; give an existing file, directory or glob "
                             f"of {', '.join(LOCAL_BUILDERS)} files")
-    kinds = {(LOCAL_BUILDERS.get(f.suffix), f.suffix == ".tsv") for f in files}
+    if inputs is not None:
+        root = inputs.resolve()
+        outside = next((f for f in files if not f.resolve().is_relative_to(root)), None)
+        if outside is not None:
+            raise PipelineError(f"data.dataset: {outside} resolves to {outside.resolve()}, outside {inputs}/, which "
+                                "DVC tracks; copy the file into it instead of linking")
+    kinds = {(LOCAL_BUILDERS.get(suffix(f)), suffix(f) == ".tsv") for f in files}
     if (None, False) in kinds or len(kinds) > 1:
         raise PipelineError(f"data.dataset: {pattern!r} mixes or contains unsupported file types "
-                            f"({', '.join(sorted({f.suffix or '(none)' for f in files}))}); use one of "
+                            f"({', '.join(sorted({suffix(f) or '(none)' for f in files}))}); use one of "
                             f"{', '.join(LOCAL_BUILDERS)}")
+    empty = next((f for f in files if f.stat().st_size == 0), None)
+    if empty is not None:
+        raise PipelineError(f"data.dataset: {empty} is empty; remove it or put text in it")
     return files
 
 
@@ -93,7 +111,7 @@ def utf8_files(files: list[Path], errors: str, scratch: Path) -> list[Path]:
     """The files ready to read as UTF-8: checked (strict) or repaired into `scratch`."""
     ready = []
     for path in files:
-        if path.suffix not in TEXT_SUFFIXES:
+        if suffix(path) not in TEXT_SUFFIXES:
             ready.append(path)
             continue
         bad = first_bad_byte(path)
@@ -139,14 +157,17 @@ def fetch_url(url: str, sha256: str | None, scratch: Path) -> tuple[Path, str]:
 def _load_files(files: list[Path], cfg: DataConfig) -> tuple[DatasetDict | IterableDatasetDict, str]:
     import datasets
 
-    builder = LOCAL_BUILDERS[files[0].suffix]
+    builder = LOCAL_BUILDERS[suffix(files[0])]
     extra: dict[str, Any] = {}
     if builder == "text":
         extra["sample_by"] = cfg.txt_sample_by
-    if files[0].suffix == ".tsv":
+    if builder == "csv":  # a cell reading NA, null, None or n/a is that text, not a missing value
+        extra["keep_default_na"] = False
+    if suffix(files[0]) == ".tsv":
         extra["sep"] = "\t"
     try:
-        raw = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]},
+        # escaped: datasets expands data_files as glob patterns, and notes[1].txt would match notes1.txt
+        raw = datasets.load_dataset(builder, data_files={"train": [glob.escape(str(f)) for f in files]},
                                     streaming=cfg.streaming, **extra)
     except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError, ValueError) as e:
         cause = e.__cause__ or e
@@ -180,7 +201,8 @@ def load_raw(cfg: DataConfig, scratch: Path) -> tuple[DatasetDict, dict]:
         raw, builder = _load_files(utf8_files([path], cfg.encoding_errors, scratch), cfg)
         source = {"url": cfg.dataset, "sha256": digest, "format": builder}
     elif is_local(cfg.dataset):
-        files = local_files(cfg.dataset)
+        within = Path(cfg.dataset).parts[:len(INPUTS.parts)] == INPUTS.parts  # as the params require
+        files = local_files(cfg.dataset, INPUTS if within else None)
         raw, builder = _load_files(utf8_files(files, cfg.encoding_errors, scratch), cfg)
         source = {"files": {str(f): file_sha256(f) for f in files}, "format": builder}
     else:
