@@ -337,3 +337,23 @@ def test_an_unwritable_or_full_disk_is_one_line_and_changes_nothing(finished, mo
     monkeypatch.setattr(os, "replace", refused)
     line = run_clean_failure(finished, "report")
     assert words in line and "no output was changed" in line, line
+
+
+# --- hostile YAML, through a stage ---------------------------------------------------------------------
+
+HOSTILE_YAML = {
+    "alias bomb": "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
+                          for p, k in zip("_abcde", "abcdef", strict=True)).replace("*_", "x"),
+    "deep nesting": "deep: " + "[" * 3000 + "]" * 3000 + "\n",
+    "huge integer": "huge: " + "7" * 5000 + "\n",
+    "mapping as a key": "? {a: 1}\n: 2\n",
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_YAML)
+def test_a_hostile_params_file_is_one_line_and_changes_nothing(finished, case):
+    with kept(finished):
+        params = finished / "params.yaml"
+        params.write_text(params.read_text() + HOSTILE_YAML[case])
+        line = run_clean_failure(finished, "train")
+    assert "params.yaml" in line, line

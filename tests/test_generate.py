@@ -158,7 +158,7 @@ def test_ad_hoc_prompts_from_a_file_and_from_stdin(pipeline_outputs, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "0.5"], "--temperature is for ad hoc sampling (with --prompt or --prompts-file)"),
     (["--num-samples", "3"], "--num-samples is for ad hoc sampling"),
-    (["--prompt", "x", "--temperature", "-1"], "generate.temperature must be > 0.0"),
+    (["--prompt", "x", "--temperature", "-1"], "generate.temperature must be >= 0.0001"),
     (["--prompt", "x", "--top-p", "2"], "generate.top_p must be <= 1.0"),
     (["--prompts-file", "missing.txt"], "--prompts-file: missing.txt does not exist"),
 ])

@@ -1,6 +1,7 @@
-"""Reading params.yaml into the schema (pipeline.core.config): pydantic's errors turned into one line that
-names the key and the fix, the numeric strings PyYAML makes of YAML 1.1 numbers read as numbers
-(`lr: 5e-4` arrives as "5e-4"), and the rules across fields checked in one place (`check`). The command
+"""Reading params.yaml into the schema (pipeline.core.config): the file read as DVC reads it (YAML 1.2,
+bounded: read_yaml), pydantic's errors turned into one line that names the key and the fix, numeric
+strings read as numbers (a `-S lr=5e-4` PyYAML made a string), and the rules across fields checked in
+one place (`check`). The command
 that checks and describes them: pipeline.tools.params.
 """
 
@@ -14,7 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.core.common import PipelineError, read_utf8
@@ -286,34 +286,76 @@ def from_dict(raw: Any) -> Params:
     return params
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last one
-    silently; DVC refuses the file)."""
+# A params file is shared (a teammate's branch, `dvc exp run` on it), so reading one is bounded: aliases
+# may not expand past YAML_VALUES_MAX values, nesting past YAML_DEPTH_MAX levels, integers past
+# YAML_INT_DIGITS_MAX digits, and keys are strings.
+YAML_VALUES_MAX, YAML_DEPTH_MAX, YAML_INT_DIGITS_MAX = 100_000, 64, 30
+STR_TAG, MERGE_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+
+def yaml_reader() -> Any:
+    """ruamel.yaml's safe loader, as DVC reads params.yaml: YAML 1.2 (010 is 10, 0x10 is 16, 1:30 a string,
+    5e-4 a number), merge keys (<<) honoured, a key given twice an error. What DVC records and compares is
+    then what the run used."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe")
+
+
+def check_yaml_tree(root: Any, path: Path) -> None:
+    """Walk the composed nodes as construction would, aliases expanded, within the bounds above."""
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    seen, todo = 0, [(root, 1)]
+    while todo:
+        node, depth = todo.pop()
+        seen += 1
+        line = f"{path} line {node.start_mark.line + 1}"
+        if seen > YAML_VALUES_MAX:
+            raise PipelineError(f"params: {path} expands to more than {YAML_VALUES_MAX:,} values (aliases that "
+                                "repeat aliases); write the values out instead")
+        if depth > YAML_DEPTH_MAX:
+            raise PipelineError(f"params: {line} nests more than {YAML_DEPTH_MAX} levels deep; params.yaml has a "
+                                "few sections of a few levels")
+        if isinstance(node, ScalarNode):
+            digits = node.value.lstrip("+-").replace("_", "")
+            if node.style is None and digits.isdigit() and len(digits) > YAML_INT_DIGITS_MAX:
+                raise PipelineError(f"params: {line} holds an integer of {len(digits):,} digits; no param takes "
+                                    f"more than {YAML_INT_DIGITS_MAX}")
+        elif isinstance(node, MappingNode):
+            for key, value in node.value:
+                if not isinstance(key, ScalarNode) or key.tag not in (STR_TAG, MERGE_TAG):
+                    kind = "a list or mapping" if not isinstance(key, ScalarNode) else f"{key.value!r}, not a name,"
+                    raise PipelineError(f"params: {path} line {key.start_mark.line + 1} uses {kind} as a key; keys "
+                                        "are names (quote it if it is one)")
+                todo += [(key, depth + 1), (value, depth + 1)]
+        elif isinstance(node, SequenceNode):
+            todo += [(item, depth + 1) for item in node.value]
 
 
 def read_yaml(path: Path | str) -> dict:
-    """A YAML mapping from a file, or a one-line error."""
+    """A YAML mapping from a file (read as DVC reads it, within bounds), or a one-line error."""
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     try:
-        raw = yaml.load(read_utf8(path, "params"), Loader=UniqueKeyLoader)  # a SafeLoader
+        text = read_utf8(path, "params")
+        reader = yaml_reader()
+        tree = reader.compose(text)
+        if tree is not None:
+            check_yaml_tree(tree, path)
+        raw = reader.load(text)
     except FileNotFoundError:
         raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
     except IsADirectoryError:
         raise PipelineError(f"params: {path} is a directory; pass the params file") from None
-    except yaml.YAMLError as e:
+    except RecursionError:
+        raise PipelineError(f"params: {path} nests deeper than it can be read; params.yaml has a few sections of a "
+                            "few levels") from None
+    except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        problem = f": {e.problem}" if getattr(e, "problem", None) else ""
+        problem = f": {' '.join(str(e.problem).split())[:120]}" if getattr(e, "problem", None) else ""
         raise PipelineError(f"params: {path} is not valid YAML{where}{problem}; fix it") from None
     if raw is None:
         raise PipelineError(f"params: {path} is empty; it needs every section (the project's params.yaml lists them)")

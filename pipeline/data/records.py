@@ -46,8 +46,8 @@ def check_columns(columns: list[str], data: DataConfig, csv: bool = False) -> No
         missing = [f for f in fields if f not in columns]
         if missing:
             hint = ("; if the CSV file has no header row, add one naming the columns" if csv else "")
-            shown = ", ".join(repr(c)[:40] for c in columns[:8]) + (f", … ({len(columns)} in all)" if len(columns) > 8
-                                                                   else "")
+            shown = ", ".join(str(c)[:40] for c in columns[:8]) + (f", … ({len(columns)} in all)" if len(columns) > 8
+                                                                  else "")
             raise PipelineError(f"{param}: field {missing[0]!r} is not in the records; they have "
                                 f"{shown or 'no fields'}{hint}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import re
 import shutil
 import urllib.error
@@ -24,6 +25,7 @@ from pipeline.data.hub import hub_call, resolve
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
+log = logging.getLogger(__name__)
 INPUTS = Path("data/input")  # where dvc.yaml tracks local inputs (pipeline.core.params.INPUTS)
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
                   ".parquet": "parquet"}
@@ -74,10 +76,14 @@ def local_files(pattern: str, inputs: Path | None = None) -> list[Path]:
         raise PipelineError(f"data.dataset: {pattern!r} mixes or contains unsupported file types "
                             f"({', '.join(sorted({suffix(f) or '(none)' for f in files}))}); use one of "
                             f"{', '.join(LOCAL_BUILDERS)}")
-    empty = next((f for f in files if f.stat().st_size == 0), None)
-    if empty is not None:
-        raise PipelineError(f"data.dataset: {empty} is empty; remove it or put text in it")
-    return files
+    held = [f for f in files if f.stat().st_size > 0]  # an empty file holds no records (and stops json's reader)
+    if not held:
+        raise PipelineError(f"data.dataset: {files[0] if len(files) == 1 else f'every file at {pattern!r}'} is empty; "
+                            "put text in it")
+    if len(held) < len(files):
+        log.info("data.dataset: skipping %d empty file(s), e.g. %s", len(files) - len(held),
+                 next(f for f in files if f not in held))
+    return held
 
 
 def file_sha256(path: Path) -> str:

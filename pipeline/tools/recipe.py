@@ -21,7 +21,7 @@ import click
 import yaml
 
 from pipeline.core.common import PipelineError, params_option, stage_command
-from pipeline.core.params import PARAMS_FILE, from_dict, merge, read_yaml
+from pipeline.core.params import PARAMS_FILE, from_dict, merge, read_yaml, yaml_reader
 
 
 def set_args(override: dict, prefix: str = "") -> list[str]:
@@ -62,7 +62,7 @@ def apply_set_params(params: dict, dvc_args: tuple[str, ...]) -> dict:
         for part in parents:
             node[part] = dict(node[part]) if isinstance(node.get(part), dict) else {}
             node = node[part]
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml_reader().load(value)  # as DVC reads -S values: YAML 1.2
     return out
 
 

@@ -3,6 +3,7 @@ the only source of values; coercion, rejection by name in one line, the rules ac
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,50 @@ def test_the_parameter_reference_is_generated():
     table = reference.split("--markdown -->\n")[1].split("\n<!-- params:end")[0]
     assert table == markdown_table(), "regenerate docs/params.md: python -m pipeline.tools.params --markdown"
     assert all(f"| `{key}` | `{value!r}` |" in table for key, value, _ in documented())
+
+
+# --- hostile or unusual YAML: read as DVC reads it, bounded -------------------------------------------------
+
+# six anchors, each list ten times the one before: 10^6 values once expanded
+BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
+               for p, k in zip(["", "a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e", "f"], strict=True))
+
+
+@pytest.mark.parametrize("text, says", [
+    (BOMB, "expands to more than 100,000 values"),
+    ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper than it can be read"),
+    ("seed: " + "[" * 100 + "]" * 100 + "\n", "line 1 nests more than 64 levels deep"),
+    ("seed: " + "9" * 5000 + "\n", "line 1 holds an integer of 5,000 digits"),
+    ("? [1, 2]\n: x\n", "line 1 uses a list or mapping as a key"),
+    ("1: x\n", "line 1 uses '1', not a name, as a key"),
+    ("seed: 1\nseed: 2\n", "is not valid YAML at line 2: found duplicate key"),
+])
+def test_hostile_yaml_is_one_line_in_bounded_time(tmp_path, text, says):
+    import time
+
+    (tmp_path / "params.yaml").write_text(text)
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=re.escape(says)):
+        load_params(tmp_path / "params.yaml")
+    assert time.monotonic() - started < 10
+
+
+def test_yaml_reads_as_dvc_reads_it_merge_keys_and_library_defaults_included(tmp_path):
+    from dvc.utils.serialize._yaml import parse_yaml
+
+    text = (ROOT / "params.yaml").read_text()
+    extra = "numbers: {octal_looking: 010, hex: 0x10, clock: 1:30, small: 5e-4}\n"
+    assert read_yaml_text(tmp_path, text + extra)["numbers"] == parse_yaml(text + extra, "params.yaml")["numbers"] \
+        == {"octal_looking": 10, "hex": 16, "clock": "1:30", "small": 5e-4}  # YAML 1.2, not PyYAML's 8, 16, 90, "5e-4"
+    raw = read_yaml_text(tmp_path, "defaults: &defaults {lr_unused: 1}\n" + text + "other: {<<: *defaults, more: 2}\n")
+    assert raw["other"] == {"lr_unused": 1, "more": 2}  # merge keys are YAML people write
+    scratch = yaml.safe_load(text)
+    scratch["model"].update(from_scratch=True, config_overrides={"n_layer": 2, "n_inner": None})
+    assert from_dict(scratch).model.config_overrides == {"n_layer": 2, "n_inner": None}  # GPT-2's own default
+
+
+def read_yaml_text(tmp_path, text: str) -> dict:
+    from pipeline.core.params import read_yaml
+
+    (tmp_path / "p.yaml").write_text(text)
+    return read_yaml(tmp_path / "p.yaml")

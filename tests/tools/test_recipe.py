@@ -129,7 +129,8 @@ def test_user_set_params_are_checked_with_the_recipe():
     params = {"lr": 1.0, "train": {"max_steps": -1, "lora": {"r": 8}}}
     args = ("-S", "params.yaml:train.max_steps=30", "--set-param", "train.lora.r=16", "--set-param=lr=5e-4",
             "-S", "other.yaml:lr=9", "-n", "my-exp")
-    assert apply_set_params(params, args) == {"lr": "5e-4", "train": {"max_steps": 30, "lora": {"r": 16}}}
+    # values read as DVC reads them (YAML 1.2): 5e-4 is a number, as in the experiment DVC records
+    assert apply_set_params(params, args) == {"lr": 5e-4, "train": {"max_steps": 30, "lora": {"r": 16}}}
     assert params == {"lr": 1.0, "train": {"max_steps": -1, "lora": {"r": 8}}}, "the input was changed"
     with pytest.raises(PipelineError, match="expected key=value"):
         apply_set_params(params, ("-S", "lr"))
