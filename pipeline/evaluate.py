@@ -29,7 +29,7 @@ from pipeline.classification.evaluation import evaluate_classifier
 from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, perplexity, stage_command
 from pipeline.core.device import autocast_dtype, claim_gpus, device, keep_freed_memory, resolve_precision, visible_gpus
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
-from pipeline.core.outputs import outputs, write_json
+from pipeline.core.outputs import hold_workspace, outputs, write_json
 from pipeline.core.params import load_params
 from pipeline.training.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
 
@@ -252,6 +252,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     per-class figures and the confusion matrix beside the majority class and the base model zero-shot.
     Each task leaves the other's plot file empty."""
     params = load_params(params_path)
+    hold_workspace("python -m pipeline.evaluate")  # one run per workspace
     claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")

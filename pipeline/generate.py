@@ -29,7 +29,7 @@ from pipeline.core.common import PipelineError, params_option, stage_command
 from pipeline.core.config import GenerateConfig
 from pipeline.core.device import claim_gpus, visible_gpus
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
-from pipeline.core.outputs import outputs, write_json, write_text
+from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
 from pipeline.core.params import load_params
 from pipeline.generation.adhoc import ad_hoc, ad_hoc_config, stdin_prompts
 from pipeline.generation.prompts import load_prompts
@@ -218,6 +218,7 @@ def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out:
         raise PipelineError(f"{name} is for ad hoc sampling (with --prompt or --prompts-file); the stage takes its "
                             "settings from generate.* in params.yaml")
     params = load_params(params_path)
+    hold_workspace("python -m pipeline.generate")  # one run per workspace (ad hoc sampling above: any time)
     claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
     if params.task == "classification":
         records, metrics = predict(params, load_prompts(params.generate), model_dir, base_dir)

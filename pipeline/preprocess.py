@@ -27,7 +27,7 @@ from pipeline.classification.data import classification_blocks
 from pipeline.core.common import IGNORE_INDEX, PipelineError, check_processes, digest, params_option, stage_command
 from pipeline.core.config import DataConfig, Params, PreprocessConfig
 from pipeline.core.loading import context_length, load_config, load_saved_dataset, load_tokenizer, read_json
-from pipeline.core.outputs import outputs, write_json
+from pipeline.core.outputs import hold_workspace, outputs, write_json
 from pipeline.core.params import load_params
 from pipeline.data.lengths import histogram_rows, length_stats
 from pipeline.data.records import check_columns, clean, drop_bad_records, renderer
@@ -304,6 +304,7 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     import datasets
 
     params = load_params(params_path)
+    hold_workspace("python -m pipeline.preprocess")  # one run per workspace
     check_processes("preprocess.num_proc", params.preprocess.num_proc)
     datasets.disable_caching()  # map() would otherwise write cache files into data/raw, another stage's output
     raw = load_saved_dataset(raw_dir, "download")

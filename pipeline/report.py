@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline.core.common import PipelineError, stage_command
-from pipeline.core.outputs import outputs, write_json
+from pipeline.core.outputs import hold_workspace, outputs, write_json
 
 
 def headline(train: dict, evaluation: dict, generation: dict) -> dict:
@@ -80,6 +80,7 @@ def read_metrics(path: Path, stage: str) -> dict:
               help="The headline metrics file (declared in dvc.yaml).")
 def main(train_path: Path, eval_path: Path, generate_path: Path, out: Path) -> None:
     """Write the run's headline metrics from the train, evaluate and generate metrics."""
+    hold_workspace("python -m pipeline.report")  # one run per workspace
     summary = headline(read_metrics(train_path, "train"), read_metrics(eval_path, "evaluate"),
                        read_metrics(generate_path, "generate"))
     with outputs(out) as (out_tmp,):

@@ -25,7 +25,7 @@ from pipeline.core.common import PipelineError, check_processes, is_main_process
 from pipeline.core.config import Params
 from pipeline.core.device import claim_gpus, keep_freed_memory, visible_gpus
 from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json, saved_labels
-from pipeline.core.outputs import outputs, write_json, write_text
+from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
 from pipeline.core.params import load_params
 from pipeline.generation.room import check_room
 from pipeline.training.arguments import training_arguments
@@ -342,6 +342,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
          metrics_path: Path) -> None:
     """Fine-tune the base model with the Hugging Face Trainer, resuming an interrupted run."""
     params = load_params(params_path)
+    hold_workspace("python -m pipeline.train")  # one run per workspace; its torchrun workers inherit it
     claim_gpus(dict(os.environ), processes_per_node(dict(os.environ)), visible_gpus())  # before CUDA starts
     if run_under_torchrun():
         return  # its workers trained and wrote the outputs

@@ -63,6 +63,10 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
             click.echo(f"{why}: no output is half-written; run it again (train resumes from its last checkpoint)",
                        err=True)
             sys.exit(130 if not e.args else 128 + signal.SIGTERM)
+        finally:
+            from pipeline.core.outputs import release_workspaces  # the stage is over: the workspace is free
+
+            release_workspaces()
 
     settings = {"help_option_names": ["-h", "--help"], "ignore_unknown_options": pass_unknown_options}
     return click.command(context_settings=settings)(run)

@@ -11,6 +11,7 @@ is fsynced.)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -199,3 +200,41 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite(v) for v in obj]
     return obj
+
+
+# --- one run per workspace -------------------------------------------------------------------------------
+
+WORKSPACE_LOCK = ".pipeline.lock"  # beside the outputs, in the directory the stages run in
+_HELD: dict[str, int] = {}
+
+
+def hold_workspace(what: str, lock: Path | str = WORKSPACE_LOCK) -> int | None:
+    """Take the workspace for this stage (an flock on `lock`, held until the stage returns or its process
+    ends: stage_command lets go), or one line naming the run that holds it. None (nothing taken) in
+    torchrun's workers, whose agent holds it, and in a run across hosts, whose other hosts' stages share
+    the workspace on purpose."""
+    if "LOCAL_RANK" in os.environ or int(os.environ.get("NNODES") or os.environ.get("SLURM_NNODES") or "1") > 1:
+        return None
+    path = Path(lock)
+    key = str(path.resolve())
+    if key in _HELD:  # this process holds it already
+        return _HELD[key]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise PipelineError(f"{holder} is running in this workspace ({path.resolve().parent}); wait for it to "
+                            f"finish or stop it, then run {what} again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
+    os.set_inheritable(fd, True)  # torchrun's workers and an exec'd dvc keep it held
+    _HELD[key] = fd
+    return fd
+
+
+def release_workspaces() -> None:
+    """Let go of the workspaces this process holds (its stage returned: in-process runs, tests)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])

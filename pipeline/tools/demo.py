@@ -23,6 +23,7 @@ import click
 import yaml
 
 from pipeline.core.common import PipelineError, stage_command
+from pipeline.core.outputs import hold_workspace
 from pipeline.core.params import from_dict, merge
 from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference, write_stdlib_docstrings
 from pipeline.tools.plots import TEMPLATE, write_template
@@ -74,6 +75,23 @@ def make_workspace(dest: Path, overrides: dict) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "workspace"], dest)
     return dest
+
+
+def keep_aside(workdir: Path) -> Path | None:
+    """A demo workspace holding work the demo did not make (experiments, commits after its baseline) is
+    moved to <workdir>.kept-<time> instead of being replaced; returns where, or None."""
+    if not (workdir / ".git").is_dir():
+        return None
+    git = ["git", "-C", str(workdir)]
+    experiments = subprocess.run([*git, "for-each-ref", "refs/exps"], capture_output=True, text=True).stdout.strip()
+    commits = subprocess.run([*git, "rev-list", "--count", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if not experiments and commits in ("", "1", "2"):  # the demo's own: the workspace and its baseline
+        return None
+    kept = workdir.with_name(f"{workdir.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}")
+    workdir.rename(kept)
+    click.echo(f"{workdir} holds experiments or commits of yours: moved to {kept}, a new demo starts in {workdir}",
+               err=True)
+    return kept
 
 
 def copy_from_project(dest: Path, names: list[str]) -> None:
@@ -153,12 +171,14 @@ def next_steps(workspace: Path, outputs: str) -> list[str]:
 
 @stage_command
 @click.option("--workdir", default=".demo", show_default=True, type=click.Path(path_type=Path),
-              help="Scratch workspace (replaced on each run).")
+              help="Scratch workspace (replaced on each run; one holding experiments is moved aside).")
 @click.option("--overrides", "overrides_path", default=str(ROOT / "examples/demo.yaml"), show_default=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Params merged onto params.yaml.")
 def main(workdir: Path, overrides_path: Path) -> None:
     """Run the whole pipeline offline on a tiny GPT-2 and print metrics and samples."""
     started = time.perf_counter()
+    hold_workspace(f"make demo ({workdir})", lock=f"{workdir}.lock")  # a second demo here says so and stops
+    keep_aside(workdir)
     workspace = make_workspace(workdir.resolve(), yaml.safe_load(overrides_path.read_text()) or {})
     try:
         dvc(workspace, "repro")
