@@ -36,6 +36,8 @@ from pipeline.generation.prompts import load_prompts
 from pipeline.generation.sampling import sample
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from pipeline.core.config import Params
 
 log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
@@ -138,6 +140,7 @@ def generate(params: Params, finetuned_dir: Path, base_dir: Path, data_dir: Path
     for name, path in models.items():  # both, before sampling the first
         check_folder(path, MADE_BY[name])
     prompts = load_prompts(cfg)
+    check_work(len(prompts), cfg)
     train_ngrams = training_ngrams(load_saved_dataset(data_dir, "preprocess")["train"])
     by_model, metrics = {}, {}
     for name, path in models.items():
@@ -145,6 +148,7 @@ def generate(params: Params, finetuned_dir: Path, base_dir: Path, data_dir: Path
         if cfg.do_sample and cfg.top_k > len(tokenizer):
             raise PipelineError(f"params: generate.top_k ({cfg.top_k}) exceeds the {len(tokenizer)} tokens of the "
                                 "vocabulary; lower it, or 0 to turn top-k off")
+        check_stops(cfg, tokenizer)
         model = load_model(path, params.model.trust_remote_code, made_by=MADE_BY[name])
         records, tokens_per_second = sample(model, tokenizer, prompts, cfg)
         score(records, train_ngrams)
@@ -153,6 +157,28 @@ def generate(params: Params, finetuned_dir: Path, base_dir: Path, data_dir: Path
         log.info("%s: %d samples, %.0f tokens/s, copied 8-grams %s, distinct-2 %s", name, len(records),
                  tokens_per_second, _fmt(metrics[name]["copied_8gram_fraction"]), _fmt(metrics[name]["distinct_2"]))
     return by_model, metrics
+
+
+SAMPLED_TOKENS_MAX = 4_000_000  # a sample stage, not a corpus generator: ~2 h on a CPU at 500 tokens/s
+
+
+def check_work(prompts: int, cfg: GenerateConfig) -> None:
+    """The tokens the stage would sample, bounded: counts that multiply into hours are one line up front."""
+    total = prompts * cfg.num_return_sequences * cfg.max_new_tokens * (2 if cfg.compare_base else 1)
+    if total > SAMPLED_TOKENS_MAX:
+        raise PipelineError(f"params: generate would sample up to {total:,} tokens ({prompts:,} prompts x "
+                            f"num_return_sequences {cfg.num_return_sequences} x max_new_tokens {cfg.max_new_tokens}"
+                            f"{' x 2 models (compare_base)' if cfg.compare_base else ''}), over the "
+                            f"{SAMPLED_TOKENS_MAX:,} of a sample stage; lower them")
+
+
+def check_stops(cfg: GenerateConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A stop string longer than any sample of max_new_tokens tokens can be never stops anything."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1) * cfg.max_new_tokens
+    for stop in cfg.stop:
+        if len(stop) > longest:
+            raise PipelineError(f"params: generate.stop {stop[:30]!r}… ({len(stop):,} characters) is longer than any "
+                                f"sample of {cfg.max_new_tokens} tokens can be; shorten it or raise max_new_tokens")
 
 
 def _fmt(value: float | None) -> str:

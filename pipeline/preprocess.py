@@ -16,6 +16,7 @@ duplicate, document length percentiles) and metrics/doc_lengths.json (the length
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +54,11 @@ def split_documents(raw: DatasetDict, data: DataConfig, val_fraction: float, see
             raise PipelineError(f"the dataset has {train.num_rows} document(s) and no validation split, so none can "
                                 "be split off; add documents, set data.txt_sample_by: paragraph, or provide a "
                                 "validation split")
+        held_out = math.ceil(train.num_rows * val_fraction)  # as train_test_split rounds a fraction
+        if held_out >= train.num_rows:
+            raise PipelineError(f"params: preprocess.val_fraction ({val_fraction:g}) of {train.num_rows} documents "
+                                f"holds out {held_out}, leaving none to train on; lower it (at most "
+                                f"{(train.num_rows - 1) / train.num_rows:.2f} here) or add documents")
         parts = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         splits = {"train": parts["train"], "validation": parts["test"]}
     if "test" in raw and data.train_split != "test":

@@ -288,13 +288,19 @@ class WeightsView:
 
 
 def run_trainer(trainer: Trainer, s: Setup):  # noqa: ANN201 - the Trainer's TrainOutput
-    """trainer.train; where another process of the run went away (killed, out of memory, its host
-    down), one line instead of the collective's traceback."""
+    """trainer.train; one line instead of a traceback where memory ran out (the preflight off, or its
+    estimate short) or another process of the run went away (killed, out of memory, its host down)."""
+    import torch
     import torch.distributed as dist
 
     try:
         return trainer.train(resume_from_checkpoint=s.run.resume_from)
-    except (dist.DistError, RuntimeError) as e:
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+            raise PipelineError(f"training ran out of memory on {s.plan.device} (the estimate said "
+                                f"{s.memory.total / 2**30:.1f} GiB); lower train.per_device_train_batch_size (now "
+                                f"{s.args.per_device_train_batch_size}), set train.gradient_checkpointing: true, or "
+                                "turn train.memory_preflight on to be told the batch that fits") from None
         lost = isinstance(e, dist.DistError) or "Connection closed by peer" in str(e) or "Connection reset" in str(e)
         if s.plan.world_size == 1 or not lost:
             raise

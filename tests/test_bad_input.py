@@ -148,6 +148,8 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "train.adam_beta1": [(1e-40, {})],
     "train.samples.every": [(2, {"train": {"samples": {"prompts": []}}})],
     "generate.temperature": [(1e-30, {})],
+    "preprocess.val_fraction": [(0.95, {})],  # of the 8 tiny documents: 8 held out, none left to train on
+    "generate.stop": [(["x" * 1000], {"generate": {"max_new_tokens": 1}})],
     "generate.repetition_penalty": [(1e-40, {})],
     "data.dialogue_column": [("nope", {})],
     "data.use_chat_template": [(True, {})],
@@ -168,7 +170,7 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "train.samples.max_new_tokens": [(64, {"train": {"samples": {"every": 4, "prompts": ["The river"]}}})],
     "train.samples.prompts": [(["word " * 80], {"train": {"samples": {"every": 4, "max_new_tokens": 4}}})],
     "evaluate.stride": [(33, {})],
-    "generate.prompts": [(["word " * 80], {})],
+    "generate.prompts": [(["word " * 80], {}), (["p"] * 10_000, {"generate": {"num_return_sequences": 1000}})],
     "generate.prompts_file": [("data/prompts/missing.txt", {})],
     "generate.max_new_tokens": [(64, {})],
     "generate.top_k": [(2**24, {})],

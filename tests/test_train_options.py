@@ -71,6 +71,24 @@ def test_a_nan_after_the_last_logged_step_or_in_the_weights_is_caught(pipeline_o
         finite_weights(model)
 
 
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "8589934592 bytes"), torch.OutOfMemoryError("CUDA out of memory")])
+def test_running_out_of_memory_with_the_preflight_off_is_one_line(pipeline_outputs, tmp_path, monkeypatch, error):
+    from dataclasses import replace
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("transformers.Trainer.train", out_of_memory)
+    params = load_params(pipeline_outputs / "params.yaml")
+    params = replace(params, train=replace(params.train, memory_preflight=False))
+    with pytest.raises(PipelineError, match=r"training ran out of memory on cpu .*lower "
+                                            r"train.per_device_train_batch_size \(now 4\)"):
+        train(params, pipeline_outputs / "data/processed", pipeline_outputs / "models/base", tmp_path / "model",
+              tmp_path / "checkpoints", tmp_path / "dvclive", tmp_path / "train.json")
+    assert not (tmp_path / "model").exists()
+
+
 def test_lora_saves_a_plain_merged_model_and_the_adapter(pipeline_outputs, tmp_path):
     from transformers import AutoModelForCausalLM
 
