@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -74,6 +75,25 @@ def render(docs: Dataset, data: DataConfig, cfg: PreprocessConfig, tokenizer: Pr
                     desc="records to text", new_fingerprint=fingerprint)
 
 
+PIECE_CHARS = 1 << 20  # documents longer than this are tokenized in pieces of about this size
+_CUT = re.compile(r"(?<=\S) (?=\S)")  # one space between two non-spaces: GPT-2's pre-tokenizer starts a token there
+
+
+def pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most about `size` characters, each cut before a single space
+    between two non-space characters: a boundary byte-level BPE (GPT-2's pre-tokenizer) never merges
+    across, so the pieces' tokens, joined, are the whole text's. A stretch with no such space is kept
+    whole rather than cut where the tokens would change."""
+    start = 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size // 2, start + size) or _CUT.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
 def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, num_proc: int, batch_size: int
              ) -> Dataset:
     """One `input_ids` list per document, EOS appended to every non-empty one; with a `prompt` column,
@@ -83,10 +103,21 @@ def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, n
     fast = getattr(backend, "encode_batch_fast", None)  # Rust, threaded, no character offsets: ~1.5x __call__
     sft = "prompt" in docs.column_names
 
-    def ids_of(texts: list[str]) -> list[list[int]]:
+    def encoded(texts: list[str]) -> list[list[int]]:
         if fast is not None:
             return [e.ids for e in fast(texts, add_special_tokens=False)]
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def ids_of(texts: list[str]) -> list[list[int]]:
+        if max(map(len, texts), default=0) <= PIECE_CHARS:
+            return encoded(texts)
+        out = []
+        for text in texts:  # a long document a piece at a time: the tokenizer's memory is ~100x its input
+            ids: list[int] = []
+            for piece in pieces(text, PIECE_CHARS):
+                ids += encoded([piece])[0]
+            out.append(ids)
+        return out
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         if not sft:

@@ -111,3 +111,20 @@ def test_build_blocks_counts_and_checks(tokenizer):
         build_blocks(empty, tokenizer, 64, data_params(dataset="x"), prep_params(block_size=8), seed=0)
     with pytest.raises(PipelineError, match="empty corpus: no train documents left after cleaning"):
         build_blocks(empty, tokenizer, 64, data_params(dataset="x"), prep_params(block_size=8, min_chars=1), 0)
+
+
+def test_long_documents_are_tokenized_in_pieces_to_the_same_tokens(tokenizer):
+    """A document past PIECE_CHARS goes through the tokenizer a piece at a time (its memory is ~100x its
+    input: a 50 MB one-line file took 6 GB), cut where GPT-2's pre-tokenizer starts a token anyway."""
+    import random
+
+    from pipeline.preprocess import pieces
+
+    rng = random.Random(0)
+    words = ["the", "river's", "  double", "x", "don't", "123", "4.5", "!!", "\n", "end.", "café", "日本", "  "]
+    text = "".join(rng.choice(words) + rng.choice([" ", "  ", "", " \n"]) for _ in range(20_000))
+    parts = list(pieces(text, 2000))
+    assert len(parts) > 20 and "".join(parts) == text and max(map(len, parts)) <= 2000
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert [t for p in parts for t in tokenizer(p, add_special_tokens=False)["input_ids"]] == whole
+    assert list(pieces("x" * 5000, 1000)) == ["x" * 5000]  # no safe cut: kept whole, never cut mid-token
