@@ -77,6 +77,7 @@ def test_binary_text_in_parquet_is_not_text(project):
 
 @pytest.mark.parametrize("files, says", [
     ({"empty.jsonl": ""}, "data/input/empty.jsonl is empty; put text in it"),
+    ({"deep.jsonl": '{"text": "x", "meta": ' + '{"a": ' * 5000 + "1" + "}" * 5001 + "\n"}, "nests deeper than it can"),
     ({"talk.jsonl": '{"dialogue": "just one string"}\n' * 8}, "holds text, not a list of turns"),
     ({"talk.jsonl": '{"dialogue": [1, 2]}\n' * 8}, "a turn is int"),
 ])

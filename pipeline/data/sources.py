@@ -175,6 +175,9 @@ def _load_files(files: list[Path], cfg: DataConfig) -> tuple[DatasetDict | Itera
         # escaped: datasets expands data_files as glob patterns, and notes[1].txt would match notes1.txt
         raw = datasets.load_dataset(builder, data_files={"train": [glob.escape(str(f)) for f in files]},
                                     streaming=cfg.streaming, **extra)
+    except RecursionError:
+        raise PipelineError(f"data.dataset: a record of {cfg.dataset!r} nests deeper than it can be read (thousands of "
+                            "levels); flatten the records to the fields the text comes from") from None
     except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError, ValueError) as e:
         cause = e.__cause__ or e
         raise PipelineError(f"data.dataset: could not read {cfg.dataset!r} as {builder}: "
