@@ -36,7 +36,7 @@ demo-classify: setup ## The same, as a text classifier: standard library docstri
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
 
-test-scale: setup ## Runs past one process: two hosts (network namespaces, root), kills and resumes, queued experiments
+test-scale: setup ## Runs past one process: ZeRO-3, two hosts (network namespaces, root), real kills, queued experiments
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m scale
 
 lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile

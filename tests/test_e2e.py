@@ -222,6 +222,7 @@ def assert_intact(workspace) -> None:
         json.loads(metrics.read_text())
 
 
+@pytest.mark.scale  # real kills of a real dvc repro: make test-scale (CI)
 def test_sigkill_at_a_random_moment_of_each_stage_then_repro_gives_the_uninterrupted_metrics(experimented, online,
                                                                                              tmp_path_factory):
     seed = int.from_bytes(os.urandom(4), "little")

@@ -197,6 +197,7 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.scale  # real signals to a real process: make test-scale (CI); in process: tests/test_train.py
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_run_resumes_to_the_same_result(long_run, sig):
     tag = f"killed-{sig.name}"

@@ -341,10 +341,10 @@ def read_yaml(path: Path | str) -> dict:
     try:
         text = read_utf8(path, "params")
         reader = yaml_reader()
-        tree = reader.compose(text)
+        tree = reader.compose(text)  # parsed once: checked within the bounds, then built
         if tree is not None:
             check_yaml_tree(tree, path)
-        raw = reader.load(text)
+        raw = reader.constructor.construct_document(tree) if tree is not None else None
     except FileNotFoundError:
         raise PipelineError(f"params: {path} not found; run from the project root or pass --params") from None
     except IsADirectoryError:

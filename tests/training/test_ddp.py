@@ -84,6 +84,7 @@ needs_a_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason=(
     "its GPUs need none)"))
 
 
+@pytest.mark.scale  # DeepSpeed's engine on 2 processes: make test-scale (CI)
 @needs_a_compiler
 def test_zero3_trains_like_ddp_and_saves_an_ordinary_model(prepared, ddp):
     from datasets import load_from_disk
