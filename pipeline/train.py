@@ -256,7 +256,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
                "parameters": s.trainable.parameters[0], "trainable_parameters": s.trainable.parameters[1]}
     # sharded: every rank takes part in gathering the full weights; rank 0 saves them
     weights = gathered_weights(trainer.model) if s.plan.sharding != "none" else None
-    finite_weights(trainer.model if weights is None else WeightsView(weights))
+    finite_weights(trainer.model.named_parameters() if weights is None else weights.items())
     if metrics.get("base_eval_loss") is not None and metrics.get("eval_loss") == metrics["base_eval_loss"]:
         log.warning("the validation loss did not move from the base model's (%.6f): nothing was learnt; raise lr "
                     "(now %g) or train.max_grad_norm, or check that train.freeze leaves something to train",
@@ -275,16 +275,6 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
             write_json(metrics_tmp, metrics)
         mark_finished(s.run.path)
     return metrics
-
-
-class WeightsView:
-    """Gathered weights as named_parameters gives them, for finite_weights."""
-
-    def __init__(self, weights: dict) -> None:
-        self.weights = weights
-
-    def named_parameters(self):  # noqa: ANN201
-        return iter(self.weights.items())
 
 
 def run_trainer(trainer: Trainer, s: Setup):  # noqa: ANN201 - the Trainer's TrainOutput

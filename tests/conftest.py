@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 # A 2-layer, 32-wide GPT-2 on 32-token blocks: seconds per stage on 2 CPU cores.
+# DeepSpeed's CPU path builds a shared-memory op; the image has no compiler (its GPUs need none)
+needs_a_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason=(
+    "DeepSpeed on a CPU builds its shared-memory op with a C++ compiler, which this machine lacks (the image: "
+    "its GPUs need none)"))
+
 TINY = {
     "lr": 5.0e-3,
     "model": {"name": "tiny-gpt2", "tokenizer": "data/input/gpt2-tokenizer", "from_scratch": True,

@@ -1,6 +1,6 @@
 """Helpers of the tests and the bench that the pipeline itself does not use: params sections of the
-project's params.yaml with changes, the memory shape of a GPT-2 size without building it, and the
-evaluate stage's token NLL for a freshly loaded model."""
+project's params.yaml with changes, the memory shape of a GPT-2 size without building it, the
+evaluate stage's token NLL for a freshly loaded model, and an alias bomb."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from pipeline.training.memory import ModelShape
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel
+
+# six anchors, each a list of ten of the one before: 10^6 values once expanded, a few lines of YAML
+ALIAS_BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
+                     for p, k in zip(["", "a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e", "f"], strict=True))
 
 
 def project_section(path: str, **changes: Any) -> Any:

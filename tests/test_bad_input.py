@@ -28,6 +28,7 @@ from pipeline.core.config import Params
 from pipeline.core.params import merge
 from pipeline.tools.params import documented
 from tests.conftest import ROOT, in_process, write_params
+from tests.support import ALIAS_BOMB
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 LEAVES = [key for key, _, _ in documented()]
@@ -344,8 +345,7 @@ def test_an_unwritable_or_full_disk_is_one_line_and_changes_nothing(finished, mo
 # --- hostile YAML, through a stage ---------------------------------------------------------------------
 
 HOSTILE_YAML = {
-    "alias bomb": "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
-                          for p, k in zip("_abcde", "abcdef", strict=True)).replace("*_", "x"),
+    "alias bomb": ALIAS_BOMB,
     "deep nesting": "deep: " + "[" * 3000 + "]" * 3000 + "\n",
     "huge integer": "huge: " + "7" * 5000 + "\n",
     "mapping as a key": "? {a: 1}\n: 2\n",

@@ -64,11 +64,11 @@ def test_a_nan_after_the_last_logged_step_or_in_the_weights_is_caught(pipeline_o
         stop_on_non_finite().on_log(None, TrainerState(global_step=8), TrainerControl(),
                                     logs={"train_loss": float("nan")})
     model = AutoModelForCausalLM.from_pretrained(pipeline_outputs / "models/finetuned")
-    finite_weights(model)  # the trained tiny model is finite
+    finite_weights(model.named_parameters())  # the trained tiny model is finite
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")
     with pytest.raises(PipelineError, match=r"training left non-finite weights \(transformer.h.1.mlp.c_fc.weight\)"):
-        finite_weights(model)
+        finite_weights(model.named_parameters())
 
 
 @pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "

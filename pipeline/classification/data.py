@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.common import PipelineError, digest
 from pipeline.core.config import ClassifyConfig, DataConfig, Params, PreprocessConfig
 from pipeline.data.lengths import histogram_rows, length_stats
-from pipeline.data.records import check_columns, clean, renderer
+from pipeline.data.records import check_columns, clean, drop_bad_records, renderer
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -79,18 +79,6 @@ def labelled(docs: Dataset, names: list[str], data: DataConfig, cfg: PreprocessC
     return docs.map(batch, batched=True, batch_size=cfg.batch_size, remove_columns=docs.column_names,
                     desc="records to text and label", new_fingerprint=digest([docs._fingerprint, repr(data),
                                                                               repr(cfg), repr(c), names]))
-
-
-def drop_bad(docs: Dataset, split: str, c: ClassifyConfig) -> tuple[Dataset, dict[str, int]]:
-    """The records with a label and a text, and how many were dropped for each reason."""
-    reasons = Counter(docs["bad"])
-    counts = {f"{reason}_dropped": reasons.get(reason, 0) for reason in BAD_REASONS}
-    first = next((i for i, reason in enumerate(docs["bad"]) if reason), None)
-    if first is not None and c.bad_rows == "refuse":
-        raise PipelineError(f"classify.bad_rows: record {first} of the {split} split has "
-                            f"{BAD_REASONS[docs['bad'][first]]} ({sum(reasons.values()) - reasons.get('', 0)} such "
-                            "records); fix the data, or set classify.bad_rows: drop")
-    return docs.filter(lambda b: [not r for r in b["bad"]], batched=True).remove_columns("bad"), counts
 
 
 def blocks_of(texts: list[str], tokenizer: PreTrainedTokenizerBase, size: int, add_eos: bool, padding_side: str
@@ -167,7 +155,7 @@ def build_examples(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data: D
     labelled_splits, stats = {}, {}
     for name, docs in raw.items():
         docs, counts, _ = clean(labelled(docs, names, data, cfg, c, tokenizer, class_label), cfg)
-        docs, bad = drop_bad(docs, name, c)
+        docs, bad = drop_bad_records(docs, name, c.bad_rows, "classify.bad_rows", BAD_REASONS)
         labelled_splits[name], stats[name] = docs.rename_column("label", "labels"), {**counts, **bad}
     processed, lengths = {}, {}
     for name, docs in split(datasets.DatasetDict(labelled_splits), data, names, cfg.val_fraction, seed).items():

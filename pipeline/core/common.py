@@ -139,3 +139,19 @@ def digest(obj: Any) -> str:
 def perplexity(loss: float) -> float:
     """exp(loss), inf where it overflows a float (a loss above ~709), NaN for NaN."""
     return math.exp(loss) if loss < 709.78 else (math.inf if loss == loss else math.nan)
+
+
+def try_flock(path: Any) -> int | None:
+    """An exclusive flock on `path` (created if need be), without waiting: the open descriptor, made
+    inheritable so an exec'd process or torchrun's workers keep holding it; None where another process
+    holds it. The lock lasts until the descriptor is closed or every process holding it ends."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, True)
+    return fd

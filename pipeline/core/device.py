@@ -5,7 +5,6 @@ each run where several run on one host (dvc queue start -j N)."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import tempfile
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError
+from pipeline.core.common import PipelineError, try_flock
 
 if TYPE_CHECKING:
     import torch
@@ -114,18 +113,12 @@ def claim_gpus(env: dict[str, str], want: int, devices: int, lock_dir: Path = GP
     while True:
         held = []
         for gpu in range(devices):
-            fd = os.open(lock_dir / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            held.append((gpu, fd))
+            fd = try_flock(lock_dir / f"gpu-{gpu}.lock")  # inheritable: torchrun's workers keep it
+            if fd is not None:
+                held.append((gpu, fd))
             if len(held) == want:
                 break
         if len(held) == want:
-            for _, fd in held:
-                os.set_inheritable(fd, True)  # kept through os.exec and into torchrun's workers
             gpus = [gpu for gpu, _ in held]
             os.environ["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
             log.info("GPUs %s of %d claimed for this run (others held by runs beside it: %s)",

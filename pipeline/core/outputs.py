@@ -11,7 +11,6 @@ is fsynced.)
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.common import PipelineError
+from pipeline.core.common import PipelineError, try_flock
 
 log = logging.getLogger(__name__)
 JOURNAL = ".landing-{name}.json"  # beside the first output: the renames of a stage putting its outputs in place
@@ -219,17 +218,13 @@ def hold_workspace(what: str, lock: Path | str = WORKSPACE_LOCK) -> int | None:
     key = str(path.resolve())
     if key in _HELD:  # this process holds it already
         return _HELD[key]
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
+    fd = try_flock(path)  # inheritable: torchrun's workers keep it held
+    if fd is None:
+        holder = path.read_text(encoding="utf-8", errors="replace")[:300].strip() or "another process"
         raise PipelineError(f"{holder} is running in this workspace ({path.resolve().parent}); wait for it to "
                             f"finish or stop it, then run {what} again") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
-    os.set_inheritable(fd, True)  # torchrun's workers and an exec'd dvc keep it held
     _HELD[key] = fd
     return fd
 

@@ -163,18 +163,20 @@ BAD_RECORDS = {"missing_text": "no text (null or absent)", "not_text": "a text f
                                                                        "list, mapping or bytes)"}
 
 
-def drop_bad_records(docs: Dataset, split: str, policy: str) -> tuple[Dataset, dict[str, int]]:
-    """The records render gave text, and how many it dropped per reason (`bad`); with preprocess.bad_records:
-    refuse, one line naming the first bad record instead."""
+def drop_bad_records(docs: Dataset, split: str, policy: str, key: str = "preprocess.bad_records",
+                     reasons: dict[str, str] = BAD_RECORDS) -> tuple[Dataset, dict[str, int]]:
+    """The records with nothing in their `bad` column, and how many were dropped per reason (`reasons`:
+    the reason -> what the record lacks); with `policy` "refuse" (the param `key`), one line naming the
+    first bad record instead. Shared by the language model (reasons from render) and the classifier
+    (and its labels: pipeline.classification.data)."""
     from collections import Counter
 
-    reasons = Counter(docs["bad"])
-    counts = {f"{reason}_dropped": reasons.get(reason, 0) for reason in BAD_RECORDS}
+    seen = Counter(docs["bad"])
+    counts = {f"{reason}_dropped": seen.get(reason, 0) for reason in reasons}
     first = next((i for i, reason in enumerate(docs["bad"]) if reason), None)
     if first is not None and policy == "refuse":
-        raise PipelineError(f"preprocess.bad_records: record {first} of the {split} split has "
-                            f"{BAD_RECORDS[docs['bad'][first]]} ({sum(counts.values())} such records); fix the data, "
-                            "or set preprocess.bad_records: drop")
+        raise PipelineError(f"{key}: record {first} of the {split} split has {reasons[docs['bad'][first]]} "
+                            f"({sum(counts.values())} such records); fix the data, or set {key}: drop")
     if first is not None:
         docs = docs.filter(lambda b: [not r for r in b["bad"]], batched=True, desc="drop records without text")
     return docs.remove_columns("bad"), counts

@@ -15,6 +15,8 @@ from pipeline.core.outputs import write_text
 from pipeline.training.throughput import ThroughputMeter
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from transformers import (
         PreTrainedModel,
         PreTrainedTokenizerBase,
@@ -196,11 +198,12 @@ def stop_on_non_finite() -> TrainerCallback:
     return StopOnNonFinite()
 
 
-def finite_weights(model: Any) -> None:
-    """Refuse to save a model with NaN or infinite weights, naming the first such tensor."""
+def finite_weights(named: Iterable[tuple[str, Any]]) -> None:
+    """Refuse to save a model with NaN or infinite weights, naming the first such tensor (`named`: a
+    model's named_parameters(), or a sharded run's gathered weights' items())."""
     import torch
 
-    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    bad = next((name for name, p in named if not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         raise PipelineError(f"training left non-finite weights ({bad}); nothing was saved: lower lr, raise "
                             "warmup_steps or max_grad_norm's strictness, use train.precision: fp32, or check the base "

@@ -12,6 +12,7 @@ import yaml
 from pipeline.core.common import PipelineError
 from pipeline.core.params import from_dict, load_params, merge
 from pipeline.tools.params import documented, help_lines, markdown_table
+from tests.support import ALIAS_BOMB
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,13 +153,8 @@ def test_the_parameter_reference_is_generated():
 
 # --- hostile or unusual YAML: read as DVC reads it, bounded -------------------------------------------------
 
-# six anchors, each list ten times the one before: 10^6 values once expanded
-BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
-               for p, k in zip(["", "a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e", "f"], strict=True))
-
-
 @pytest.mark.parametrize("text, says", [
-    (BOMB, "expands to more than 100,000 values"),
+    (ALIAS_BOMB, "expands to more than 100,000 values"),
     ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper than it can be read"),
     ("seed: " + "[" * 100 + "]" * 100 + "\n", "line 1 nests more than 64 levels deep"),
     ("seed: " + "9" * 5000 + "\n", "line 1 holds an integer of 5,000 digits"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +20,9 @@ from safetensors.torch import load_file
 
 from pipeline.core.device import cpu_has_native_bf16
 from pipeline.training.checkpoints import COMPLETE
-from tests.conftest import ROOT, prepare, write_params
+from tests.conftest import ROOT, needs_a_compiler, prepare, write_params
 
-pytestmark = [pytest.mark.scale, pytest.mark.skipif(shutil.which("c++") is None, reason=(
-    "DeepSpeed on a CPU builds its shared-memory op with a C++ compiler, which this machine lacks"))]
+pytestmark = [pytest.mark.scale, needs_a_compiler]
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 MODEL = {"config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, **NO_DROPOUT}}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC_PER_NODE": "2"}

@@ -6,13 +6,12 @@ unpadded model that gives the same logits in this process."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import prepare, run_stage, write_params
+from tests.conftest import needs_a_compiler, prepare, run_stage, write_params
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # dropout masks differ per process
 
@@ -77,11 +76,6 @@ def logits(model_dir, block: list[int]) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
     with torch.no_grad():
         return model(torch.tensor([block])).logits
-
-
-needs_a_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason=(
-    "DeepSpeed on a CPU builds its shared-memory op with a C++ compiler, which this machine lacks (the image: "
-    "its GPUs need none)"))
 
 
 @pytest.mark.scale  # DeepSpeed's engine on 2 processes: make test-scale (CI)
