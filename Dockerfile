@@ -16,14 +16,16 @@ ARG BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 # Ubuntu 24.04's python3 is 3.12; git because DVC needs it, make for `make test` (docker-test),
-# ca-certificates for HTTPS from git.
+# ca-certificates for HTTPS from git. g++ (which brings gcc and libc's headers) and python3-dev, because
+# torch.compile compiles at run time: Triton builds its GPU launcher with `cc` against Python.h, and
+# inductor's CPU code is C++ (what they add: docs/docker.md).
 # DL3008 (pin apt versions) is ignored on purpose: Ubuntu's archive drops superseded versions, so
 # exact pins break the build within weeks. The base image is pinned by tag and every Python
 # package by requirements.lock; these OS tools do not change what the pipeline computes.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      ca-certificates git make python3 python3-venv \
+      ca-certificates g++ git make python3 python3-dev python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
 # PEP 668: Ubuntu's python refuses system-wide pip installs, so the dependencies go into a venv on PATH.
@@ -36,6 +38,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DVC_NO_ANALYTICS=1 \
     HF_HOME=/cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    TRITON_CACHE_DIR=/cache/triton \
     HOME=/home/app
 
 WORKDIR /repo
@@ -53,12 +57,14 @@ RUN python3 -m venv /opt/venv \
 
 # Runs as a non-root user. The Makefile runs it as your own uid:gid (--user) so files written into the
 # mounted repo are yours; that uid has no /etc/passwd entry, so HOME (git and dvc need one) and the
-# Hugging Face cache are world-writable with the sticky bit. A new named volume mounted at HF_HOME
-# copies these permissions. safe.directory: git (and DVC's libgit2) refuse a repository owned by
-# another uid, which is what /repo is when the container runs without --user.
+# caches are world-writable with the sticky bit. The Makefile mounts a named volume at /cache, which
+# copies these folders and permissions when it is new: models and datasets from the Hub, and what
+# torch.compile built (inductor's and Triton's kernels), are kept from one run to the next.
+# safe.directory: git (and DVC's libgit2) refuse a repository owned by another uid, which is what /repo
+# is when the container runs without --user.
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /home/app --shell /bin/bash app \
- && mkdir -p /home/app /cache/huggingface \
- && chmod 1777 /home/app /cache/huggingface \
+ && mkdir -p /home/app /cache/huggingface /cache/torchinductor /cache/triton \
+ && chmod 1777 /home/app /cache /cache/huggingface /cache/torchinductor /cache/triton \
  && git config --system --add safe.directory /repo
 
 # The small source last, so the image also works without the mount (python -m pipeline.<stage>);

@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup check-venv demo demo-classify test test-scale lint bench repro plots params publish clean docker-build docker-train \
-	docker-shell docker-test docker-demo docker-check
+	docker-shell docker-test docker-demo docker-check docker-gpu-locks
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -76,11 +76,19 @@ VERSION         = $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.t
 GIT_SHA         = $(shell git rev-parse --short HEAD 2>/dev/null)
 # A Docker tag allows [A-Za-z0-9_.-]: a PEP 440 local version's "+" becomes "_".
 TAG             = $(subst +,_,$(VERSION))$(if $(GIT_SHA),-$(GIT_SHA))
-HF_CACHE_VOLUME = gpt2-pipeline-hf-cache
+# A named volume at /cache: the Hub's models and datasets (HF_HOME) and torch.compile's kernels, kept
+# from one run to the next (the Dockerfile's ENV names the folders).
+CACHE_VOLUME    = gpt2-pipeline-cache
+# The per-GPU locks (pipeline.core.device.claim_gpus), one host folder for every container and every
+# user, mounted at its own path: the same files as a run on the bare host (TMPDIR unset) uses.
+GPU_LOCK_DIR    = /tmp/gpt2-pipeline-gpus
 DOCKER_USER     = $(shell id -u):$(shell id -g)
 # GPUs given to the container; `make docker-test GPU_FLAGS=` runs the image on a host without one. Podman
 # (4.x has no --gpus) takes them as a CDI device: `nvidia-ctk cdi generate` on the host makes it known.
 GPU_FLAGS       = $(if $(filter podman,$(notdir $(DOCKER))),--device nvidia.com/gpu=all,--gpus all)
+# Without GPU_FLAGS the CUDA image still says there are GPUs (NVIDIA_VISIBLE_DEVICES), and the stages
+# refuse to run on the CPU unless asked: GPU_FLAGS= is that request.
+CPU_FLAGS       = $(if $(strip $(GPU_FLAGS)),,-e PIPELINE_ALLOW_CPU=1)
 # GPUS > 1: the train stage re-launches itself through torchrun with that many processes (NPROC_PER_NODE).
 GPUS            = 1
 # NODES > 1: one run across hosts (docs/scaling.md). Run the same make line on every host with its own
@@ -91,9 +99,13 @@ NODES           = 1
 NODE_RANK       = 0
 RDZV_ENDPOINT   =
 NODE_ADDR       =
+# InfiniBand, where the host has it: NCCL between hosts needs its devices, and locked (pinned) memory
+# without a limit for RDMA (docs/scaling.md).
+INFINIBAND      = $(wildcard /dev/infiniband)
 NODE_FLAGS      = $(if $(filter-out 1,$(NODES)),--network host -e NNODES=$(NODES) -e NODE_RANK=$(NODE_RANK) \
 	-e RDZV_ENDPOINT=$(RDZV_ENDPOINT) $(if $(strip $(NODE_ADDR)),-e NODE_ADDR=$(NODE_ADDR)) \
-	-e RDZV_ID=gpt2-$(GIT_SHA))
+	-e RDZV_ID=gpt2-$(GIT_SHA) \
+	$(if $(strip $(INFINIBAND)),--device $(INFINIBAND) --ulimit memlock=-1:-1 --cap-add IPC_LOCK))
 # EXP='-S lr=5e-4' runs `dvc exp run -S lr=5e-4` instead of `dvc repro`; RECIPE=examples/gpu.yaml runs
 # that override file as an experiment (checked and expanded in the container), EXP's flags after it.
 EXP             =
@@ -112,13 +124,15 @@ PASS_ENV = $(strip $(foreach v,HF_TOKEN GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COM
 
 # The flags every docker target shares. The repo is mounted where the image expects it (DVC needs .git)
 # and the container runs as you, so what it writes there is yours; models and datasets from the Hub
-# go to a named volume and download once per host. --ipc=host: the DataLoader's and NCCL's shared
+# go to a named volume and download once per host, and what torch.compile built is reused. The GPU
+# locks' host folder is shared by every container. --ipc=host: the DataLoader's and NCCL's shared
 # memory; --init: signals reach dvc and torchrun, and their child processes are reaped.
 # Rootless podman maps container uids into your subuid range: keep-id makes the container's uid yours, so
 # files in the mounted repo stay yours (rootful podman and docker need nothing).
 USERNS = $(if $(filter podman,$(notdir $(DOCKER))),$(if $(filter 0,$(shell id -u)),,--userns=keep-id))
-DOCKER_RUN = $(DOCKER) run --rm --init $(GPU_FLAGS) --ipc=host \
-	-v "$(CURDIR):/repo" -w /repo -v $(HF_CACHE_VOLUME):/cache/huggingface \
+DOCKER_RUN = $(DOCKER) run --rm --init $(GPU_FLAGS) $(CPU_FLAGS) --ipc=host \
+	-v "$(CURDIR):/repo" -w /repo -v $(CACHE_VOLUME):/cache \
+	-v "$(GPU_LOCK_DIR):$(GPU_LOCK_DIR)" -e GPU_LOCK_DIR=$(GPU_LOCK_DIR) \
 	--user $(DOCKER_USER) $(USERNS) -e NPROC_PER_NODE=$(GPUS) $(NODE_FLAGS) $(PASS_ENV)
 
 # A bad GPUS stops make before anything runs (under make -n too): one word, digits only, no leading 0.
@@ -136,16 +150,21 @@ endif
 docker-build: ## Build the GPU image, tagged gpt2-pipeline:<version>-<git sha> (DOCKER=podman works too)
 	$(DOCKER) build --tag $(IMAGE):$(TAG) $(if $(strip $(BASE_IMAGE)),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 
-docker-train: docker-build ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4' or RECIPE=file: an experiment; GPUS=N, NODES=N: torchrun)
+# The GPU locks' folder, world-writable and sticky as /tmp is (mkdir -m is not cut by the umask): the
+# runs of every user add their lock files to it. Made here: docker would make a missing one root's.
+docker-gpu-locks:
+	mkdir -p -m 1777 "$(GPU_LOCK_DIR)"
+
+docker-train: docker-build docker-gpu-locks ## dvc repro on the GPUs in the image (EXP='-S lr=5e-4' or RECIPE=file: an experiment; GPUS=N, NODES=N: torchrun)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) $(TRAIN_CMD)
 
-docker-shell: docker-build ## An interactive shell in the image, with the same mounts
+docker-shell: docker-build docker-gpu-locks ## An interactive shell in the image, with the same mounts
 	$(DOCKER_RUN) -it $(IMAGE):$(TAG) bash
 
-docker-test: docker-build ## make test inside the image
+docker-test: docker-build docker-gpu-locks ## make test inside the image
 	$(DOCKER_RUN) $(IMAGE):$(TAG) make test
 
-docker-demo: docker-build ## make demo inside the image (GPU_FLAGS= on a host without a GPU)
+docker-demo: docker-build docker-gpu-locks ## make demo inside the image (GPU_FLAGS= on a host without a GPU)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) make demo
 
 # Machines without Docker or the CUDA base (like the project's own): build the image with podman on a

@@ -5,7 +5,11 @@
 #   2. builds the unchanged Dockerfile on it (make docker-build BASE_IMAGE=...),
 #   3. runs the demo inside as a non-root uid with a copy of this repo bind-mounted (make docker-demo), and
 #      checks its outputs and that the uid owns every one,
-#   4. runs the test suite inside (make docker-test),
+#   4. runs the demo's train stage again with torch.compile on the CPU, cold and then from the compile cache
+#      on the cache volume (docker/check-inside.sh), to a saved model: the image's compiler works,
+#   5. starts two containers as two uids, each given two fake GPUs, and checks that they claim different
+#      ones through the GPU locks' host folder the Makefile mounts into both,
+#   6. runs the test suite inside (make docker-test),
 # printing each step's time, what it downloaded (all of this machine's network traffic meanwhile) and the
 # disk used. What the stand-in proves and what it cannot: docs/docker.md.
 #
@@ -20,6 +24,7 @@ IMAGE=${IMAGE:-gpt2-pipeline}
 RELEASE=${STANDIN_RELEASE:-bookworm}
 MIRROR=${STANDIN_MIRROR:-http://deb.debian.org/debian}
 CHECK_UID=${CHECK_UID:-1234}
+OTHER_UID=$((CHECK_UID + 1))  # the second user of step 5
 NEED_GB=${CHECK_DISK_GB:-30}
 BASE=localhost/gpt2-pipeline-standin:$RELEASE
 HOST_CA=/etc/ssl/certs/ca-certificates.crt  # HTTPS may go through this machine's own CA: the stand-in trusts it
@@ -81,8 +86,9 @@ git -C "$root" ls-files -z --cached --others --exclude-standard \
 cp -a "$root/.git" "$work/repo/.git"
 chown -R "$CHECK_UID:$CHECK_UID" "$work/repo"
 tag=${TAG:?the Makefile passes the image tag}  # git refuses to read the copy that uid $CHECK_UID owns
+mkdir -m 1777 "$work/gpu-locks"  # the check's own, not this host's /tmp/gpt2-pipeline-gpus
 flags=(-C "$work/repo" --no-print-directory DOCKER="$DOCKER" IMAGE="$IMAGE" TAG="$tag" BASE_IMAGE="$BASE" GPU_FLAGS=
-       DOCKER_USER="$CHECK_UID:$CHECK_UID" HF_CACHE_VOLUME=gpt2-pipeline-check-hf-cache)
+       DOCKER_USER="$CHECK_UID:$CHECK_UID" CACHE_VOLUME=gpt2-pipeline-check-cache GPU_LOCK_DIR="$work/gpu-locks")
 
 # --- 2. the image ----------------------------------------------------------------------------------------
 step=$(date +%s) rx=$(received)
@@ -101,7 +107,31 @@ others=$(find "$work/repo/.demo" ! -uid "$CHECK_UID" | head -n 3)
 say "demo inside the image as uid $CHECK_UID: $(elapsed "$step"), every output owned by $CHECK_UID"
 grep -E '^(perplexity|training:)' "$work/demo.log" | sed 's/^/  /' >&2
 
-# --- 4. the test suite inside ------------------------------------------------------------------------------
+# --- 4. torch.compile inside: the demo's train stage, compiled on the CPU by inductor with the image's g++ ------
+step=$(date +%s)
+make "${flags[@]}" docker-train TRAIN_CMD="bash docker/check-inside.sh compiled-train" >"$work/compile.log" 2>&1 \
+  || { tail -n 30 "$work/compile.log" >&2; fail "the compiled train stage failed inside the image (its end is above)"; }
+say "torch.compile inside the image as uid $CHECK_UID: $(elapsed "$step")"
+grep -E '^(compiled train stage|compile cache)' "$work/compile.log" | sed 's/^/  /' >&2
+
+# --- 5. GPU claims across containers and users: two fake GPUs each, the locks' folder mounted into both -------
+step=$(date +%s)
+fake_gpus="--device /dev/null:/dev/nvidia0 --device /dev/null:/dev/nvidia1"
+touch "$work/repo/.hold-gpu"
+make "${flags[@]}" GPU_FLAGS="$fake_gpus" docker-train TRAIN_CMD="bash docker/check-inside.sh claim-gpu .hold-gpu" \
+  >"$work/claim-1.log" 2>&1 &
+first=$!
+for _ in $(seq 600); do grep -q '^uid .* claimed' "$work/claim-1.log" && break; kill -0 "$first" 2>/dev/null || break; sleep 0.2; done
+make "${flags[@]}" GPU_FLAGS="$fake_gpus" DOCKER_USER="$OTHER_UID:$OTHER_UID" docker-train \
+  TRAIN_CMD="bash docker/check-inside.sh claim-gpu .no-hold" >"$work/claim-2.log" 2>&1 || true
+rm -f "$work/repo/.hold-gpu"
+wait "$first" || true
+claims=$(grep -h '^uid .* claimed' "$work/claim-1.log" "$work/claim-2.log" || true)
+[ "$(echo "$claims" | grep -c claimed)" = 2 ] && [ "$(echo "$claims" | sed 's/.*claimed //' | sort -u | wc -l)" = 2 ] \
+  || { tail -n 20 "$work/claim-1.log" "$work/claim-2.log" >&2; fail "two containers did not claim different GPUs: ${claims:-none claimed} (their logs' ends are above)"; }
+say "GPU claims: two containers, uids $CHECK_UID and $OTHER_UID, one lock folder: $(echo "$claims" | paste -sd ';' - | sed 's/;/; /') ($(elapsed "$step"))"
+
+# --- 6. the test suite inside ------------------------------------------------------------------------------
 step=$(date +%s)
 make "${flags[@]}" docker-test >"$work/test.log" 2>&1 || { tail -n 40 "$work/test.log" >&2; fail "make test failed inside the image (its end is above)"; }
 say "make test inside the image: $(elapsed "$step"): $(grep -E '^=+ .*(passed|failed).* =+$' "$work/test.log" | tail -n 1 | tr -d '=')"

@@ -27,7 +27,15 @@ import click
 
 from pipeline.classification.evaluation import evaluate_classifier
 from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, perplexity, stage_command
-from pipeline.core.device import autocast_dtype, claim_gpus, device, keep_freed_memory, resolve_precision, visible_gpus
+from pipeline.core.device import (
+    autocast_dtype,
+    claim_gpus,
+    device,
+    keep_freed_memory,
+    refuse_a_cpu_run_on_a_gpu_host,
+    resolve_precision,
+    visible_gpus,
+)
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import hold_workspace, outputs, write_json
 from pipeline.core.params import load_params
@@ -254,6 +262,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     params = load_params(params_path)
     hold_workspace("python -m pipeline.evaluate")  # one run per workspace
     claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
+    refuse_a_cpu_run_on_a_gpu_host(dict(os.environ))
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
     if params.task == "classification":

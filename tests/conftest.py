@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+# PIPELINE_ALLOW_CPU: the tests train on the CPU by design, also on a GPU host whose torch cannot use its
+# GPUs (the tests of that refusal unset it)
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
-                  TOKENIZERS_PARALLELISM="false")
+                  TOKENIZERS_PARALLELISM="false", PIPELINE_ALLOW_CPU="1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 # A 2-layer, 32-wide GPT-2 on 32-token blocks: seconds per stage on 2 CPU cores.
-# DeepSpeed's CPU path builds a shared-memory op; the image has no compiler (its GPUs need none)
+# DeepSpeed's CPU path builds a shared-memory op with the C++ compiler (the image has one: torch.compile
+# needs it)
 needs_a_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason=(
-    "DeepSpeed on a CPU builds its shared-memory op with a C++ compiler, which this machine lacks (the image: "
-    "its GPUs need none)"))
+    "DeepSpeed on a CPU builds its shared-memory op with a C++ compiler, which this machine lacks"))
 
 TINY = {
     "lr": 5.0e-3,

@@ -22,8 +22,11 @@ TORCH_CUDA = {"2.13.0": "13.0"}
 # What the Makefile reads from the environment (VENV, SKIP_SETUP, HF_TOKEN, the git identity) or from an
 # outer make's command line (through MAKEFLAGS): cleared so the caller cannot change what these tests render.
 MAKE_ENV_VARS = ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV", "SKIP_SETUP", "PYTHON", "DOCKER", "IMAGE", "VERSION",
-                 "GIT_SHA", "TAG", "HF_CACHE_VOLUME", "DOCKER_USER", "GPU_FLAGS", "GPUS", "EXP", "RECIPE", "HF_TOKEN",
-                 "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"]
+                 "GIT_SHA", "TAG", "CACHE_VOLUME", "DOCKER_USER", "GPU_FLAGS", "GPUS", "EXP", "RECIPE", "HF_TOKEN",
+                 "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "GPU_LOCK_DIR",
+                 "INFINIBAND", "NODES", "NODE_RANK", "RDZV_ENDPOINT"]
+# The per-GPU locks' folder of a run on the bare host (pipeline.core.device.gpu_lock_dir, TMPDIR unset)
+HOST_GPU_LOCKS = "/tmp/gpt2-pipeline-gpus"
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------
@@ -132,13 +135,22 @@ def test_the_image_runs_as_a_non_root_user_with_a_writable_home_and_cache():
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}, f"the final USER is {users[-1]}, i.e. root"
     env = env_of()
-    for var in ("HOME", "HF_HOME"):
+    for var in ("HOME", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         assert var in env, f"ENV {var} is not set"
         made_writable = [path for run in args_of("RUN") for chmod in re.findall(r"chmod 1777((?: /\S+)+)", run)
                          for path in chmod.split()]
         assert env[var] in made_writable, (
             f"{var}={env[var]} is not made world-writable (chmod 1777): a --user uid could not write there")
     assert env.get("PYTHONUNBUFFERED") == "1"
+
+
+def test_the_image_has_what_torch_compile_builds_with():
+    """Triton builds its launcher with `cc` against Python.h; inductor's CPU kernels are C++."""
+    installs = [words(run) for run in args_of("RUN") if "apt-get install" in run]
+    assert installs, "no apt-get install in the Dockerfile"
+    packages = set(installs[0])
+    assert {"g++", "python3-dev"} <= packages, f"no C/C++ compiler or Python headers: {sorted(packages)}"
+    assert "--no-install-recommends" in args_of("RUN")[0], "recommended packages would add hundreds of MB"
 
 
 def test_the_default_command_is_dvc_from_the_lock_on_the_repos_pipeline():
@@ -235,7 +247,11 @@ def test_docker_train_renders_gpus_mounts_user_torchrun_and_the_experiment():
     env = env_of()
     assert f"{ROOT}:{args_of('WORKDIR')[-1]}" in flags, f"the repo is not mounted at the WORKDIR: {flags}"
     assert flags[flags.index("-w") + 1] == args_of("WORKDIR")[-1]
-    assert f"gpt2-pipeline-hf-cache:{env['HF_HOME']}" in flags, f"the HF cache volume is not at HF_HOME: {flags}"
+    volumes = [flags[i + 1] for i, flag in enumerate(flags) if flag == "-v" and not flags[i + 1].startswith("/")]
+    assert len(volumes) == 1 and volumes[0].startswith("gpt2-pipeline-cache:"), f"not one named cache volume: {flags}"
+    cache = volumes[0].split(":")[1]
+    for var in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # kept from run to run
+        assert Path(env[var]).is_relative_to(cache), f"{var}={env[var]} is not on the cache volume ({cache})"
     assert flags[flags.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
     assert "NPROC_PER_NODE=2" in flags
     assert " ".join(argv).endswith(" dvc exp run -S lr=5e-4"), argv
@@ -261,6 +277,43 @@ def test_docker_train_across_hosts_runs_the_pipeline_on_node_0_and_the_train_sta
     assert "NODE_RANK=1" in other and "NODE_ADDR=10.0.0.2" in other and other[-3:] == ["python", "-m", "pipeline.train"]
     missing = make("-n", "docker-train", "NODES=2", check=False)
     assert missing.returncode != 0 and "NODES=2 needs RDZV_ENDPOINT=host:port" in missing.stderr
+
+
+def test_infiniband_devices_and_memlock_are_passed_across_hosts_where_the_host_has_them():
+    hosts = ("GPUS=8", "NODES=2", "RDZV_ENDPOINT=10.0.0.1:29400")
+    infiniband = ["--device", "/dev/infiniband", "--ulimit", "memlock=-1:-1", "--cap-add", "IPC_LOCK"]
+    argv = docker_line(make("-n", "docker-train", *hosts, "INFINIBAND=/dev/infiniband").stdout, "run")
+    flags = run_flags(argv)
+    assert any(flags[i:i + 6] == infiniband for i in range(len(flags))), flags
+    without = run_flags(docker_line(make("-n", "docker-train", *hosts, "INFINIBAND=").stdout, "run"))
+    one_host = run_flags(docker_line(make("-n", "docker-train", "INFINIBAND=/dev/infiniband").stdout, "run"))
+    assert "/dev/infiniband" not in without + one_host and "IPC_LOCK" not in without + one_host
+    if not Path("/dev/infiniband").exists():  # what the Makefile finds by itself on this machine: none
+        assert "/dev/infiniband" not in docker_line(make("-n", "docker-train", *hosts).stdout, "run")
+
+
+def test_every_container_claims_gpus_in_one_shared_host_folder(tmp_path):
+    """The per-GPU locks (pipeline.core.device.claim_gpus) must be the same files in every container and
+    on the bare host, whoever runs them: one host folder, world-writable and sticky, mounted at its own
+    path, and named to the pipeline."""
+    for target in ("docker-train", "docker-test", "docker-demo", "docker-shell"):
+        out = make("-n", target).stdout
+        flags = run_flags(docker_line(out, "run"))
+        assert f"{HOST_GPU_LOCKS}:{HOST_GPU_LOCKS}" in flags and f"GPU_LOCK_DIR={HOST_GPU_LOCKS}" in flags, flags
+        made = [line for line in out.splitlines() if HOST_GPU_LOCKS in line and " run " not in line]
+        assert made and out.index(made[0]) < out.index("docker run"), f"the host folder is not made first:\n{out}"
+    mkdir = next(line for line in make("-n", "docker-train", f"GPU_LOCK_DIR={tmp_path}/gpus").stdout.splitlines()
+                 if f"{tmp_path}/gpus" in line and " run " not in line)
+    subprocess.run(["bash", "-c", f"umask 077 && {mkdir}"], check=True)
+    assert oct((tmp_path / "gpus").stat().st_mode & 0o7777) == "0o1777"
+
+
+def test_a_container_run_without_gpus_asks_for_the_cpu():
+    """The stages refuse a CPU run where the CUDA image says there are GPUs (NVIDIA_VISIBLE_DEVICES) but
+    none were given (pipeline.core.device); GPU_FLAGS= is asking for the CPU."""
+    assert "PIPELINE_ALLOW_CPU=1" in docker_line(make("-n", "docker-demo", "GPU_FLAGS=").stdout, "run")
+    assert "PIPELINE_ALLOW_CPU=1" in docker_line(make("-n", "docker-test", "GPU_FLAGS=").stdout, "run")
+    assert "PIPELINE_ALLOW_CPU=1" not in docker_line(make("-n", "docker-train").stdout, "run")
 
 
 def test_plain_docker_train_runs_dvc_repro_on_one_process():
@@ -316,10 +369,12 @@ def test_rootless_podman_keeps_your_uid_for_the_mounted_repo(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="no podman")
-def test_podman_accepts_the_rendered_flags():
+@pytest.mark.parametrize("target", [("docker-test",), ("docker-train", "NODES=2", "RDZV_ENDPOINT=10.0.0.1:29400",
+                                                       "INFINIBAND=/dev/infiniband")])
+def test_podman_accepts_the_rendered_flags(target):
     """podman parses every flag of the run line before it looks for the image: a missing image must be
     what stops it."""
-    out = make("-n", "docker-test", "DOCKER=podman", "GPU_FLAGS=", "IMAGE=localhost/no-such-image").stdout
+    out = make("-n", *target, "DOCKER=podman", "GPU_FLAGS=", "IMAGE=localhost/no-such-image").stdout
     argv = docker_line(out, "run", "podman")
     env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "docker/containers.conf")}
     with tempfile.TemporaryDirectory(prefix="podman-", dir="/tmp") as scratch:  # podman: a runroot < 50 chars

@@ -141,13 +141,22 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 709.78 else (math.inf if loss == loss else math.nan)
 
 
-def try_flock(path: Any) -> int | None:
+def try_flock(path: Any, all_users: bool = False) -> int | None:
     """An exclusive flock on `path` (created if need be), without waiting: the open descriptor, made
     inheritable so an exec'd process or torchrun's workers keep holding it; None where another process
-    holds it. The lock lasts until the descriptor is closed or every process holding it ends."""
+    holds it. The lock lasts until the descriptor is closed or every process holding it ends.
+    all_users: a lock the runs of every user on the host contend for, so the file this process creates
+    is made openable by all (0666, whatever the umask)."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if not os.path.exists(path):
+            raise  # a folder this process may not create files in
+        fd = os.open(path, os.O_RDONLY)  # another user's file: flock needs no write access
+    if all_users and os.fstat(fd).st_uid == os.geteuid():
+        os.fchmod(fd, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
