@@ -23,12 +23,12 @@ from pipeline.classification.metrics import trainer_metrics
 from pipeline.classification.training import add_pad_token, classification_card, weighted_loss
 from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
-from pipeline.core.device import claim_gpus, keep_freed_memory, visible_gpus
+from pipeline.core.device import claim_gpus, keep_freed_memory, refuse_a_cpu_run_on_a_gpu_host, visible_gpus
 from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json, saved_labels
 from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
 from pipeline.core.params import load_params
 from pipeline.generation.room import check_room
-from pipeline.training.arguments import training_arguments
+from pipeline.training.arguments import bucket_view_gradients, training_arguments
 from pipeline.training.callbacks import (
     early_stopping,
     finite_weights,
@@ -54,14 +54,27 @@ from pipeline.training.checkpoints import (
 from pipeline.training.launch import processes_per_node, run_under_torchrun
 from pipeline.training.memory import MemoryEstimate
 from pipeline.training.metrics import memory_metrics, run_metrics, summary_line
-from pipeline.training.model import count_parameters, position_parameters, prepare_model, without_adapters
+from pipeline.training.model import causal_sdpa, count_parameters, prepare_model
 from pipeline.training.peak import reset_peak
-from pipeline.training.plan import Attention, Plan, choose_attention, estimated_memory, make_plan
+from pipeline.training.plan import (
+    Attention,
+    Plan,
+    choose_attention,
+    estimated_memory,
+    find_unused_parameters,
+    make_plan,
+)
 from pipeline.training.sharding import gathered_weights, plain_model
-from pipeline.training.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
+from pipeline.training.throughput import (
+    ThroughputMeter,
+    meter_callback,
+    model_flops_per_token,
+    peak_flops,
+    warmup_steps,
+)
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
@@ -121,7 +134,7 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
     plan = make_plan(t, len(train_blocks), len(train_blocks[0]["input_ids"]))
     trainable = _setup_model(params, base_dir, inputs)
     run = _setup_run_folder(params, data_dir, base_dir, checkpoints)  # every rank decides before rank 0 writes
-    args = training_arguments(params, plan, run.path)
+    args = training_arguments(params, plan, run.path, find_unused_parameters(trainable.model, plan, train_blocks))
     # on the CPU the model is loaded on: CUDA needs no measuring, and the preflight must run before the
     # weights take their share of the GPU (the Trainer moves the model there)
     attention = choose_attention(trainable.model, t, plan, train_blocks,
@@ -194,34 +207,42 @@ def _setup_checkpoints(args: TrainingArguments, checkpoints: Path, run: RunFolde
 
 
 def _setup_meter(trainable: Trainable, plan: Plan) -> ThroughputMeter:
-    """The meter of this run's throughput: FLOPs per token of this model, the device's peak. A classifier
-    multiplies by its token embeddings nowhere (they are only looked up; a language model's output layer is
-    them), so they are not counted."""
-    model = trainable.model
-    config = without_adapters(model).config
+    """The meter of this run's throughput: the FLOPs per token this model really does as it trains (frozen
+    parts and LoRA included), one device's peak, and the run's devices (MFU is per device)."""
     peak, source = peak_flops(plan.precision)
-    looked_up = position_parameters(model)
-    if without_adapters(model).get_output_embeddings() is None:
-        looked_up += trainable.vocab * config.hidden_size
-    flops = flops_per_token(trainable.parameters[0] - looked_up, config.num_hidden_layers, config.hidden_size,
-                            plan.block_size)
-    return ThroughputMeter(plan.tokens_per_step, flops, peak, warmup=warmup_steps(plan.steps),
-                           peak_source=source)
+    flops = model_flops_per_token(trainable.model, trainable.vocab, plan.block_size)
+    return ThroughputMeter(plan.tokens_per_step, flops, peak, warmup=warmup_steps(plan.steps), peak_source=source,
+                           devices=plan.world_size, short_every=plan.short_every)
 
 
 def make_trainer(s: Setup, params: Params) -> Trainer:
     from transformers import PrinterCallback, Trainer, default_data_collator
 
     t, resume, live_dir = params.train, s.run.resume_from is not None, s.run.path / LIVE
+    causal_lm = params.task != "classification"
+    if causal_lm and s.attention.implementation == "sdpa":
+        causal_sdpa(s.trainable.model)
     callbacks = [meter_callback(s.meter), stop_on_non_finite(), progress_callback(s.plan.tokens_per_step),
                  live_callback(live_dir, resume), mark_complete_callback(),
                  *samples_callback(t.samples, s.inputs.tokenizer, live_dir, s.meter, resume),
                  *early_stopping(t.early_stopping_patience)]
-    trainer = Trainer(model=s.trainable.model, args=s.args, train_dataset=s.inputs.blocks["train"],
-                      eval_dataset=s.inputs.blocks["validation"], data_collator=default_data_collator,
-                      processing_class=s.inputs.tokenizer, callbacks=callbacks, **classifier_options(s, params))
+    train_blocks, eval_blocks = (trainer_blocks(s.inputs.blocks[split], causal_lm) for split in ("train", "validation"))
+    trainer = Trainer(model=s.trainable.model, args=s.args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+                      data_collator=default_data_collator, processing_class=s.inputs.tokenizer, callbacks=callbacks,
+                      **classifier_options(s, params))
     trainer.remove_callback(PrinterCallback)  # its raw dicts: progress_callback says it in one line
+    bucket_view_gradients(trainer)
     return trainer
+
+
+def trainer_blocks(blocks: Dataset, causal_lm: bool) -> Dataset:
+    """The blocks as the Trainer gets them: torch tensors, which default_data_collator stacks (from Python
+    lists it builds every batch anew); a causal LM's without their attention mask, which changes nothing of
+    its loss (its padding is on the right, after every real token, and out of the loss) and would make
+    transformers read every batch on the host (model.causal_sdpa)."""
+    if causal_lm and "attention_mask" in blocks.column_names:
+        blocks = blocks.remove_columns("attention_mask")
+    return blocks.with_format("torch")
 
 
 def classifier_options(s: Setup, params: Params) -> dict:
@@ -340,6 +361,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
     params = load_params(params_path)
     hold_workspace("python -m pipeline.train")  # one run per workspace; its torchrun workers inherit it
     claim_gpus(dict(os.environ), processes_per_node(dict(os.environ)), visible_gpus())  # before CUDA starts
+    refuse_a_cpu_run_on_a_gpu_host(dict(os.environ))
     if run_under_torchrun():
         return  # its workers trained and wrote the outputs
     keep_freed_memory()

@@ -252,3 +252,70 @@ def test_model_card_loads_through_transformers_pipeline(pipeline_outputs):
     generator = pipeline("text-generation", model=str(out))
     text = generator("The river", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("The river") and len(text) > len("The river")
+
+
+class HostSyncs:
+    """Counts the reads of a tensor's value on the host (aten._local_scalar_dense: what .item(), a tensor's
+    truth value and `x in tensor` call), each a device-to-host sync on a GPU, while it is entered."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += func is torch.ops.aten._local_scalar_dense.default
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+
+    def __enter__(self) -> HostSyncs:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, tokenizer_dir, mode):
+    """In an eager forward transformers read the batch on the host: with a pad token in the model's config it
+    looks for padding (`pad_token_id in input_ids`), without an attention mask it looks for packed
+    sequences, with one for padding; on a GPU each read stalls the host. One training step of the stage
+    reads nothing back, its batches are tensors from the start (not Python lists collated every step),
+    and in pad mode the loss is the one the attention mask gives: the padding is on the right, after
+    every real token, and out of the loss."""
+    import torch
+    from transformers import default_data_collator
+
+    from pipeline.core.loading import load_model
+    from pipeline.train import make_trainer, set_up
+    from pipeline.training.loss import causal_lm_loss, pad_vocab
+    from tests.conftest import prepare
+
+    root = prepare(tmp_path, tokenizer_dir, {"preprocess": {"mode": mode}, "train": {"max_steps": 2, "eval_steps": 0}})
+    params = load_params(root / "params.yaml")
+    s = set_up(params, root / "data/processed", root / "models/base", root / "checkpoints")
+    trainer = make_trainer(s, params)
+    syncs, training_step = HostSyncs(), trainer.training_step
+
+    def counted(*args, **kwargs):  # the Trainer's step as train() runs it: forward, loss and backward
+        with syncs:
+            return training_step(*args, **kwargs)
+
+    trainer.training_step = counted
+    trainer.train()
+    assert syncs.count == 0
+    assert isinstance(trainer.train_dataset[0]["input_ids"], torch.Tensor)
+    assert s.trainable.model.generation_config.pad_token_id == s.inputs.tokenizer.pad_token_id  # for generation
+    if mode == "pad":  # as the model was called before: every block with its attention mask
+        rows = [s.inputs.blocks["train"][i] for i in range(4)]
+        plain = load_model(root / "models/base", made_by="download").eval()
+        plain.loss_type, plain.loss_function = "ForCausalLM", causal_lm_loss(pad_vocab(plain, 64))
+        plain.load_state_dict(trainer.model.state_dict())  # the weights as trained
+        with torch.no_grad():
+            masked = plain(**default_data_collator(rows)).loss
+            ours = trainer.model.eval()(**trainer.data_collator([trainer.train_dataset[i] for i in range(4)])).loss
+        assert ours.item() == pytest.approx(masked.item(), rel=1e-6)

@@ -234,8 +234,10 @@ class TrainConfig:
         "scaling on older GPUs, else fp32. An explicit choice the device cannot run is an error.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc(
         "auto: on CUDA flash_attention_2 where the flash-attn package is installed (bf16/fp16), else sdpa, "
-        "nothing measured; on a CPU sdpa and eager timed on one block, the faster kept. flash_attention_2 needs "
-        "CUDA and flash-attn.")
+        "nothing measured; on a CPU sdpa and eager timed on one block, the faster kept. flash-attn is not in "
+        "requirements.lock or the image: there sdpa runs, and its own flash kernel (PyTorch's FlashAttention-2: "
+        "bf16/fp16, compute capability >= 8.0, no padding mask) serves GPT-2. flash_attention_2 needs CUDA and "
+        "flash-attn.")
     torch_compile: AutoOrBool = doc(
         "torch.compile the model and its loss. auto: on CUDA for runs of at least 5M tokens, where the compile "
         "time is won back; off on CPU, where it made GPT-2 slower.")
@@ -257,7 +259,7 @@ class TrainConfig:
     lora: LoraConfig = doc("Parameter-efficient fine-tuning with peft LoRA.")
     memory_preflight: StrictBool = doc(
         "Estimate peak memory before training (calibrated per device, see pipeline/training/memory.py) and stop, "
-        "with the batch size that fits, if it exceeds 90% of the free memory.")
+        "with the batch size that fits, if it and allowances for the allocator and NCCL exceed the free memory.")
     logging_steps: Whole = doc("Log training loss, learning rate and throughput every N optimizer steps.", ge=1,
                                le=STEPS_MAX)
     eval_steps: Whole = doc("Evaluate on the validation blocks every N steps (0: only at the end).", ge=0,

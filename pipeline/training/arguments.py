@@ -11,11 +11,12 @@ from pipeline.training.plan import Plan
 from pipeline.training.sharding import deepspeed_config
 
 if TYPE_CHECKING:
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
 
-def training_arguments(params: Params, plan: Plan, checkpoints: Path) -> TrainingArguments:
-    """TrainingArguments from params: the one place train.* meets the Trainer's names."""
+def training_arguments(params: Params, plan: Plan, checkpoints: Path, find_unused: bool = False) -> TrainingArguments:
+    """TrainingArguments from params: the one place train.* meets the Trainer's names. `find_unused`: the
+    model has trainable parameters its loss does not use (plan.find_unused_parameters)."""
     from transformers import TrainingArguments
 
     t, cuda = params.train, plan.device == "cuda"
@@ -39,8 +40,15 @@ def training_arguments(params: Params, plan: Plan, checkpoints: Path) -> Trainin
         # pinned batches copied without blocking: the host never waits for the GPU between steps
         dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda, report_to=trackers(t.report_to), disable_tqdm=True,
-        deepspeed=deepspeed_config(plan.sharding),
+        deepspeed=deepspeed_config(plan.sharding), ddp_find_unused_parameters=find_unused,
     )
+
+
+def bucket_view_gradients(trainer: Trainer) -> None:
+    """DDP's gradients as views into its all-reduce buckets (gradient_as_bucket_view), not a second copy
+    of them beside the buckets (4 bytes per trained parameter). The Trainer has no argument for it; its
+    accelerator hands these keyword arguments to DistributedDataParallel when train() wraps the model."""
+    trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
 
 
 def trackers(names: list[str]) -> list[str] | str:

@@ -121,8 +121,9 @@ def clock(seconds: float) -> str:
 def samples_callback(cfg: SamplesConfig, tokenizer: PreTrainedTokenizerBase, live_dir: Path, meter: ThroughputMeter,
                      resume: bool) -> list[TrainerCallback]:
     """Every `cfg.every` steps, continue cfg.prompts with the model being trained and append the samples
-    to live_dir/samples.md. The RNG states are put back afterwards (training is the same with or without
-    samples) and the time is taken out of the throughput."""
+    to live_dir/samples.md. Every rank samples (ZeRO-3 needs them all in each forward), rank 0 writes. The
+    RNG states are put back afterwards (training is the same with or without samples) and the time is
+    taken out of the throughput."""
     if not cfg.every:
         return []
     from transformers import TrainerCallback
@@ -134,15 +135,19 @@ def samples_callback(cfg: SamplesConfig, tokenizer: PreTrainedTokenizerBase, liv
     class Samples(TrainerCallback):
         def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                         model: PreTrainedModel | None = None, **kwargs: Any) -> None:
-            if state.global_step % cfg.every or not state.is_world_process_zero:
+            if state.global_step % cfg.every:
                 return
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the step's work is training time, not sampling time
             started = time.perf_counter()
+            # every rank samples: under ZeRO-3 each forward gathers the weights from all of them (generate
+            # turns on synced_gpus), and under DDP the others would wait for rank 0 anyway; rank 0 writes
             texts = sample_texts(getattr(model, "_orig_mod", model), tokenizer, cfg)
             meter.exclude(time.perf_counter() - started)
+            if not state.is_world_process_zero:
+                return
             lines = [f"## step {state.global_step}", ""] + [f"- {p!r} → {t!r}" for p, t in zip(cfg.prompts, texts,
                                                                                              strict=True)]
             with path.open("a") as f:

@@ -4,14 +4,18 @@ vocabulary (`pad_vocab`, for faster matmuls): the padding rows never take part.
 - Training: `causal_lm_loss(vocab)` is set as the model's `loss_function`, the hook transformers
   models call from their own forward. So the loss is computed inside the model, and with
   torch_compile inside the compiled region, where inductor fuses the fp32 upcast, the log-softmax
-  and their gradient; the Trainer calls the model as it would any other.
+  and their gradient; the Trainer calls the model as it would any other. Given labels, the model
+  returns the loss without its logits (`loss_without_logits`).
 - Evaluation: `summed_nll` sums the loss of a batch without gradients, in fp32, with GPT-2's output
   layer taken `chunk` tokens at a time, so a large evaluation batch never holds B x T x V logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from functools import wraps
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.common import IGNORE_INDEX
@@ -57,12 +61,36 @@ def causal_lm_loss(vocab: int) -> Callable[..., Tensor]:
     return loss_function
 
 
+def loss_without_logits(model: PreTrainedModel) -> None:
+    """Make `model` return no logits from a forward given labels: its loss is computed inside it, and no
+    one reads a causal LM's logits in training (the Trainer has no metrics for it; evaluation and
+    generation pass no labels). Under mixed precision accelerate wraps the forward to cast every output
+    to fp32, so the logits were copied at every micro-step and thrown away: B x T x V x 4 bytes, 3.1 GiB
+    for gpt2 at batch 16 x 1024. Set on the instance, so whatever calls it runs it: accelerate's
+    wrapper, torch.compile (the Trainer compiles the model around it), peft's LoRA model (it calls its
+    base model's forward) and DeepSpeed's engine."""
+    from transformers.utils import ModelOutput
+
+    forward = type(model).forward
+
+    @wraps(forward)  # the signature the Trainer reads to keep the dataset's columns the model takes
+    def loss_only(self: PreTrainedModel, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> Any:
+        outputs = forward(self, *args, labels=labels, **kwargs)
+        if labels is None or not isinstance(outputs, ModelOutput):
+            return outputs
+        return dataclasses.replace(outputs, logits=None)  # a ModelOutput keeps a field set to None as a key
+
+    model.forward = MethodType(loss_only, model)
+
+
 def summed_nll(model: PreTrainedModel, input_ids: Tensor, labels: Tensor, vocab: int,
                attention_mask: Tensor | None = None, chunk: int = EVAL_CHUNK) -> tuple[Tensor, Tensor]:
     """Summed next-token NLL (fp32) of a batch and the number of predicted tokens, without gradients.
     GPT-2's logits are a plain product with its output matrix, so they are formed `chunk` tokens at
-    a time from the final hidden states; other architectures may shape their logits (scaling,
+    a time from the transformer's final hidden states, with the whole (padded) matrix, cast once under
+    autocast, the padding's logits dropped; other architectures may shape their logits (scaling,
     soft-capping), so for them the loss is taken from the logits they return."""
+    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:].reshape(-1)
@@ -70,12 +98,16 @@ def summed_nll(model: PreTrainedModel, input_ids: Tensor, labels: Tensor, vocab:
     if model.config.model_type != "gpt2":
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab].float()
         return F.cross_entropy(logits.reshape(-1, vocab), targets, ignore_index=IGNORE_INDEX, reduction="sum"), count
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    hidden = outputs.hidden_states[-1][:, :-1].reshape(-1, outputs.hidden_states[-1].size(-1))
-    weight = model.get_output_embeddings().weight[:vocab]
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    # sliced to the real vocabulary, the matrix would have an odd number of rows and be cast anew for every
+    # chunk (154 MB read for gpt2); whole, its rows are a multiple of 64 (pad_vocab) and it is cast once
+    weight = model.get_output_embeddings().weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
     total = 0
     for start in range(0, hidden.shape[0], chunk):
-        logits = (hidden[start:start + chunk] @ weight.t()).float()
+        logits = F.linear(hidden[start:start + chunk], weight)[:, :vocab].float()
         total = total + F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE_INDEX,
                                         reduction="sum")
     return total, count

@@ -26,7 +26,8 @@ def memory_metrics(estimate: MemoryEstimate, since_reset: bool) -> dict:
 
 def run_metrics(trainer: Trainer, result: TrainOutput, seconds: float, start_step: int, meter: ThroughputMeter,
                 plan: Plan) -> dict:
-    """metrics/train.json: losses, steady and whole-run throughput."""
+    """metrics/train.json: losses, steady and whole-run throughput: tokens/s of the whole run (every process),
+    MFU per device."""
     t = trainer.args
     # whole run: the evaluations inside train() (step 0, every eval_steps) are taken out; a resumed run's
     # history also holds the earlier run's, up to and including its resume step
@@ -48,8 +49,7 @@ def run_metrics(trainer: Trainer, result: TrainOutput, seconds: float, start_ste
         "steps": step, "epochs": trainer.state.epoch, "tokens_seen": step * plan.tokens_per_step,
         "effective_batch_size": plan.effective_batch, "effective_batch_tokens": plan.tokens_per_step,
         **meter.steady(),
-        "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * meter.flops_per_token / meter.peak_flops
-        if tokens_per_second else None,
+        "tokens_per_second": tokens_per_second, "mfu": meter.mfu(tokens_per_second) if tokens_per_second else None,
         "wall_seconds": seconds, "eval_seconds": eval_seconds,
         "flops_per_token": meter.flops_per_token, "device_peak_flops": meter.peak_flops,
         "resumed_from_step": start_step or None, "best_checkpoint": trainer.state.best_model_checkpoint,

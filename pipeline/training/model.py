@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.common import PipelineError
 from pipeline.core.config import TrainConfig
 from pipeline.core.loading import load_config, load_model
-from pipeline.training.loss import causal_lm_loss, pad_vocab
+from pipeline.training.loss import causal_lm_loss, loss_without_logits, pad_vocab
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from pipeline.core.config import LoraConfig as LoraSettings
 
     Model = PreTrainedModel | PeftModel  # a transformers model, or one with LoRA adapters around it
+
+CAUSAL_SDPA = "sdpa_causal"  # sdpa, always causal, no mask (causal_sdpa)
 
 
 def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int, labels: list[str] | None = None
@@ -51,7 +53,48 @@ def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int
     # of every block as a target and scales train and eval losses by (T-1)/T
     base.loss_type = "ForCausalLM"
     base.loss_function = causal_lm_loss(vocab)  # the padding rows out of the loss, computed inside the model
+    loss_without_logits(base)
+    skip_padding_check(base)
     return model, vocab
+
+
+def skip_padding_check(model: PreTrainedModel) -> None:
+    """Ask no forward of `model` whether its batch may be padded. Given no attention mask, transformers
+    looks for the pad token in every batch on the host (`pad_token_id in input_ids`, a device-to-host sync
+    per forward) to warn that a mask may be missing; the stage's blocks have their padding on the right,
+    after every real token, and out of the loss, so a causal LM needs none. The pad token stays in the
+    config (the Trainer aligns it with the tokenizer's anyway) and in the generation config."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):  # GPT-2: the LM and its transformer each have the check
+            module.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
+
+
+def causal_sdpa(model: Model) -> None:
+    """Train a causal LM on sdpa's causal kernel alone, with no mask built from the batch. transformers builds
+    each forward's mask from the batch: without an attention mask it checks the positions for packed
+    sequences, in eager mode by reading the answer on the host (a device-to-host sync per forward), under
+    torch.compile by building a B x T x T mask that keeps sdpa off its flash kernel; with one, it reads
+    whether any token is padding. The stage's blocks restart no positions, and their padding is on the
+    right, after every real token, and out of the loss, so causal attention alone gives the same loss.
+    transformers builds no mask for an attention function registered under a name of its own; the saved
+    model does not keep it (batched generation pads on the left and needs its mask)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    base = without_adapters(model)
+    if not plainly_causal(base.config):  # its mask carries more than causality: keep transformers' sdpa
+        return
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    base.set_attn_implementation(CAUSAL_SDPA)
+
+
+def plainly_causal(config: PretrainedConfig) -> bool:
+    """Whether every layer attends to every earlier token (GPT-2, Llama): no sliding window (Mistral), no
+    layers of another kind (Gemma's local ones), which only the mask transformers builds would carry."""
+    kinds = getattr(config, "layer_types", None) or []
+    return not getattr(config, "sliding_window", None) and all(kind == "full_attention" for kind in kinds)
 
 
 def dropout_overrides(config: PretrainedConfig, dropout: float | None) -> dict[str, float]:

@@ -37,6 +37,7 @@ class Plan:
     effective_batch: int    # blocks per optimizer step, all devices
     compile: bool
     sharding: str = "none"  # none (DDP), zero2, zero3 (DeepSpeed ZeRO across the world_size processes)
+    short_every: int = 0    # every epoch's last step has fewer blocks, every this many steps (0: none)
 
     @property
     def tokens_per_step(self) -> int:
@@ -79,7 +80,18 @@ def make_plan(t: TrainConfig, train_blocks: int, block_size: int) -> Plan:
     if compiled and t.sharding != "none":  # only `auto` gets here: an explicit true is refused with sharding
         compiled, why = False, f"auto: off with train.sharding: {t.sharding} (the DeepSpeed engine runs it eagerly)"
     log.info("torch.compile: %s (%s)", "on" if compiled else "off", why)
-    return Plan(precision, device, world, block_size, steps, effective, compiled, t.sharding)
+    short = short_epoch_end(train_blocks, t.per_device_train_batch_size, world, t.gradient_accumulation_steps)
+    return Plan(precision, device, world, block_size, steps, effective, compiled, t.sharding,
+                per_epoch if short else 0)
+
+
+def short_epoch_end(blocks: int, batch: int, world: int, accumulation: int) -> bool:
+    """Whether an epoch's last optimizer step has fewer blocks than the others: its last batch is smaller
+    (one process; several top it up with repeated blocks, accelerate's even_batches) or its accumulation
+    has fewer batches left. Such a step trains fewer tokens, and under torch.compile its new shape compiles
+    a graph of its own (automatic dynamic shapes are off), so the throughput meter leaves it out."""
+    batches = math.ceil(blocks / (batch * world))
+    return (world == 1 and blocks % batch != 0) or batches % accumulation != 0
 
 
 def check_sharding(sharding: str, world: int) -> None:
@@ -93,6 +105,44 @@ def check_sharding(sharding: str, world: int) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise PipelineError(f"train.sharding: {sharding} runs on DeepSpeed, which is not installed; pip install "
                             "deepspeed (requirements.lock pins it), or set train.sharding: none")
+
+
+# --- DDP --------------------------------------------------------------------------------------------
+
+def find_unused_parameters(model: PreTrainedModel, plan: Plan, blocks: Dataset | list[dict]) -> bool:
+    """DDP's find_unused_parameters: whether the model has trainable parameters its loss does not use. With
+    it DDP walks the autograd graph after every forward (the Trainer's default, for any model without
+    gradient checkpointing); without it a parameter that gets no gradient stops the run at the next step.
+    Only a DDP run of several processes asks."""
+    if plan.world_size == 1 or plan.sharding != "none":
+        return False
+    unused = unused_parameters(model, blocks[0])
+    if unused:
+        log.info("DDP looks for unused parameters after every forward: %d trainable ones take no part in the loss "
+                 "(%s)", len(unused), ", ".join(unused[:3]))
+    return bool(unused)
+
+
+def unused_parameters(model: PreTrainedModel, block: dict) -> list[str]:
+    """The trainable parameters the loss of a few tokens of `block` does not reach: one forward on the
+    model where it is (the CPU, before the Trainer moves it), its graph walked without a backward, the RNG
+    state put back (dropout draws from it)."""
+    import torch
+    from transformers import default_data_collator
+
+    batch = {k: v[:, :8] if v.dim() > 1 else v for k, v in default_data_collator([block]).items()}
+    with torch.random.fork_rng(devices=[]):
+        nodes = [model(**batch).loss.grad_fn]
+    seen, reached = set(), set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf, a parameter
+            reached.add(id(node.variable))
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
 
 
 # --- torch.compile ---------------------------------------------------------------------------------

@@ -17,20 +17,21 @@ if TYPE_CHECKING:
 
 def deepspeed_config(sharding: str) -> dict | None:
     """The DeepSpeed config for train.sharding (None: no DeepSpeed). "auto" values are the Trainer's own
-    (batch, accumulation, clipping, bf16/fp16 from the precision); the optimizer and schedule stay the
-    Trainer's (train.optimizer, train.lr_scheduler). ZeRO-3 gathers the full 16-bit weights on save, so
-    models/finetuned is an ordinary model."""
+    (batch, accumulation, clipping, bf16/fp16 from the precision, bucket sizes from the model's width); the
+    optimizer and schedule stay the Trainer's (train.optimizer, train.lr_scheduler). Otherwise DeepSpeed's
+    defaults (overlap_comm: on for ZeRO-3, off for ZeRO-2), except the gradients: under bf16/fp16 DeepSpeed
+    would sum them over micro-batches and across processes in the 16-bit type; here in fp32, as DDP does.
+    ZeRO-3 gathers the full 16-bit weights on save, so models/finetuned is an ordinary model."""
     if sharding == "none":
         return None
-    zero: dict = {"stage": int(sharding[-1]), "overlap_comm": False, "contiguous_gradients": True,
-                  "reduce_bucket_size": "auto"}
+    zero: dict = {"stage": int(sharding[-1]), "contiguous_gradients": True, "reduce_bucket_size": "auto"}
     if sharding == "zero3":
         zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size="auto",
                     stage3_param_persistence_threshold="auto")
     return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32",
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False}
-
 
 
 def gathered_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """A ZeRO-3 run (train.sharding: zero3, 2 processes, gloo) killed with SIGKILL, the whole process group
 at once as a scheduler or the OOM killer does, resumes from its last complete checkpoint (the sharded
 optimizer states and weights DeepSpeed wrote per rank) to the weights of the run that was not killed;
-its workers, which torchrun starts in sessions of their own, die with it instead of training on. And
-ZeRO-3 with bf16 and gradient checkpointing trains as DDP does, within bf16's precision."""
+its workers, which torchrun starts in sessions of their own, die with it instead of training on. ZeRO-3
+with bf16 and gradient checkpointing trains as DDP does, within bf16's precision; and samples while it
+trains, on every rank."""
 
 from __future__ import annotations
 
@@ -76,21 +77,63 @@ def test_a_killed_zero3_run_resumes_to_the_uninterrupted_weights(tmp_path, token
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
-def test_zero3_combines_with_bf16_and_gradient_checkpointing(tmp_path, tokenizer_dir):
+def bf16_env(tmp_path) -> dict:
+    """ENV, and on a CPU without native bf16 a sitecustomize that lets the stage emulate it: the stage
+    refuses bf16 there because emulation is slow, not wrong, and the numerics are what this test checks."""
+    if cpu_has_native_bf16():
+        return ENV
+    shim = tmp_path / "emulated-bf16"
+    shim.mkdir(parents=True)
+    (shim / "sitecustomize.py").write_text("import pipeline.core.device as device\n\n"
+                                          "device.cpu_has_native_bf16 = lambda: True\n")
+    return {**ENV, "PYTHONPATH": f"{shim}:{ENV['PYTHONPATH']}"}
+
+
+def test_zero3_trains_like_ddp_in_bf16_with_gradient_checkpointing(tmp_path, tokenizer_dir):
     """DeepSpeed computes in bf16 (the model itself cast, fp32 master weights in the optimizer) where DDP
-    autocasts fp32 weights: not the same bits, the same training within bf16's precision."""
+    autocasts fp32 weights: not the same bits, the same training within bf16's precision. The gradients of
+    4 micro-batches are summed and reduced in fp32 in both (DeepSpeed's default would be bf16). On the
+    2-core Intel Xeon development machine (emulated bf16), 2026-12-03: eval loss 0.0011 and final training
+    loss 0.0003 apart, every weight within 0.023; bf16 accumulation moved none of them measurably at this
+    size (the config test in tests/training/test_ddp.py holds the fp32 settings)."""
     root = prepare(tmp_path / "bf16", tokenizer_dir, {"model": MODEL})
     runs = {}
     for tag, sharding in (("ddp", "none"), ("zero3", "zero3")):
         write_params(root, {"model": MODEL, "train": {
-            "sharding": sharding, "precision": "bf16", "gradient_checkpointing": True, "per_device_train_batch_size": 2,
-            "max_steps": 8, "eval_steps": 8, "save_steps": 8}}).rename(root / "params-zero3.yaml")
-        done = subprocess.run(command(tag), cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+            "sharding": sharding, "precision": "bf16", "gradient_checkpointing": True, "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 4, "max_steps": 8, "eval_steps": 8, "save_steps": 8}}
+            ).rename(root / "params-zero3.yaml")
+        done = subprocess.run(command(tag), cwd=root, env=bf16_env(tmp_path / tag), capture_output=True, text=True,
+                              timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[tag] = json.loads((root / tag / "train.json").read_text())
-    assert runs["zero3"]["precision"] == "bf16" and runs["zero3"]["world_size"] == 2
-    assert runs["zero3"]["eval_loss"] < runs["zero3"]["base_eval_loss"]
-    assert runs["zero3"]["eval_loss"] == pytest.approx(runs["ddp"]["eval_loss"], abs=0.05)
-    weights = load_file(root / "zero3/model/model.safetensors")
-    assert all(w.dtype == torch.float32 for w in weights.values())  # the fp32 master weights, not bf16 copies
+    assert runs["zero3"]["precision"] == runs["ddp"]["precision"] == "bf16" and runs["zero3"]["world_size"] == 2
+    assert runs["zero3"]["eval_loss"] < runs["zero3"]["base_eval_loss"] - 0.3
+    assert runs["zero3"]["eval_loss"] == pytest.approx(runs["ddp"]["eval_loss"], abs=0.005)
+    assert runs["zero3"]["final_train_loss"] == pytest.approx(runs["ddp"]["final_train_loss"], abs=0.002)
+    zero3, ddp = (load_file(root / tag / "model/model.safetensors") for tag in ("zero3", "ddp"))
+    assert all(w.dtype == torch.float32 for w in zero3.values())  # the fp32 master weights, not bf16 copies
+    assert all(torch.allclose(zero3[k], ddp[k], atol=0.05) for k in ddp)
+
+
+def test_zero3_samples_while_training_on_every_rank(tmp_path, tokenizer_dir):
+    """Under ZeRO-3 every forward gathers each layer's weights from every rank, generate's too (transformers
+    turns on synced_gpus there): every rank samples and rank 0 alone writes samples.md. A rank sampling
+    alone waits in the gather until the collective timeout (30 minutes); this run is given 5."""
+    root = prepare(tmp_path / "samples", tokenizer_dir, {"model": MODEL})
+    samples = {"every": 2, "prompts": ["", "The river"], "max_new_tokens": 4}
+    write_params(root, {"model": MODEL, "train": {
+        "sharding": "zero3", "per_device_train_batch_size": 2, "max_steps": 4, "eval_steps": 4, "save_steps": 4,
+        "logging_steps": 2, "samples": samples}}).rename(root / "params-zero3.yaml")
+    run = subprocess.Popen(command("sampled"), cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        _, stderr = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the agent and both workers
+        run.communicate()
+        pytest.fail("ZeRO-3 with train.samples.every hung (a rank sampled alone) and was killed after 300 s")
+    assert run.returncode == 0, stderr[-3000:]
+    text = (root / "sampled/dvclive/samples.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## step")] == ["## step 2", "## step 4"]
+    assert text.count("- 'The river' → ") == 2  # one writer

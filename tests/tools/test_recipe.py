@@ -29,14 +29,14 @@ EXPECTED_RECIPES = {
     "a-gpt2-medium.yaml": dict(model="gpt2-medium", learning_rate=5e-5, per_device_train_batch_size=16,
                                gradient_accumulation_steps=8, total=128, lr_scheduler_type="linear",
                                num_train_epochs=20, optim="adamw_torch", precision="auto"),
-    "b-gpt2-cosine-fp16.yaml": dict(model="gpt2", learning_rate=5e-4, per_device_train_batch_size=8,
-                                    evaluate_batch_size=64, gradient_accumulation_steps=64, total=512,
+    "b-gpt2-cosine-fp16.yaml": dict(model="gpt2", learning_rate=5e-4, per_device_train_batch_size=4,
+                                    evaluate_batch_size=64, gradient_accumulation_steps=128, total=512,
                                     seed=42, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                                     lr_scheduler_type="cosine", warmup_steps=1000, num_train_epochs=20,
                                     precision="fp16"),
-    "c-gpt2-xl.yaml": dict(model="gpt2-xl", learning_rate=5e-7, per_device_train_batch_size=1,
-                           per_device_eval_batch_size=4, evaluate_batch_size=4, gradient_accumulation_steps=128,
-                           total=128, num_train_epochs=1),
+    "c-gpt2-xl.yaml": dict(model="gpt2-xl", learning_rate=5e-7, per_device_train_batch_size=4,
+                           per_device_eval_batch_size=4, evaluate_batch_size=4, gradient_accumulation_steps=32,
+                           total=128, num_train_epochs=1, activation_checkpointing=True),
 }
 
 

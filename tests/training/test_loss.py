@@ -65,3 +65,42 @@ def test_evaluation_sum_in_chunks_equals_the_full_logits(chunk):
         expected = reference(model(input_ids=ids).logits, labels, vocab)
     assert count == 3 * 9 - 3
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_sum_equals_the_full_logits_padded_or_not(precision):
+    """summed_nll in fp32 and under bf16 autocast (the evaluate stage's) against the plain cross-entropy
+    of the logits the model returns, on the model as saved and with its vocabulary padded."""
+    ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[2, 6:] = -100
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    plain, padded = tiny_gpt2(), tiny_gpt2()
+    pad_vocab(padded, 64)
+    with torch.no_grad(), autocast:
+        expected = reference(plain(input_ids=ids).logits.float(), labels, 100)
+        totals = [summed_nll(m, ids, labels, 100, chunk=7)[0] for m in (plain, padded)]
+    tolerance = 1e-5 if precision == "fp32" else 1e-2  # bf16: the logits rounded to 8 bits of mantissa
+    assert totals[0].item() == pytest.approx(expected.item(), rel=tolerance)
+    assert totals[1].item() == pytest.approx(totals[0].item(), rel=tolerance)
+
+
+def test_evaluation_casts_the_padded_output_matrix_once():
+    """Under bf16 autocast the output matrix is cast once per batch, whole (its rows a multiple of 64), not
+    sliced to the real vocabulary and cast again for every chunk; the padding's logits are dropped."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].numel() in (100 * 16, 128 * 16):
+                self.seen.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_gpt2()
+    vocab = pad_vocab(model, 64)
+    ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+        summed_nll(model, ids, ids, vocab, chunk=7)  # 27 predicted tokens: 4 chunks
+    assert casts.seen == [(128, 16)]

@@ -17,7 +17,9 @@ from pipeline.training.loss import causal_lm_loss, pad_vocab
 from pipeline.training.memory import (
     GIB,
     RunShape,
+    estimate_limit,
     estimate_memory,
+    fits_card,
     largest_fitting,
     model_shape,
     preflight,
@@ -29,7 +31,8 @@ from tests.support import gpt2_shape
 # torch.cuda.max_memory_allocated of the train stage on one H100 80GB, torch 2.11, 2026-11-23
 # (../shared/gpu/README.md): (size, batch, compiled, LoRA rank, GiB)
 H100_MEASURED = [("gpt2", 16, False, 0, 23.1), ("gpt2", 16, True, 0, 14.8), ("gpt2", 32, True, 0, 28.0),
-                 ("gpt2-medium", 16, False, 0, 46.3), ("gpt2-xl", 4, False, 0, 48.1), ("gpt2-xl", 8, False, 8, 69.4)]
+                 ("gpt2-medium", 16, False, 0, 46.3), ("gpt2-medium", 16, True, 0, 28.3),
+                 ("gpt2-xl", 4, False, 0, 48.1), ("gpt2-xl", 8, False, 8, 69.4)]
 
 
 @pytest.mark.parametrize("size, batch, compiled, lora_r, measured", H100_MEASURED)
@@ -37,6 +40,14 @@ def test_the_estimate_is_within_15_percent_of_the_h100_peaks(size, batch, compil
     run = RunShape("cuda", "bf16", batch, 8, 1024, compiled=compiled)
     estimate = estimate_memory(gpt2_shape(size, lora_r=lora_r), run).total / GIB
     assert estimate == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.parametrize("size, batch, compiled, lora_r, measured", H100_MEASURED)
+def test_the_estimate_does_not_fall_short_of_an_h100_peak(size, batch, compiled, lora_r, measured):
+    """Short of a measured peak by at most 1% (the figures' rounding and gpt2-xl's -0.4%, predicted): a
+    coefficient fitted to one model must not leave another's peak (gpt2-medium compiled) 9% above it."""
+    run = RunShape("cuda", "bf16", batch, 8, 1024, compiled=compiled)
+    assert estimate_memory(gpt2_shape(size, lora_r=lora_r), run).total / GIB >= 0.99 * measured
 
 
 def test_peak_tensor_memory_counts_live_storage():
@@ -161,12 +172,36 @@ def test_a_run_that_does_not_fit_stops_with_the_batch_that_does(monkeypatch):
     with pytest.raises(PipelineError) as error:
         preflight(model, run, lora=False)
     message = str(error.value)
-    fits = largest_fitting(lambda b: estimate_memory(model, replace(run, batch=b)).training <= 0.9 * 80 * GIB, 16)
+    limit = estimate_limit(80 * GIB, run)
+    fits = largest_fitting(lambda b: estimate_memory(model, replace(run, batch=b)).training <= limit, 16)
     keeps = max(b for b in range(1, fits + 1) if 32 % b == 0)
     assert keeps < 16 and "H100 (test) has 80.0 GiB free" in message and "\n" not in message
     assert f"per_device_train_batch_size: {keeps} with gradient_accumulation_steps: {32 // keeps}" in message
     assert "gradient_checkpointing: true" in message and "lora.enabled: true" in message
     preflight(*xl(keeps, accumulation=32 // keeps), lora=False)  # the suggestion passes
+
+
+def test_ddp_counts_its_gradient_buckets():
+    """DDP all-reduces the gradients through buckets that live for the whole run; the gradients are views
+    of them (gradient_as_bucket_view), so a DDP process holds 4 bytes per trained parameter from its first
+    backward on, at the forward's peak too, where one process alone has freed its gradients."""
+    model = gpt2_shape("gpt2")
+    alone, ddp = (estimate_memory(model, RunShape("cuda", "bf16", 16, 8, 1024, shards=n)) for n in (1, 2))
+    assert ddp.states - alone.states == 4 * model.trainable and ddp.step == alone.step
+    accumulating = [estimate_memory(model, RunShape("cuda", "bf16", 16, 8, 1024, 2, shards=n)) for n in (1, 2)]
+    assert accumulating[0].states == accumulating[1].states == ddp.states  # one set of gradients, not two
+
+
+def test_the_preflight_keeps_room_for_the_allocator_and_nccl(monkeypatch):
+    """The estimate counts tensor memory (max_memory_allocated); the free memory the preflight reads is
+    what the caching allocator can still reserve, which it does in blocks beyond what it hands out, and
+    NCCL takes its buffers outside it. An estimate at 90% of the free memory leaves neither."""
+    model, run = gpt2_shape("gpt2"), RunShape("cuda", "bf16", 16, 8, 1024, compiled=True, shards=2)
+    total = estimate_memory(model, run).total
+    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (total / 0.9 + 2**20, "H100 (test)"))
+    with pytest.raises(PipelineError, match=r"training needs about [\d.]+ GiB .*NCCL.* but H100 \(test\) has"):
+        preflight(model, run, lora=False)
+    assert estimate_limit(80 * GIB, run) == pytest.approx((80 * GIB - GIB) / 1.1)
 
 
 def test_an_evaluation_batch_that_does_not_fit_is_named(monkeypatch):
@@ -206,8 +241,34 @@ def test_profiles_fit_the_cards_they_name(profile):
                    t.per_device_eval_batch_size, params.preprocess.block_size, t.gradient_accumulation_steps,
                    compiled=t.torch_compile is True, gradient_checkpointing=t.gradient_checkpointing,
                    sharding=t.sharding, shards=int(gpus.group(1)) if gpus else 1)
-    estimate = estimate_memory(gpt2_shape(params.model.name, lora_r=t.lora.r if t.lora.enabled else 0), run).total
-    assert estimate <= 0.9 * card_bytes(profile), f"{estimate / GIB:.1f} GiB"
+    model = gpt2_shape(params.model.name, lora_r=t.lora.r if t.lora.enabled else 0)
+    assert fits_card(model, run, card_bytes(profile)), f"{estimate_memory(model, run).total / GIB:.1f} GiB"
+
+
+def largest_batches(size: str, card_gb: int) -> str:
+    """The largest per-device batch of a GPT-2 size on a card at block 1024, bf16, full fine-tuning, without
+    compile / compiled / with gradient checkpointing, as docs/speed.md and the profiles list them."""
+    card, model = card_gb * 1e9 - 0.5e9, gpt2_shape(size)
+
+    def largest(**how: bool) -> int:
+        return largest_fitting(lambda b: fits_card(model, RunShape("cuda", "bf16", b, b, 1024, **how), card), 512)
+
+    found = [largest(), largest(compiled=True), largest(gradient_checkpointing=True)]
+    return "none" if not any(found) else " / ".join(map(str, found))
+
+
+def test_the_largest_batches_listed_are_the_estimates():
+    """docs/speed.md's table and the profiles' comments list what fits_card says, margin included."""
+    cards = [16, 24, 40, 80]
+    rows = re.findall(r"^\| (gpt2[\w-]*) \(\S+\) \| (.+) \|$", (ROOT / "docs/speed.md").read_text(), re.MULTILINE)
+    assert rows and {size: cells.split(" | ") for size, cells in rows} == {
+        size: [largest_batches(size, card) for card in cards] for size, _ in rows}
+    for profile in sorted((ROOT / "examples").glob("gpu*.yaml")):
+        text = profile.read_text()
+        card = re.search(r"on an? (\d+) GB card", text)
+        listed = re.findall(r"(gpt2[\w-]*):? (\d+ / \d+ / \d+|none)", text)
+        assert not listed or {size: cells for size, cells in listed} == {
+            size: largest_batches(size, int(card.group(1))) for size, _ in listed}, profile.name
 
 
 def test_sharding_divides_the_state_and_is_offered_where_it_makes_a_run_fit(monkeypatch):
