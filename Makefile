@@ -43,7 +43,7 @@ lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/hadolint Dockerfile
 
-bench: setup ## Benchmark the stages against their peers, side by side (CPU: ~15 minutes; GPU: docs/speed.md)
+bench: setup ## Benchmark the stages against their peers, side by side (CPU: ~15 minutes; GPU: docs/speed.md; BENCH_QUICK=1: the GPU headline alone)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/classify.py
 

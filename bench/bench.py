@@ -13,7 +13,10 @@ each with its steady tokens/s and MFU (pipeline.training.throughput.ThroughputMe
 without evaluations or checkpoint saves), its peak (torch.cuda.max_memory_allocated from the first
 step) and the preflight's estimate for its settings, and the ratio to the tuned Trainer. `--only memory`
 runs the train stage on gpt2, gpt2-medium and gpt2-xl shapes (LoRA, gradient checkpointing) for a few
-steps each and prints the measured peak beside the estimate.
+steps each and prints the measured peak beside the estimate. `BENCH_QUICK=1` (or `--quick`) runs the
+headline alone: the train stage against the tuned Trainer, gpt2 at batch 32, printing its estimate of
+the time first (a GPU lent for 15 minutes). No case writes a checkpoint, and each case's folder is
+removed when it is done (gpt2-xl's weights and AdamW states are ~18 GB a checkpoint).
 
 On a CPU:
 - train: the train stage vs the Trainer with run_clm.py's defaults (fp32, default attention, AdamW,
@@ -31,10 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
@@ -77,6 +83,16 @@ def prepare(work: Path) -> None:
 
 # --- cases, each run in its own process ------------------------------------------------------------
 
+@contextmanager
+def case_folder(work: Path) -> Iterator[Path]:
+    """A folder for one case's outputs (model, checkpoints, logs), removed when the case is done."""
+    folder = Path(tempfile.mkdtemp(dir=work))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def case_train_pipeline(work: Path, name: str) -> dict:
     from dataclasses import replace
 
@@ -90,9 +106,9 @@ def case_train_pipeline(work: Path, name: str) -> dict:
     variant = json.loads(os.environ.get("BENCH_TRAIN", "{}"))  # e.g. BENCH_TRAIN='{"dropout": 0.0}'
     params = replace(params, train=replace(params.train, max_steps=steps, per_device_train_batch_size=batch,
                                            logging_steps=1, eval_steps=0, save_steps=10**6, **variant))
-    out = Path(tempfile.mkdtemp(dir=work))
-    metrics = train(params, work / name / "blocks", work / name / "base", out / "model", out / "ckpt", out / "live",
-                    out / "train.json")
+    with case_folder(work) as out:
+        metrics = train(params, work / name / "blocks", work / name / "base", out / "model", out / "ckpt",
+                        out / "live", out / "train.json")
     return {"tokens_per_second": metrics["tokens_per_second"], "loss": metrics["final_train_loss"],
             "tokens": metrics["tokens_seen"],
             "setup": f"{metrics['precision']}, {metrics['attention']} attention "
@@ -108,14 +124,15 @@ def case_train_baseline(work: Path, name: str) -> dict:
     _, block, batch, steps = CONFIGS[name]
     blocks = datasets.load_from_disk(str(work / name / "blocks"))["train"].with_format("torch", dtype=torch.long)
     model = AutoModelForCausalLM.from_pretrained(work / name / "base")
-    # run_clm's defaults, checkpointing included (save_strategy "steps": a checkpoint at the end, as the stage)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work), max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=5e-5, seed=0, data_seed=0, logging_steps=1, report_to="none",
-                             use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    with case_folder(work) as out:
+        # run_clm's defaults, checkpointing included (save_strategy "steps": a checkpoint at the end, as the stage)
+        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
+                                 learning_rate=5e-5, seed=0, data_seed=0, logging_steps=1, report_to="none",
+                                 use_cpu=True, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
     tokens = steps * batch * block
     # transformers 5 counts position 0 of every block as a target for GPT2LMHeadModel (its loss_type is
     # None), so its logged loss is the true mean times (T-1)/T; undo that to compare like with like
@@ -204,12 +221,13 @@ def case_evaluate_baseline(work: Path, name: str) -> dict:
 
     blocks = datasets.load_from_disk(str(work / name / "blocks"))["validation"].with_format("torch", dtype=torch.long)
     model = AutoModelForCausalLM.from_pretrained(work / name / "base")
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work), per_device_eval_batch_size=8, report_to="none",
-                             use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, eval_dataset=blocks, data_collator=default_data_collator)
-    start = time.perf_counter()
-    loss = trainer.evaluate()["eval_loss"] * len(blocks[0]["input_ids"]) / (len(blocks[0]["input_ids"]) - 1)  # as above
-    seconds = time.perf_counter() - start
+    with case_folder(work) as out:
+        args = TrainingArguments(output_dir=str(out), per_device_eval_batch_size=8, report_to="none", use_cpu=True,
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, eval_dataset=blocks, data_collator=default_data_collator)
+        start = time.perf_counter()
+        loss = trainer.evaluate()["eval_loss"] * len(blocks[0]["input_ids"]) / (len(blocks[0]["input_ids"]) - 1)
+        seconds = time.perf_counter() - start
     return {"tokens_per_second": len(blocks) * len(blocks[0]["input_ids"]) / seconds, "loss": loss,
             "setup": "Trainer.evaluate(), fp32, batch 8"}
 
@@ -218,6 +236,12 @@ def case_evaluate_baseline(work: Path, name: str) -> dict:
 
 GPU_STEPS = int(os.environ.get("BENCH_GPU_STEPS", 100))
 GPU_BATCHES = (16, 32)
+QUICK_BATCH = 32  # BENCH_QUICK: the headline alone, at the batch the GPU profiles train with
+# BENCH_QUICK's estimate of its own time: what the runs are assumed to reach and to cost besides training (the
+# figures of docs/speed.md, made more cautious): MFU (the stage measured 18-21% on an H100, the tuned Trainer
+# 24-32%), compilation (~40 s for gpt2 there), a fresh process's start-up, set-up and saves, and the blocks
+# and base model prepared once
+ASSUMED_MFU, COMPILE_SECONDS, START_SECONDS, PREPARE_SECONDS = 0.2, 60, 30, 60
 GPU_SIZES = {"gpt2": {}, "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
              "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25}}
 MEMORY_SHAPES = [  # the shapes the preflight is held to: size, per-device batch, train params
@@ -261,7 +285,7 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
 
 def case_gpu_peer(work: Path, spec: str) -> dict:
     """The Trainer on GPT-2 124M: run_clm's defaults + bf16, or tuned (compile, vocabulary padded to 50304,
-    the model's own loss over it), measured with the same meter as the stage."""
+    the model's own loss over it), measured with the same meter as the stage; it saves no checkpoint."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
@@ -273,42 +297,64 @@ def case_gpu_peer(work: Path, spec: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(work / "gpt2" / "base")
     if tuned:
         model.resize_token_embeddings(model.config.vocab_size, pad_to_multiple_of=64, mean_resizing=False)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(dir=work), max_steps=GPU_STEPS, learning_rate=5e-5,
-                             per_device_train_batch_size=batch, seed=0, data_seed=0, bf16=True, torch_compile=tuned,
-                             logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
-                             use_cpu=not torch.cuda.is_available())  # (a dry run on a CPU)
 
     class ResetPeak(TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
-            torch.cuda.reset_peak_memory_stats()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
 
     flops = flops_per_token(model.num_parameters() - 1024 * 768, 12, 768, 1024)
     meter = ThroughputMeter(batch * 1024, flops, peak_flops("bf16")[0], warmup=warmup_steps(GPU_STEPS))
     blocks = datasets.load_from_disk(str(work / "gpu-blocks"))["train"]
-    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
-                      callbacks=[meter_callback(meter), ResetPeak()])
-    trainer.train()
+    with case_folder(work) as out:
+        args = TrainingArguments(output_dir=str(out), max_steps=GPU_STEPS, learning_rate=5e-5,
+                                 per_device_train_batch_size=batch, seed=0, data_seed=0, bf16=True,
+                                 torch_compile=tuned, logging_steps=10, save_strategy="no", report_to="none",
+                                 disable_tqdm=True, use_cpu=not torch.cuda.is_available())  # (a dry run on a CPU)
+        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                          callbacks=[meter_callback(meter), ResetPeak()])
+        trainer.train()
     estimate = estimate_memory(model_shape(model), RunShape("cuda", "bf16", batch, 8, 1024, compiled=tuned))
     steady = meter.steady()
     return {"steady": steady["steady_tokens_per_second"], "mfu": steady["steady_mfu"],
-            "peak": torch.cuda.max_memory_allocated() / GIB, "estimate": estimate.total / GIB}
+            "peak": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0,
+            "estimate": estimate.total / GIB}
+
+
+def without_checkpoints() -> None:
+    """Build the stage's Trainer with saving off. With save_strategy "steps" the Trainer writes a checkpoint
+    at the last step of every run, the weights and AdamW states (~18 GB for gpt2-xl), which the bench never
+    reads; the stage still saves the model it trained."""
+    from transformers.trainer_utils import SaveStrategy
+
+    import pipeline.train as stage
+
+    make_trainer = stage.make_trainer
+
+    def saving_nothing(*args, **kwargs):  # noqa: ANN202 - the Trainer
+        trainer = make_trainer(*args, **kwargs)
+        trainer.args.save_strategy = SaveStrategy.NO
+        return trainer
+
+    stage.make_trainer = saving_nothing
 
 
 def case_gpu_pipeline(work: Path, spec: str) -> dict:
-    """The train stage on a GPT-2 of `size` (steps, batch and train params from the spec)."""
+    """The train stage on a GPT-2 of `size` (steps, batch and train params from the spec), no checkpoint."""
     from pipeline.core.device import keep_freed_memory
     from pipeline.core.params import PROJECT_PARAMS, from_dict, merge, read_yaml
     from pipeline.train import train
 
     keep_freed_memory()
+    without_checkpoints()
     spec = json.loads(spec)
     train_params = {"max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"], "logging_steps": 10,
                     "eval_steps": 0, "save_steps": 10**6, **spec["train"]}
     params = from_dict(merge(read_yaml(PROJECT_PARAMS), {"seed": 0, "lr": 5e-5, "model": {"name": spec["size"]},
                                                           "train": train_params}))
-    out = Path(tempfile.mkdtemp(dir=work))
-    metrics = train(params, work / "gpu-blocks", work / spec["size"] / "base", out / "model", out / "ckpt",
-                    out / "live", out / "train.json")
+    with case_folder(work) as out:
+        metrics = train(params, work / "gpu-blocks", work / spec["size"] / "base", out / "model", out / "ckpt",
+                        out / "live", out / "train.json")
     return {"steady": metrics["steady_tokens_per_second"], "mfu": metrics["steady_mfu"],
             "peak": metrics["peak_memory_gib"], "estimate": metrics["memory_estimate_gib"],
             "attention": metrics["attention"], "compile": metrics["torch_compile"]}
@@ -327,20 +373,40 @@ def gpu_header() -> str:
             f"{GPU_STEPS} steps, steady = after {warmup_steps(GPU_STEPS)} warm-up steps\n")
 
 
-def gpu_train(work: Path) -> None:
+def gpu_train(work: Path, batches: tuple[int, ...] = GPU_BATCHES, untuned: bool = True) -> None:
+    """The train stage against the tuned Trainer (and, with `untuned`, run_clm's defaults) at each batch."""
     print("| run | batch | steady tokens/s | MFU | peak GiB | preflight estimate GiB | vs tuned Trainer |")
     print("|---|---|---|---|---|---|---|")
-    for batch in GPU_BATCHES:
+    for batch in batches:
         stage = {"size": "gpt2", "batch": batch, "steps": GPU_STEPS, "train": {"torch_compile": True}}
-        runs = {"Trainer, run_clm defaults + bf16": run_case(work, "gpu-peer", json.dumps({"batch": batch,
-                                                                                          "tuned": False})),
-                "Trainer + compile + vocab 50304": run_case(work, "gpu-peer", json.dumps({"batch": batch,
-                                                                                         "tuned": True})),
-                "train stage (torch_compile: true)": run_case(work, "gpu-pipeline", json.dumps(stage))}
+        runs = {}
+        if untuned:
+            runs["Trainer, run_clm defaults + bf16"] = run_case(work, "gpu-peer", json.dumps({"batch": batch,
+                                                                                             "tuned": False}))
+        runs["Trainer + compile + vocab 50304"] = run_case(work, "gpu-peer", json.dumps({"batch": batch,
+                                                                                        "tuned": True}))
+        runs["train stage (torch_compile: true)"] = run_case(work, "gpu-pipeline", json.dumps(stage))
         tuned = runs["Trainer + compile + vocab 50304"]["steady"]
         for name, r in runs.items():
             print(f"| {name} | {batch} | {r['steady']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak']:.1f} | "
                   f"{r['estimate']:.1f} | **{r['steady'] / tuned:.2f}x** |", flush=True)
+
+
+def quick_estimate(runs: int, batch: int) -> str:
+    """BENCH_QUICK's estimate of its own time, from the work: each compiled run's tokens x FLOPs per token
+    over the assumed MFU of this device's peak, plus its compilation and start-up, plus preparing once."""
+    from pipeline.training.throughput import flops_per_token, peak_flops
+    from tests.support import gpt2_shape
+
+    tokens = GPU_STEPS * batch * 1024
+    flops = flops_per_token(gpt2_shape("gpt2").parameters - 1024 * 768, 12, 768, 1024)
+    peak, source = peak_flops("bf16")
+    training = tokens * flops / (ASSUMED_MFU * peak)
+    total = PREPARE_SECONDS + runs * (training + COMPILE_SECONDS + START_SECONDS)
+    return (f"quick: {runs} runs x {tokens / 1e6:.1f}M tokens x {flops / 1e6:.0f} MFLOP/token at an assumed "
+            f"{100 * ASSUMED_MFU:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s ({source}) = {training:.0f} s of training "
+            f"each, + {COMPILE_SECONDS} s compiling and {START_SECONDS} s starting and saving each, + "
+            f"{PREPARE_SECONDS} s preparing: about {total / 60:.1f} minutes\n")
 
 
 def gpu_memory(work: Path) -> None:
@@ -394,15 +460,24 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def gpu(work: Path, only: list[str]) -> None:
-    """The GPU comparisons: the train stage against the Trainer, and the preflight against measured peaks."""
+def gpu(work: Path, only: list[str], quick: bool) -> None:
+    """The GPU comparisons: the train stage against the Trainer, and the preflight against measured peaks;
+    `quick`: the stage against the tuned Trainer at one batch, nothing else."""
+    started = time.perf_counter()
+    if quick:
+        print(quick_estimate(2, QUICK_BATCH), flush=True)
+        only = ["train"]
     sizes = ["gpt2"] + (sorted({size for size, _, _ in MEMORY_SHAPES}) if "memory" in only else [])
     prepare_gpu(work, sorted(set(sizes)))
     print(gpu_header())
     if "train" in only:
-        gpu_train(work)
+        if quick:
+            gpu_train(work, (QUICK_BATCH,), untuned=False)
+        else:
+            gpu_train(work)
     if "memory" in only:
         gpu_memory(work)
+    print(f"\ntook {(time.perf_counter() - started) / 60:.1f} minutes")
 
 
 def main() -> None:
@@ -411,18 +486,31 @@ def main() -> None:
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["train", "preprocess", "evaluate", "memory"], action="append",
                         help="Run only these comparisons (memory: the preflight against measured peaks, CUDA).")
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "0") not in ("", "0"),
+                        help="On a GPU, only the headline: the train stage against the tuned Trainer, gpt2 at "
+                             f"batch {QUICK_BATCH} (also BENCH_QUICK=1); it prints its estimate of the time first.")
     parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one case, JSON on stdout
         print(json.dumps(CASES[args.case](args.work, *([args.name] if args.name else []))))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="gpt2-bench-"))
+    try:
+        run_all(work, args.only, args.quick)
+    finally:
+        if args.work is None:  # the base models (gpt2-xl: 6 GB) and blocks of a temporary folder go too
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(work: Path, only: list[str] | None, quick: bool) -> None:
     if on_cuda():
-        gpu(work, args.only or ["train", "memory"])
+        gpu(work, only or ["train", "memory"], quick)
         return
+    if quick:
+        print("BENCH_QUICK: the GPU's headline only; on a CPU the bench runs whole (--only to run a part)")
     if not (work / "tokenizer").exists():
         prepare(work)
-    only = args.only or ["preprocess", "evaluate", "train"]
+    only = only or ["preprocess", "evaluate", "train"]
     print(machine())
     print("| case | baseline tokens/s | pipeline tokens/s | ratio | baseline loss | pipeline loss "
           "| baseline | pipeline |")

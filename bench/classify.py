@@ -148,6 +148,8 @@ def main() -> None:
     if args.case:  # child process: one case, JSON on stdout
         print(json.dumps(CASES[args.case](args.work)))
         return
+    if os.environ.get("BENCH_QUICK", "0") not in ("", "0"):  # `make bench BENCH_QUICK=1`: bench.py's headline alone
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="gpt2-bench-classify-"))
     if not (work / "blocks").exists():
         prepare(work)
