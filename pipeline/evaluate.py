@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +28,10 @@ from pipeline.classification.evaluation import evaluate_classifier
 from pipeline.core.common import IGNORE_INDEX, PipelineError, params_option, perplexity, stage_command
 from pipeline.core.device import (
     autocast_dtype,
-    claim_gpus,
     device,
     keep_freed_memory,
-    refuse_a_cpu_run_on_a_gpu_host,
     resolve_precision,
-    visible_gpus,
+    take_gpus,
 )
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import hold_workspace, outputs, write_json
@@ -261,8 +258,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     Each task leaves the other's plot file empty."""
     params = load_params(params_path)
     hold_workspace("python -m pipeline.evaluate")  # one run per workspace
-    claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
-    refuse_a_cpu_run_on_a_gpu_host(dict(os.environ))
+    take_gpus(1)  # a GPU no other run beside this one holds
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
     if params.task == "classification":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ import click
 from pipeline.classification.prediction import predict, print_predictions, write_predictions
 from pipeline.core.common import PipelineError, params_option, stage_command
 from pipeline.core.config import GenerateConfig
-from pipeline.core.device import claim_gpus, refuse_a_cpu_run_on_a_gpu_host, visible_gpus
+from pipeline.core.device import take_gpus
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
 from pipeline.core.params import load_params
@@ -245,8 +244,7 @@ def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out:
                             "settings from generate.* in params.yaml")
     params = load_params(params_path)
     hold_workspace("python -m pipeline.generate")  # one run per workspace (ad hoc sampling above: any time)
-    claim_gpus(dict(os.environ), 1, visible_gpus())  # a GPU no other run beside this one holds
-    refuse_a_cpu_run_on_a_gpu_host(dict(os.environ))
+    take_gpus(1)  # a GPU no other run beside this one holds
     if params.task == "classification":
         records, metrics = predict(params, load_prompts(params.generate), model_dir, base_dir)
         write_predictions(records, metrics, out, metrics_path)

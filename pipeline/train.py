@@ -23,7 +23,7 @@ from pipeline.classification.metrics import trainer_metrics
 from pipeline.classification.training import add_pad_token, classification_card, weighted_loss
 from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
-from pipeline.core.device import claim_gpus, keep_freed_memory, refuse_a_cpu_run_on_a_gpu_host, visible_gpus
+from pipeline.core.device import keep_freed_memory, take_gpus
 from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json, saved_labels
 from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
 from pipeline.core.params import load_params
@@ -360,8 +360,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoint
     """Fine-tune the base model with the Hugging Face Trainer, resuming an interrupted run."""
     params = load_params(params_path)
     hold_workspace("python -m pipeline.train")  # one run per workspace; its torchrun workers inherit it
-    claim_gpus(dict(os.environ), processes_per_node(dict(os.environ)), visible_gpus())  # before CUDA starts
-    refuse_a_cpu_run_on_a_gpu_host(dict(os.environ))
+    take_gpus(processes_per_node(dict(os.environ)))  # before CUDA starts
     if run_under_torchrun():
         return  # its workers trained and wrote the outputs
     keep_freed_memory()

@@ -156,6 +156,14 @@ def claim_gpus(env: dict[str, str], want: int, devices: int, lock_dir: Path | No
         time.sleep(poll_s)
 
 
+def take_gpus(want: int) -> None:
+    """A stage's device, decided before CUDA starts: `want` GPUs no other run holds (claim_gpus), then a stop
+    in one line where the machine has GPUs this torch cannot use (refuse_a_cpu_run_on_a_gpu_host)."""
+    env = dict(os.environ)
+    claim_gpus(env, want, visible_gpus())
+    refuse_a_cpu_run_on_a_gpu_host(env)
+
+
 def lock_gpu(path: Path) -> int | None:
     """try_flock on a GPU's lock file, which every user's runs open."""
     try:

@@ -175,6 +175,3 @@ def count_parameters(model: Model, vocab: int) -> tuple[int, int]:
     padding = (embeddings.shape[0] - vocab) * embeddings.shape[1]
     return total - padding, trainable - (padding if embeddings.requires_grad else 0)
 
-
-def position_parameters(model: Model) -> int:
-    return sum(p.numel() for module in position_embeddings(model) for p in module.parameters())

@@ -103,9 +103,9 @@ def meter_of(model, vocab: int, monkeypatch, world: int = 1) -> ThroughputMeter:
 
 def weights(model, vocab: int) -> int:
     """Every weight a product reads (GPT-2: all but the position embeddings), padding rows not counted."""
-    from pipeline.training.model import count_parameters, position_parameters
+    from pipeline.training.model import count_parameters
 
-    return count_parameters(model, vocab)[0] - position_parameters(model)
+    return count_parameters(model, vocab)[0] - model.transformer.wpe.weight.numel()
 
 
 def test_full_fine_tuning_counts_nanogpts_6n_and_the_devices_of_the_run(monkeypatch):
