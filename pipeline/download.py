@@ -206,7 +206,9 @@ def save_raw(cfg: DataConfig, out: Path) -> dict:
     return provenance
 
 
-@stage_command
+# huggingface_hub (datasets' Hub files too) moves a file into its cache once it has arrived whole
+@stage_command(on_stop="no output is half-written; run it again: the Hub files that arrived whole stay in the cache "
+                       "and are not fetched again")
 @params_option
 @click.option("--model-out", default="models/base", show_default=True, type=click.Path(path_type=Path),
               help="Where the base model and tokenizer are saved.")

@@ -340,7 +340,7 @@ def save(trainer: Trainer, args: TrainingArguments, out: Path, vocab: int, lora:
     write_text(out / "README.md", card)
 
 
-@stage_command
+@stage_command(on_stop="no output is half-written; run it again: train resumes from its last checkpoint")
 @params_option
 @click.option("--data", "data_dir", default="data/processed", show_default=True, type=click.Path(path_type=Path),
               help="Blocks from preprocess.")

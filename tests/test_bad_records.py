@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.params import merge
-from tests.conftest import in_process, write_params
+from tests.conftest import in_process, run_stage, write_params
 
 
 def run(stage: str, root: Path):
@@ -92,6 +92,16 @@ def test_files_that_cannot_be_read_as_meant_are_one_line(project, files, says):
     if result.returncode == 0:
         result = run("preprocess", project)
     assert says in one_line(result)
+
+
+def test_a_record_nested_100000_deep_is_one_line_not_a_crash(project):
+    """pyarrow's JSON reader overflows its stack on it (SIGSEGV, no message): a subprocess sees that."""
+    deep = '{"text": "x", "meta": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001 + "\n"
+    (project / "data/input/deep.jsonl").write_text(json.dumps(GOOD[0]) + "\n" + deep)
+    write_params(project, {"data": {"dataset": "data/input/deep.jsonl", "config": None}})
+    line = one_line(run_stage("download", cwd=project))
+    assert "data/input/deep.jsonl line 2" in line and "nests deeper than it can" in line, line
+    assert not (project / "data/raw").exists() and not (project / "models/base").exists()
 
 
 def test_a_dialogue_without_speakers_is_one_line(project):

@@ -34,6 +34,25 @@ def assert_clean_failure(result, project: Path, message: str, existing: tuple[st
     assert not list(project.rglob(".*.tmp-*")), "a temporary output was left behind"
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stopped_stage_says_what_running_it_again_does(project, monkeypatch, stage):
+    """SIGTERM as the stage's handler raises it (pipeline.core.common.stop), once its params are read."""
+    import importlib
+
+    module = importlib.import_module(f"pipeline.{stage}")
+
+    def stopped(*_: object) -> None:
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    monkeypatch.setattr(module, "hold_workspace", stopped)
+    result = in_process(module.main, [], project)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped by SIGTERM: no output is half-written; run it again"), line
+    assert ("train resumes from its last checkpoint" in line) == (stage == "train"), line
+    assert ("arrived whole stay in the cache" in line) == (stage == "download"), line
+
+
 @pytest.mark.parametrize("override, message", [
     ({"lr": "fast"}, "params: lr must be a number; got 'fast'"),
     ({"train": {"epochs": -1}}, "params: train.epochs must be > 0.0; got -1"),

@@ -25,14 +25,18 @@ class PipelineError(Exception):
     """A problem in the user's input or environment. The message names the problem and the fix."""
 
 
-def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = False) -> Any:
-    """Make a Click command whose PipelineErrors print as one line on stderr and exit 2.
+def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = False,
+                  on_stop: str = "no output is half-written; run it again") -> Any:
+    """Make a Click command whose PipelineErrors print as one line of at most 400 characters on stderr and
+    exit 2.
 
     Any other exception is a bug and keeps its traceback. Only rank 0 logs at INFO under torchrun.
     pass_unknown_options: options the command does not know (e.g. dvc's -S) go to its arguments.
+    on_stop: what the line after a stop (SIGTERM, Ctrl-C) says is true of the command's outputs, and of
+    running it again.
     """
     if fn is None:
-        return functools.partial(stage_command, pass_unknown_options=pass_unknown_options)
+        return functools.partial(stage_command, pass_unknown_options=pass_unknown_options, on_stop=on_stop)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -50,7 +54,7 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
-            click.echo(f"error: {one_line(str(e))}", err=True)
+            click.echo("error: " + one_line(str(e), 400 - len("error: ")), err=True)
             sys.exit(2)
         except OSError as e:
             if e.errno not in DISK_FIXES:
@@ -60,8 +64,7 @@ def stage_command(fn: Callable | None = None, *, pass_unknown_options: bool = Fa
             sys.exit(2)
         except KeyboardInterrupt as e:
             why = e.args[0] if e.args else "interrupted (Ctrl-C)"
-            click.echo(f"{why}: no output is half-written; run it again (train resumes from its last checkpoint)",
-                       err=True)
+            click.echo(f"{why}: {on_stop}", err=True)
             sys.exit(130 if not e.args else 128 + signal.SIGTERM)
         finally:
             from pipeline.core.outputs import release_workspaces  # the stage is over: the workspace is free
@@ -95,7 +98,8 @@ def one_line(message: str, most: int = 400) -> str:
     message = " ".join(message.split())
     if len(message) <= most:
         return message
-    return message[: most * 2 // 3] + " … " + message[-(most // 3):]
+    head = most * 2 // 3
+    return message[:head] + " … " + message[-(most - head - 3):]
 
 
 def shorten_path(path: Any, most: int = 120) -> str:

@@ -185,8 +185,10 @@ def check_template(key: str, template: str) -> None:
 
 
 def check_inputs(p: Params) -> None:
-    """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS)."""
-    from pipeline.data.sources import is_local
+    """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS); the other
+    sources are Hub ids that huggingface_hub takes (or, for data.dataset, URLs)."""
+    from pipeline.data.hub import REPO_ID, is_repo_id
+    from pipeline.data.sources import is_local, is_url
 
     local = [("data.dataset", p.data.dataset), ("model.tokenizer", p.model.tokenizer)]
     if not p.model.from_scratch:
@@ -200,6 +202,11 @@ def check_inputs(p: Params) -> None:
         if value and is_local(value) and not inside(value, INPUTS):
             fail(key, f"{shorten(value)} is a local path outside {INPUTS}/; move it into {INPUTS}/ (the download "
                       "stage's dependency, so DVC re-runs what it changes and versions it with every experiment)")
+        hub_id = value and not is_local(value) and not (key == "data.dataset" and is_url(value))
+        if hub_id and not is_repo_id(value):  # else huggingface_hub refuses it, in a traceback, once download runs
+            fail(key, f"{shorten(value)} is neither a Hub id nor a local path: a Hub id is {REPO_ID} (e.g. gpt2, "
+                      f"Salesforce/wikitext); a local path lies in {INPUTS}/"
+                      + (", a URL starts with https://" if key == "data.dataset" else ""))
     prompts = p.generate.prompts_file
     if prompts and not inside(prompts, PROMPTS):
         fail("generate.prompts_file", f"{shorten(prompts)} is outside {PROMPTS}/; move it there (the generate "

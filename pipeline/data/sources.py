@@ -134,6 +134,43 @@ def utf8_files(files: list[Path], errors: str, scratch: Path) -> list[Path]:
     return ready
 
 
+JSON_DEPTH_MAX = 63  # the nesting datasets keeps: Arrow reads schemas at most 64 levels deep, the table's one of them
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # never spans lines: JSON escapes newlines in strings
+NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
+
+
+def check_nesting(files: list[Path], source: str | None = None) -> None:
+    """Refuse a JSON record nested deeper than Arrow keeps before any library parses it: pyarrow's JSON
+    reader recurses once per level and crashes the process (SIGSEGV, no message) some ten thousand levels
+    down; shallower, datasets fails in words of its own. `source`: the file's name in the error (a URL)."""
+    for path in files:
+        if LOCAL_BUILDERS.get(suffix(path)) != "json":
+            continue
+        depth = 0  # containers still open at the end of the lines read: a record may span lines
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                opens = line.count(b"{") + line.count(b"[")
+                if depth == 0 and opens <= JSON_DEPTH_MAX and opens == line.count(b"}") + line.count(b"]"):
+                    continue  # a JSON Lines record, no deeper than its brackets (those in strings only add)
+                deepest, depth = nesting(line, depth)
+                if deepest > JSON_DEPTH_MAX:
+                    raise PipelineError(f"data.dataset: {source or path} line {number}: a record nests deeper than it "
+                                        f"can be read (over {JSON_DEPTH_MAX} levels, what Arrow keeps); flatten the "
+                                        "records to the fields the text comes from")
+
+
+def nesting(line: bytes, depth: int) -> tuple[int, int]:
+    """The deepest level a line of JSON reaches, starting `depth` containers deep (counted past
+    JSON_DEPTH_MAX no further), and the level it ends at."""
+    deepest = depth
+    for bracket in JSON_STRING.sub(b"", line).translate(None, NOT_BRACKETS):
+        depth += 1 if bracket in b"{[" else -1
+        deepest = max(deepest, depth)
+        if deepest > JSON_DEPTH_MAX:
+            break
+    return deepest, max(depth, 0)  # below 0: stray closers, which the reader reports itself
+
+
 def fetch_url(url: str, sha256: str | None, scratch: Path) -> tuple[Path, str]:
     """Download `url` into `scratch`; check it against `sha256`. Returns the file and its digest."""
     name = Path(urllib.parse.urlparse(url).path).name or "download.txt"
@@ -207,11 +244,13 @@ def load_raw(cfg: DataConfig, scratch: Path) -> tuple[DatasetDict, dict]:
     source: dict[str, Any]
     if is_url(cfg.dataset):
         path, digest = fetch_url(cfg.dataset, cfg.sha256, scratch)
+        check_nesting([path], cfg.dataset)
         raw, builder = _load_files(utf8_files([path], cfg.encoding_errors, scratch), cfg)
         source = {"url": cfg.dataset, "sha256": digest, "format": builder}
     elif is_local(cfg.dataset):
         within = Path(cfg.dataset).parts[:len(INPUTS.parts)] == INPUTS.parts  # as the params require
         files = local_files(cfg.dataset, INPUTS if within else None)
+        check_nesting(files)
         raw, builder = _load_files(utf8_files(files, cfg.encoding_errors, scratch), cfg)
         source = {"files": {str(f): file_sha256(f) for f in files}, "format": builder}
     else:

@@ -169,7 +169,7 @@ def next_steps(workspace: Path, outputs: str) -> list[str]:
             "  dvc exp run -S lr=1e-3 && dvc exp show && dvc exp diff && dvc plots diff"]
 
 
-@stage_command
+@stage_command(on_stop="run it again: the demo builds its workspace afresh")
 @click.option("--workdir", default=".demo", show_default=True, type=click.Path(path_type=Path),
               help="Scratch workspace (replaced on each run; one holding experiments is moved aside).")
 @click.option("--overrides", "overrides_path", default=str(ROOT / "examples/demo.yaml"), show_default=True,

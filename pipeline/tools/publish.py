@@ -23,7 +23,7 @@ from pipeline.core.common import PipelineError, params_option, stage_command
 from pipeline.core.loading import check_folder, check_weights
 from pipeline.core.outputs import MANIFEST
 from pipeline.core.params import load_params
-from pipeline.data.hub import fail, hub_call
+from pipeline.data.hub import REPO_ID, fail, hub_call, is_repo_id
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -34,16 +34,10 @@ KEY = "publish.repo_id"
 
 def checked_repo_id(repo_id: str | None) -> str:
     """A Hub repo id ("namespace/name" or "name"), or one line saying what is wrong with it."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if repo_id is None:
         fail(KEY, "is null: set it in params.yaml (namespace/name), or pass --repo-id")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        fail(KEY, f"{repo_id!r} is not a Hub repo id: namespace/name (or a name alone), of letters, digits, '-', '_' "
-                  "and '.', at most 96 characters, not starting or ending with '-' or '.'")
+    if not is_repo_id(repo_id):
+        fail(KEY, f"{repo_id!r} is not a Hub repo id: {REPO_ID}")
     return repo_id
 
 

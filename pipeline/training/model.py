@@ -9,9 +9,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError
+from pipeline.core.common import PipelineError, one_line
 from pipeline.core.config import TrainConfig
 from pipeline.core.loading import load_config, load_model
+from pipeline.core.params import shorten
 from pipeline.training.loss import causal_lm_loss, loss_without_logits, pad_vocab
 
 if TYPE_CHECKING:
@@ -147,10 +148,14 @@ def add_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str = "CAUSAL
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
+    linear = linear_layers(model)
+    problem = target_problem(model, cfg.target_modules, linear)  # before peft adapts some of them and fails
+    if problem:
+        raise PipelineError(problem)
     # GPT-2's layers are Conv1D (weights stored transposed); peft needs to be told, or it warns and guesses
     targets = [m for name, m in model.named_modules() if name.split(".")[-1] in cfg.target_modules]
     transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
-    width = min((min(m.weight.shape) for m in targets if getattr(m, "weight", None) is not None), default=None)
+    width = min((min(m.weight.shape) for m in targets), default=None)
     if width is not None and cfg.r >= width:  # a rank-r update of a narrower layer is a full-rank copy of it
         raise PipelineError(f"params: train.lora.r ({cfg.r}) is not below the width of the layers it adapts "
                             f"({width}); lower it, or set lora.enabled: false to train every weight")
@@ -160,11 +165,47 @@ def add_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str = "CAUSAL
                                                       fan_in_fan_out=transposed))
     except ValueError as e:
         raise PipelineError(f"params: train.lora.target_modules {cfg.target_modules} do not fit this model "
-                            f"({str(e).splitlines()[0]}); name its linear layers") from None
+                            f"({one_line(str(e), 150)}); name some of its linear layers instead: "
+                            f"{', '.join(linear)}") from None
     # checkpoints and the saved adapter hold the adapters alone: LoRA leaves the embeddings as they were, and
     # peft would otherwise copy them into every checkpoint because vocabulary padding changed their size
     peft_model.save_pretrained = partial(peft_model.save_pretrained, save_embedding_layers=False)
     return peft_model
+
+
+def has_weight_matrix(module: Module) -> bool:
+    """Whether a module has a weight matrix (a linear, convolution or embedding layer), which LoRA can adapt
+    with a low-rank update; a LayerNorm, an attention or a block of layers has none."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.dim() >= 2
+
+
+def linear_layers(model: PreTrainedModel) -> list[str]:
+    """The names of the linear layers of a model's body, which LoRA adapts (GPT-2's Conv1D c_attn, c_proj,
+    c_fc); the output layer and a classifier's head, outside the body, left out."""
+    from torch.nn import Linear
+    from transformers.pytorch_utils import Conv1D
+
+    body = getattr(model, model.base_model_prefix, model)
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in body.named_modules()
+                              if isinstance(module, (Linear, Conv1D))))
+
+
+def target_problem(model: PreTrainedModel, targets: list[str], linear: list[str]) -> str | None:
+    """The first of `targets` LoRA cannot adapt, in a line naming what it is and the `linear` layers there
+    are (peft's own error lists every kind of layer it knows); None if each names layers with a weight
+    matrix. A target names every module whose name is it or ends in "." + it, as peft matches them."""
+    modules = list(model.named_modules())
+    for target in targets:
+        found = [module for name, module in modules if name == target or name.endswith("." + target)]
+        other = next((module for module in found if not has_weight_matrix(module)), None)
+        if found and other is None:
+            continue
+        what = (f"is a {type(other).__name__}, which LoRA cannot adapt" if found
+                else f"names no layer of {type(model).__name__}")
+        return (f"params: train.lora.target_modules: {shorten(target)} {what}; name some of its linear layers "
+                f"instead: {', '.join(linear)}")
+    return None
 
 
 def count_parameters(model: Model, vocab: int) -> tuple[int, int]:

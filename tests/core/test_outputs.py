@@ -162,7 +162,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_fix():
 def test_a_long_error_is_cut_in_the_middle_keeping_the_fix():
     result = CliRunner().invoke(long_error, [])
     line = result.stderr.strip()
-    assert result.exit_code == 2 and "\n" not in line and len(line) <= 420
+    assert result.exit_code == 2 and "\n" not in line and len(line) <= 400
     assert line.startswith("error: params: data.template xxx") and line.endswith("has no fields; add {column} names")
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import threading
 
 import pytest
 
 from pipeline.core.common import PipelineError
-from pipeline.data.sources import first_bad_byte, load_raw
+from pipeline.data.sources import JSON_DEPTH_MAX, first_bad_byte, load_raw
 from tests.conftest import CORPUS
 from tests.support import project_section
 
@@ -92,3 +93,24 @@ def test_max_samples(tmp_path):
     (tmp_path / "s").mkdir()
     streamed, _ = load_raw(data_params(dataset=str(CORPUS), max_samples=3, streaming=True), tmp_path / "s")
     assert streamed["train"].num_rows == 3
+
+
+def nested(levels: int) -> dict:
+    """A record `levels` containers deep, itself the first."""
+    record: dict = {"text": "a record"}
+    for _ in range(levels - 1):
+        record = {"text": "a record", "meta": record}
+    return record
+
+
+def test_records_nest_as_deep_as_arrow_keeps_and_no_deeper(tmp_path):
+    """JSON_DEPTH_MAX levels read; one more is one line naming the file and line before any library parses it,
+    also where the record is spread over lines (pretty-printed JSON, counted across them)."""
+    (tmp_path / "deepest.jsonl").write_text(json.dumps(nested(JSON_DEPTH_MAX)) + "\n")
+    raw, _ = load_raw(data_params(dataset=str(tmp_path / "deepest.jsonl")), tmp_path / "a")
+    assert raw["train"].num_rows == 1
+    (tmp_path / "deeper.jsonl").write_text('{"text": "shallow"}\n' + json.dumps(nested(JSON_DEPTH_MAX + 1)) + "\n")
+    (tmp_path / "pretty.json").write_text(json.dumps(nested(JSON_DEPTH_MAX + 1), indent=1))
+    for name, line in (("deeper.jsonl", 2), ("pretty.json", 2 * JSON_DEPTH_MAX + 1)):
+        with pytest.raises(PipelineError, match=rf"{name} line {line}: a record nests deeper than it can be read"):
+            load_raw(data_params(dataset=str(tmp_path / name)), tmp_path / "b")
