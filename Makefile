@@ -46,6 +46,7 @@ lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 bench: setup ## Benchmark the stages against their peers, side by side (CPU: ~15 minutes; GPU: docs/speed.md; BENCH_QUICK=1: the GPU headline alone)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/classify.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/generate.py
 
 repro: setup ## The real job: dvc repro (needs the Hugging Face Hub; a GPU is recommended)
 	$(BIN)/dvc repro

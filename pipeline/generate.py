@@ -1,7 +1,8 @@
 """Stage 5, generate: sample continuations of the prompts from the fine-tuned model (and the base
 model, side by side), and check every sample for copying and repetition.
 
-Prompts are batched (left padding, KV cache). The same seed and prompts give the same samples.
+Samples are batched (left padding, KV cache), generate.batch_size at a time; the same seed, prompts and
+batch_size give the same samples.
 Each sample gets the fraction of its token 8-grams found in the training blocks (memorisation;
 users of gpt-2-simple found their models reproducing training jokes verbatim) and distinct-1/2
 (repetition). Writes outputs/samples.jsonl (one record per sample), outputs/samples.md (base and
@@ -32,7 +33,7 @@ from pipeline.core.outputs import hold_workspace, outputs, write_json, write_tex
 from pipeline.core.params import load_params
 from pipeline.generation.adhoc import ad_hoc, ad_hoc_config, stdin_prompts
 from pipeline.generation.prompts import load_prompts
-from pipeline.generation.sampling import sample
+from pipeline.generation.sampling import sample, sampling_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,7 +75,11 @@ def copied_fraction(prompt_ids: list[int], ids: list[int], train_ngrams: Any) ->
     hashes = ngram_hashes(prompt_ids[-(NGRAM - 1):] + ids, NGRAM)
     if not len(hashes):
         return None
-    return float(np.isin(hashes, train_ngrams).mean())
+    if not len(train_ngrams):
+        return 0.0
+    # a binary search in the sorted training hashes: np.isin would sort them again for every sample
+    at = np.searchsorted(train_ngrams, hashes).clip(max=len(train_ngrams) - 1)
+    return float((train_ngrams[at] == hashes).mean())
 
 
 def distinct(ids: list[int], n: int) -> float | None:
@@ -148,8 +153,8 @@ def generate(params: Params, finetuned_dir: Path, base_dir: Path, data_dir: Path
             raise PipelineError(f"params: generate.top_k ({cfg.top_k}) exceeds the {len(tokenizer)} tokens of the "
                                 "vocabulary; lower it, or 0 to turn top-k off")
         check_stops(cfg, tokenizer)
-        model = load_model(path, params.model.trust_remote_code, made_by=MADE_BY[name])
-        records, tokens_per_second = sample(model, tokenizer, prompts, cfg)
+        model = load_model(path, params.model.trust_remote_code, sampling_dtype(cfg), made_by=MADE_BY[name])
+        records, tokens_per_second = sample(model, tokenizer, prompts, cfg, label=name)
         score(records, train_ngrams)
         by_model[name] = records
         metrics[name] = {**summary(records), "tokens_per_second": tokens_per_second}
@@ -225,6 +230,9 @@ def write_outputs(by_model: dict[str, list[dict]], metrics: dict, cfg: GenerateC
 @click.option("--no-repeat-ngram-size", type=int, help="Ad hoc: never repeat an n-gram of this size, 0 off.")
 @click.option("--stop", multiple=True, help="Ad hoc: cut a sample at this string (repeatable).")
 @click.option("--seed", type=int, help="Ad hoc: sampling seed (generate.seed).")
+@click.option("--batch-size", type=int, help="Ad hoc: samples per generate() call (generate.batch_size).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Ad hoc: the weights' dtype while sampling (generate.precision).")
 def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out: Path, metrics_path: Path,
          prompts: tuple[str, ...], texts: tuple[str, ...], prompts_file: Path | None, **flags: Any) -> None:
     """Sample continuations of the prompts in params (reproducible under generate.seed), base and

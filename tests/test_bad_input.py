@@ -117,9 +117,11 @@ def out_of_range(key: str) -> list[Any]:
 # attributes or asking for a gigabyte of width, a feature on with no items, splits that leak):
 # (value, other changes that make the value matter). The tiny params: a 2-layer, 32-wide
 # GPT-2 from scratch with 64 positions, 32-token blocks, max_steps 8, the local corpus in data/input.
+NOT_IDS = ["   ", "\t", "gpt\x002"]  # neither a Hub id nor a path: huggingface_hub refuses them (validate_repo_id)
 LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "model.from_scratch": [(False, {})],  # tiny-gpt2 is not on the (offline) Hub
-    "model.tokenizer": [("data/input/no-such-tokenizer", {})],
+    "model.name": [(value, {"model": {"from_scratch": False, "config_overrides": {}}}) for value in NOT_IDS],
+    "model.tokenizer": [("data/input/no-such-tokenizer", {}), *((value, {}) for value in NOT_IDS)],
     "model.config_overrides": [
         ({"n_layer": 2, "n_embd": 32, "n_head": 3, "n_positions": 64}, {}),
         ({"n_layer": 0, "n_embd": 32, "n_head": 2, "n_positions": 64}, {}),
@@ -135,7 +137,8 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
         ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "initializer_range": 1e30}, {}),  # inf logits
         ({"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dtype": "float99"}, {}),
     ],
-    "data.dataset": [("data/input/no-such-corpus.txt", {}), ("Salesforce/wikitext", {"data": {"config": None}})],
+    "data.dataset": [("data/input/no-such-corpus.txt", {}), ("Salesforce/wikitext", {"data": {"config": None}}),
+                     *((value, {}) for value in NOT_IDS)],
     "data.config": [("wikitext-2-raw-v1", {})],
     "data.revision": [("main", {})],
     "data.sha256": [("0" * 64, {})],
@@ -150,7 +153,8 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "train.samples.every": [(2, {"train": {"samples": {"prompts": []}}})],
     "generate.temperature": [(1e-30, {})],
     "preprocess.val_fraction": [(0.95, {})],  # of the 8 tiny documents: 8 held out, none left to train on
-    "generate.stop": [(["x" * 1000], {"generate": {"max_new_tokens": 1}})],
+    "generate.stop": [(["x" * 200], {"generate": {"max_new_tokens": 1}}),  # longer than a 1-token sample can be
+                      (["x" * 1000] * 1000, {})],  # a stop list that would cost more than the samples
     "generate.repetition_penalty": [(1e-40, {})],
     "data.dialogue_column": [("nope", {})],
     "data.use_chat_template": [(True, {})],
@@ -268,6 +272,14 @@ def test_a_bad_value_for_every_declared_param_is_one_line_and_changes_nothing(fi
         write_params(finished, merge(more, nested(key, value)))
         line = run_clean_failure(finished, stage)
     assert key.rsplit(".", 1)[-1] in line, line  # the line names the key
+
+
+def test_a_lora_target_peft_cannot_adapt_names_the_layers_it_can(finished):
+    with kept(finished):
+        write_params(finished, {"train": {"lora": {"enabled": True, "target_modules": ["c_attn", "ln_f"]}}})
+        line = run_clean_failure(finished, "train")
+    assert "'ln_f' is a LayerNorm" in line and "c_attn, c_proj, c_fc" in line and len(line) < 400, line
+    assert "supported" not in line, line  # peft's sentence, which lists every kind of layer it knows
 
 
 # --- broken files ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ repetition checks, prompts files, ad hoc use."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import datasets
@@ -165,3 +166,115 @@ def test_ad_hoc_prompts_from_a_file_and_from_stdin(pipeline_outputs, tmp_path):
 def test_bad_ad_hoc_flags_are_one_line(pipeline_outputs, tmp_path, args, message):
     failed = ad_hoc(pipeline_outputs, *args, cwd=tmp_path)
     assert failed.returncode == 2 and message in failed.stderr and failed.stderr.count("\n") == 1, failed.stderr
+
+
+# --- sampling at scale: the distribution transformers samples, drawn from top_k candidates alone -----------------
+
+def warped_by_transformers(scores, temperature, top_k, top_p):
+    """The next-token distribution transformers' sampling draws from: its warpers, then a softmax."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    scores = TopKLogitsWarper(top_k)(None, scores) if top_k else scores
+    scores = TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores
+    return scores.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 50, 0.95), (1.5, 7, 1.0), (1.0, 200, 0.5),
+                                                      (0.7, 0, 0.9), (1.0, 0, 1.0)])
+def test_the_top_k_sampler_keeps_transformers_distribution(temperature, top_k, top_p):
+    import torch
+
+    from pipeline.generation.sampling import SampleTopK
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 1000) * 3
+    sampler = SampleTopK(temperature, top_k, top_p)
+    expected = warped_by_transformers(scores.clone(), temperature, top_k, top_p)
+    probs, ids = sampler.candidates(None, scores.clone())
+    got = torch.zeros_like(expected).scatter_(-1, ids, probs) if ids is not None else probs
+    assert torch.equal(got > 0, expected > 0)  # the same support: the same tokens can be drawn
+    assert torch.allclose(got, expected, atol=1e-6)
+    draws = torch.stack([sampler(None, scores.clone()).argmax(-1) for _ in range(4000)])  # (draws, rows)
+    assert bool((expected.gather(-1, draws.T) > 0).all())  # nothing outside the support is ever drawn
+    frequency = torch.zeros_like(expected).scatter_add_(-1, draws.T, torch.ones(draws.T.shape)) / len(draws)
+    assert (frequency - expected).abs().max() < 0.03  # and draws follow it (4,000 draws: sd <= 0.008)
+
+
+def test_without_top_k_the_samples_are_transformers_own(model_and_tokenizer):
+    """top_k 0: the whole vocabulary is drawn from as transformers does, so a seed gives its very samples."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    cfg = replace(CFG, top_k=0, top_p=0.9, temperature=1.3, num_return_sequences=3, batch_size=3)
+    ours = sample(model, tokenizer, ["The river"], cfg)[0]
+    torch.manual_seed(cfg.seed)
+    inputs = tokenizer(["The river"] * 3, return_tensors="pt", add_special_tokens=False)
+    theirs = model.generate(**inputs, do_sample=True, top_k=0, top_p=0.9, temperature=1.3,
+                            max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    width = inputs["input_ids"].shape[1]
+    assert [r["ids"] for r in ours] == [[t for t in row[width:].tolist() if t != tokenizer.pad_token_id]
+                                        for row in theirs]
+
+
+def test_samples_go_through_the_model_batch_size_at_a_time(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    rows = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: rows.append(kw["input_ids"].shape[0]) or original(**kw))
+    records, _ = sample(model, tokenizer, ["The river", "Bread"], replace(CFG, num_return_sequences=5, batch_size=4))
+    assert rows == [4, 4, 2] and [(r["prompt"], r["sample"]) for r in records] == [
+        (p, j) for p in ("The river", "Bread") for j in range(5)]
+
+
+def test_a_long_generation_prints_progress(pipeline_outputs, monkeypatch, caplog):
+    from pipeline.generation.sampling import Progress
+
+    monkeypatch.setattr(Progress, "FIRST_S", 0.0)  # a line every step, as a long run has one every 30 s
+    monkeypatch.setattr(Progress, "EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="pipeline.generation.sampling"):
+        result = ad_hoc(pipeline_outputs, "--prompt", "The river", "--num-samples", "6", "--max-new-tokens", "5",
+                        "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in caplog.messages if "tokens/s, ETA" in line]
+    assert len(lines) >= 5 and "generate: 0/6 samples" in lines[0], caplog.messages
+    assert any("generate: 4/6 samples" in line for line in lines)  # the first batch of 4 done
+    assert re.search(r"\d/6 samples, [\d,]+ tokens/s, ETA \d+m\d\ds", lines[-1])
+
+
+def test_stop_strings_end_a_sample_at_the_step_they_appear(tokenizer):
+    import torch
+
+    from pipeline.generation.sampling import StopStrings
+
+    prompt = tokenizer("Stop here. Then", add_special_tokens=False).input_ids
+    new = tokenizer(" more text. Stop", add_special_tokens=False).input_ids
+    criterion = StopStrings(tokenizer, ["Stop", "\n\n"], prompt_width=len(prompt))
+    done = [bool(criterion(torch.tensor([prompt + new[:n]]))[0]) for n in range(1, len(new) + 1)]
+    assert done == [False] * (len(new) - 1) + [True]  # not for the prompt's "Stop": only at the new one
+
+
+def test_the_stop_list_is_bounded_in_one_line(pipeline_outputs, tmp_path):
+    stops = [a for i in range(65) for a in ("--stop", f"s{i}")]
+    many = ad_hoc(pipeline_outputs, "--prompt", "x", "--max-new-tokens", "8", *stops, cwd=tmp_path)
+    assert many.returncode == 2 and many.stderr.count("\n") == 1 and "generate.stop" in many.stderr, many.stderr
+    long = ad_hoc(pipeline_outputs, "--prompt", "x", "--max-new-tokens", "8", "--stop", "y" * 201, cwd=tmp_path)
+    assert long.returncode == 2 and long.stderr.count("\n") == 1 and "generate.stop" in long.stderr, long.stderr
+
+
+def test_precision_sets_the_weights_dtype(pipeline_outputs, tokenizer, monkeypatch):
+    import torch
+
+    from pipeline.core import device
+    from pipeline.generation.sampling import sampling_dtype
+
+    assert sampling_dtype(replace(CFG, precision="fp32")) is None
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert sampling_dtype(replace(CFG, precision="auto")) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert sampling_dtype(replace(CFG, precision="auto")) is None
+    with pytest.raises(PipelineError, match="generate.precision=bf16 but this CPU has no native bf16"):
+        sampling_dtype(replace(CFG, precision="bf16"))
+    bf16 = load_model(pipeline_outputs / "models/finetuned", dtype=torch.bfloat16)
+    records, _ = sample(bf16, tokenizer, ["The river"], replace(CFG, max_new_tokens=3, num_return_sequences=1))
+    assert next(bf16.parameters()).dtype == torch.bfloat16 and len(records[0]["ids"]) == 3

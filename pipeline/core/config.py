@@ -63,6 +63,8 @@ Prompt = Annotated[str, StringConstraints(max_length=100_000)]  # "": from the d
 Texts = Annotated[list[Text], Field(max_length=1000)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 Prompts = Annotated[list[Prompt], Field(max_length=10_000)]
+# every step decodes each sample's last 4 x 200 tokens and looks for every stop string in them: bounded work
+Stops = Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=200)]], Field(max_length=64)]
 AutoOrBool = Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)]
 Overrides = Annotated[dict[str, Any], BeforeValidator(_scalars)]
 
@@ -308,9 +310,15 @@ class GenerateConfig:
     repetition_penalty: Number = doc("Penalise tokens already present (1.0: off; 1.2 is common).", ge=1e-4, le=100.0)
     no_repeat_ngram_size: Whole = doc("Never repeat an n-gram of this size (0: off; at most max_new_tokens).", ge=0,
                                       le=TOKENS_MAX)
-    stop: Texts = doc("Stop a sample at the first of these strings (it is cut there).")
+    stop: Stops = doc("Stop a sample at the first of these strings (it is cut there); at most 64, of at most 200 "
+                      "characters each.")
     num_return_sequences: Whole = doc("Samples per prompt.", ge=1, le=1000)
-    batch_size: Whole = doc("Prompts per generate() call (left-padded, KV cache).", ge=1, le=BATCH_MAX)
+    batch_size: Whole = doc(
+        "Samples (prompts x num_return_sequences, taken in order) per generate() call, left-padded, sharing the "
+        "forward passes and holding a KV cache each: the larger, the faster, until memory runs out.", ge=1,
+        le=BATCH_MAX)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "The weights' dtype while sampling (fp32 logits for the sampler); auto as train.precision.")
     compare_base: StrictBool = doc("Also sample the base model, shown side by side in samples.md.")
     seed: Whole = doc("Sampling seed; the same seed and prompts give the same samples.", ge=0, le=SEED_MAX)
 

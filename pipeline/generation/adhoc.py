@@ -15,7 +15,7 @@ from pipeline.core.config import GenerateConfig
 from pipeline.core.loading import load_model, load_tokenizer
 from pipeline.core.params import PROJECT_PARAMS, from_dict, merge, read_yaml
 from pipeline.generation.prompts import read_prompts
-from pipeline.generation.sampling import sample
+from pipeline.generation.sampling import sample, sampling_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,7 +57,7 @@ def print_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
 def ad_hoc(model_dir: Path, prompts: list[str], prompts_file: Path | None, cfg: GenerateConfig, trust: bool) -> None:
     """Sample the prompts given (then those of stdin where one of them is '-') and print; write nothing."""
     given = [p for p in prompts if p != "-"] + (read_prompts(prompts_file, "--prompts-file") if prompts_file else [])
-    model, tokenizer = load_model(model_dir, trust), load_tokenizer(model_dir, trust)
+    model, tokenizer = load_model(model_dir, trust, sampling_dtype(cfg)), load_tokenizer(model_dir, trust)
     if given:
         print_samples(model, tokenizer, given, cfg)
     if "-" in prompts:
