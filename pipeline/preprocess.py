@@ -101,6 +101,10 @@ def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, n
     eos = [tokenizer.eos_token_id] if add_eos else []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)  # Rust, threaded, no character offsets: ~1.5x __call__
+    if backend is not None and (backend.padding or backend.truncation):
+        # set to pad or cut (a tokenizer.json may say so; a call with padding=True leaves it so), the backend
+        # would pad every document to the batch's longest: transformers' own call turns both off first
+        fast = None
     sft = "prompt" in docs.column_names
 
     def encoded(texts: list[str]) -> list[list[int]]:

@@ -262,7 +262,7 @@ def test_the_stop_list_is_bounded_in_one_line(pipeline_outputs, tmp_path):
     assert long.returncode == 2 and long.stderr.count("\n") == 1 and "generate.stop" in long.stderr, long.stderr
 
 
-def test_precision_sets_the_weights_dtype(pipeline_outputs, tokenizer, monkeypatch):
+def test_precision_sets_the_weights_dtype(pipeline_outputs, model_and_tokenizer, monkeypatch):
     import torch
 
     from pipeline.core import device
@@ -275,6 +275,7 @@ def test_precision_sets_the_weights_dtype(pipeline_outputs, tokenizer, monkeypat
     assert sampling_dtype(replace(CFG, precision="auto")) is None
     with pytest.raises(PipelineError, match="generate.precision=bf16 but this CPU has no native bf16"):
         sampling_dtype(replace(CFG, precision="bf16"))
+    tokenizer = model_and_tokenizer[1]
     bf16 = load_model(pipeline_outputs / "models/finetuned", dtype=torch.bfloat16)
     records, _ = sample(bf16, tokenizer, ["The river"], replace(CFG, max_new_tokens=3, num_return_sequences=1))
     assert next(bf16.parameters()).dtype == torch.bfloat16 and len(records[0]["ids"]) == 3

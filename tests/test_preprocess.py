@@ -24,6 +24,15 @@ def test_eos_after_every_nonempty_document(tokenizer):
     assert plain["input_ids"] == [[15496, 995], [15496]]
 
 
+def test_a_tokenizer_left_set_to_pad_does_not_pad_documents(tokenizer_dir):
+    from pipeline.core.loading import load_tokenizer
+
+    padding = load_tokenizer(tokenizer_dir)
+    padding(["a longer text", "b"], padding=True)  # leaves its fast backend set to pad
+    tokens = tokenize(docs("Hello world", "", "Hello"), padding, add_eos=True, num_proc=1, batch_size=2)
+    assert tokens["input_ids"] == [[15496, 995, EOS], [], [15496, EOS]]
+
+
 def test_tokenize_in_parallel_gives_the_same_ids(tokenizer):
     texts = [f"document number {i} has some words" for i in range(40)]
     one = tokenize(docs(*texts), tokenizer, True, num_proc=1, batch_size=7)
