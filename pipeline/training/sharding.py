@@ -21,7 +21,9 @@ def deepspeed_config(sharding: str) -> dict | None:
     optimizer and schedule stay the Trainer's (train.optimizer, train.lr_scheduler). Otherwise DeepSpeed's
     defaults (overlap_comm: on for ZeRO-3, off for ZeRO-2), except the gradients: under bf16/fp16 DeepSpeed
     would sum them over micro-batches and across processes in the 16-bit type; here in fp32, as DDP does.
-    ZeRO-3 gathers the full 16-bit weights on save, so models/finetuned is an ordinary model."""
+    Under ZeRO-3 the Trainer's own saves (the model file of each checkpoint) need the full weights gathered
+    in 16 bits (stage3_gather_16bit_weights_on_model_save); models/finetuned is written from the fp32 master
+    weights instead (full_fp32_weights)."""
     if sharding == "none":
         return None
     zero: dict = {"stage": int(sharding[-1]), "contiguous_gradients": True, "reduce_bucket_size": "auto"}
