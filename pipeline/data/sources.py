@@ -115,6 +115,7 @@ def first_bad_byte(path: Path) -> tuple[int, int] | None:
 
 def utf8_files(files: list[Path], errors: str, scratch: Path) -> list[Path]:
     """The files ready to read as UTF-8: checked (strict) or repaired into `scratch`."""
+    # not datasets' encoding_errors: json ignores it (bad bytes reach Arrow); text and csv give no offset in the file
     ready = []
     for path in files:
         if suffix(path) not in TEXT_SUFFIXES:
@@ -230,6 +231,7 @@ def _materialise(stream: IterableDataset, max_samples: int | None, scratch: Path
     path = scratch / f"stream-{len(list(scratch.glob('stream-*')))}.arrow"
     if max_samples:
         stream = stream.take(max_samples)
+    # 1000 rows at a time: Dataset.from_generator takes the stream row by row, encoding each one through a builder
     with ArrowWriter(path=str(path), features=stream.features) as writer:
         for batch in stream.iter(batch_size=1000):
             writer.write_batch(batch)
