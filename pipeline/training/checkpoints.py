@@ -51,6 +51,7 @@ def resume_checkpoint(folder: Path, run_id: str) -> str | None:
     if (folder / FINISHED).exists():
         log.info("this run finished before (%s); training it again from the start", folder)
         return None
+    # not transformers' get_last_checkpoint: it returns the highest-numbered folder even where its save was cut short
     found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step, reverse=True)
     for path in found:
         problem = damage(path)

@@ -44,6 +44,7 @@ def gathered_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    # fp32 from the live engine: deepspeed's zero_to_fp32 needs a checkpoint on disk, and the Trainer's save is 16-bit
     weights = {}
     for name, param in model.named_parameters():
         value = safe_get_full_fp32_param(param) if param.requires_grad else None
