@@ -15,9 +15,9 @@ while every activation saved for the backward is still held. The estimate adds w
     logits             tokens x vocabulary x `logits` bytes (logits, their fp32 copy, the loss's gradient)
 
 and takes the larger of that, the optimizer step (weights, gradients and states) and an evaluation
-batch. The per-unit byte counts are not theory (Korthikanti et al. give 34 bytes per layer-token-hidden
-unit; Hugging Face's GPT-2 keeps 64-86 eagerly, because autocast keeps some of it in fp32): they were
-measured, per device kind, and CALIBRATION says where and when. On a GPU, `python bench/bench.py
+batch. The per-unit byte counts are measured per device kind, not taken from theory (Korthikanti et al.'s
+count is lower: Hugging Face's GPT-2 keeps more eagerly, and autocast keeps some of it in fp32); docs/speed.md
+("Memory") gives them with where and when they were measured. On a GPU, `python bench/bench.py
 --only memory` prints the estimate beside the measured peak of the train stage for GPT-2 shapes up to
 gpt2-xl; on a CPU, tests/training/test_memory.py holds it to the tensor memory of real steps.
 
@@ -57,32 +57,30 @@ class Calibration:
     source: str
 
 
-_CPU_SOURCE = ("measured with pipeline.training.peak.PeakTensorMemory on an AMD EPYC (2 cores), torch 2.13.0, "
-               "2026-11-23: GPT-2 shapes d 256-768, T 128-1024, 2-4 layers")
-# What each coefficient was fitted to, and how far the estimate is from what was measured where: docs/speed.md
-# ("Memory"); `source` names the measurements.
-_H100_SOURCE = "fitted to torch.cuda.max_memory_allocated on one H100 80GB (torch 2.11), 2026-11-23"
+# What each coefficient was fitted to, on which machine and when, and how far the estimate is from what was
+# measured: docs/speed.md ("Memory"); `source` names the kind of measurement.
+_CPU_SOURCE = "pipeline.training.peak.PeakTensorMemory of real steps on a CPU"
+_H100_SOURCE = "torch.cuda.max_memory_allocated of the train stage on an H100"
 CALIBRATION: dict[tuple[str, str, bool], Calibration] = {
     # (device type, "16-bit" or "fp32", torch.compile)
     ("cuda", "16-bit", False): Calibration(86.2, 7.0, 12.25, 10.3, 2.0, 4.1, _H100_SOURCE),
     ("cuda", "16-bit", True): Calibration(44.8, 7.0, 9.0, 10.3, 2.0, 4.1, _H100_SOURCE),
-    # fp32 keeps the same tensors on every device (no autocast): measured on CPU, not on a GPU
+    # fp32 keeps the same tensors on every device (no autocast), so the CPU's figures stand for CUDA too
     ("cuda", "fp32", False): Calibration(120.2, 12.0, 12.1, 8.1, 4.5, 4.1, _CPU_SOURCE),
     ("cpu", "16-bit", False): Calibration(64.1, 14.0, 12.0, 10.3, 4.5, 4.1, _CPU_SOURCE),
     ("cpu", "fp32", False): Calibration(120.2, 12.0, 12.1, 8.1, 4.5, 4.1, _CPU_SOURCE),
 }
 OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adafactor": 0, "sgd": 0}
 
-# Allowances, not measurements (no GPU run has recorded them yet; docs/speed.md, "Memory"):
+# Allowances, not measurements (docs/speed.md, "Memory"), for what the estimate leaves out:
 # the caching allocator reserves beyond what it hands out (blocks split and cached; the gap between
 # torch.cuda.max_memory_reserved and max_memory_allocated);
 ALLOCATOR_GAP = 0.10
 # NCCL's channel buffers (NCCL_BUFFSIZE, 4 MiB per protocol, channel and peer: a few hundred MiB on an 8-GPU
 # NVLink host) and NVLink SHARP's on NVSwitch hosts, allocated outside PyTorch's allocator, per process;
 COLLECTIVE_BUFFERS = GIB
-# and the estimate's own error where it was not fitted (-0.4% and +4.1% on the H100 shapes it predicted;
-# gpt2-medium compiled was 9% above the compiled coefficients when they were fitted to gpt2 alone): the GPU
-# profiles and the tables in docs/speed.md keep this much more, so their batch sizes do not sit inside it.
+# and the estimate's own error on shapes it was not fitted to (docs/speed.md gives the errors measured): the
+# GPU profiles and the tables in docs/speed.md keep this much more, so their batch sizes do not sit inside it.
 ESTIMATE_ERROR = 0.10
 
 
@@ -185,7 +183,7 @@ def sharded_states(model: ModelShape, run: RunShape, sixteen_bit: bool, state_by
     under bf16/fp16 and keeps the fp32 master weights in the optimizer; zero2 splits those, the AdamW
     states and the fp32 gradients across the processes, zero3 the model's weights too, gathering each
     block's whole while it runs (two blocks with prefetch, and the embedding, which GPT-2 also reads for
-    the logits). Not yet measured on a GPU: an estimate from the sizes alone."""
+    the logits). An estimate from the sizes alone, not fitted to measurements (docs/scaling.md)."""
     width = 2 if sixteen_bit else 4
     split = ((4 if sixteen_bit else 0) + state_bytes + 4) * model.trainable / run.shards
     if run.sharding == "zero2":

@@ -148,13 +148,13 @@ def unused_parameters(model: PreTrainedModel, block: dict) -> list[str]:
 # --- torch.compile ---------------------------------------------------------------------------------
 
 # torch.compile costs a fixed time up front and then saves a part of every step: the figures behind this
-# threshold, and what is not yet measured, are in docs/speed.md ("What a training step is made of").
+# threshold are in docs/speed.md ("What a training step is made of").
 COMPILE_MIN_TOKENS = 5_000_000
 
 
 def use_compile(requested: bool | str, device: str, planned_tokens: int) -> tuple[bool, str]:
     """Whether to torch.compile, and why. `auto`: on CUDA, for runs of at least COMPILE_MIN_TOKENS
-    tokens; never on a CPU, where it made GPT-2 124M slower (docs/speed.md)."""
+    tokens; never on a CPU, where it does not pay (docs/speed.md)."""
     if requested != "auto":
         return bool(requested), "train.torch_compile"
     if device != "cuda":
@@ -217,9 +217,9 @@ def auto_attention(model: PreTrainedModel, t: TrainConfig, plan: Plan, blocks: D
 def attention_by_rule(device: str, precision: str) -> str | None:
     """The choice `auto` makes without measuring, or None where it measures. On CUDA nothing is run:
     flash_attention_2 where installed (16-bit), else sdpa (PyTorch's flash and memory-efficient kernels).
-    Timing eager attention there would run the B x heads x T^2 score matrices at the training batch:
-    tens of GiB on a GPT-2 (docs/speed.md: it ran gpt2-medium at batch 16 out of memory on an 80 GB
-    card). On a CPU, eager and sdpa are close and either can win, so it measures, at one block."""
+    Timing eager attention there would run the B x heads x T^2 score matrices at the training batch,
+    which can need more memory than the training itself (docs/speed.md). On a CPU, eager and sdpa are
+    close and either can win, so it measures, at one block."""
     if device == "cuda":
         return "flash_attention_2" if flash_attention_installed() and precision != "fp32" else "sdpa"
     return None
