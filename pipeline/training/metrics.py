@@ -28,14 +28,14 @@ def run_metrics(trainer: Trainer, result: TrainOutput, seconds: float, start_ste
                 plan: Plan) -> dict:
     """metrics/train.json: losses, steady and whole-run throughput: tokens/s of the whole run (every process),
     MFU per device."""
-    t = trainer.args
+    args = trainer.args
     # whole run: the evaluations inside train() (step 0, every eval_steps) are taken out; a resumed run's
     # history also holds the earlier run's, up to and including its resume step
     history = trainer.state.log_history  # the final evaluate() below appends to it too
     eval_seconds = sum(h["eval_runtime"] for h in history
                        if "eval_runtime" in h and (h["step"] > start_step or not start_step))
     # with eval_steps the Trainer has evaluated the last step itself; without, evaluate once here
-    final_eval = trainer.evaluate() if t.eval_strategy == "no" else {}
+    final_eval = trainer.evaluate() if args.eval_strategy == "no" else {}
     final = final_eval or saved_model_evaluation(trainer)
     step = trainer.state.global_step
     trained = step - start_step  # 0 when a run stopped after its last checkpoint is run again
