@@ -61,7 +61,7 @@ def prepare(work: Path) -> None:
     from pipeline.core.outputs import write_json, write_manifest
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
-    from pipeline.preprocess import build_blocks
+    from pipeline.tasks.causal_lm.preprocess import build_blocks
     from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference
     from tests.support import project_section
 
@@ -152,7 +152,7 @@ def case_preprocess_pipeline(work: Path) -> dict:
     import datasets
 
     from pipeline.core.loading import load_tokenizer
-    from pipeline.preprocess import build_blocks
+    from pipeline.tasks.causal_lm.preprocess import build_blocks
     from tests.support import project_section
 
     datasets.disable_caching()
@@ -259,7 +259,7 @@ def prepare_gpu(work: Path, sizes: list[str]) -> None:
     from pipeline.core.outputs import write_json, write_manifest
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
-    from pipeline.preprocess import build_blocks
+    from pipeline.tasks.causal_lm.preprocess import build_blocks
     from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference
     from tests.support import project_section
 

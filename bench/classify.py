@@ -28,11 +28,11 @@ BLOCK, BATCH, EPOCHS, LR, SEED = 128, 16, 3, 2e-3, 0
 
 def prepare(work: Path) -> None:
     """Texts, labels, the tokenizer, the base model and the pipeline's blocks, once, under `work`."""
-    from pipeline.classification.data import build_examples
     from pipeline.core.loading import load_tokenizer
     from pipeline.core.outputs import write_json, write_manifest
     from pipeline.data.sources import load_raw
     from pipeline.download import save_base
+    from pipeline.tasks.classification.preprocess import build_examples
     from pipeline.tools.corpora import write_gpt2_tokenizer, write_stdlib_docstrings
     from tests.support import project_section
 
@@ -57,8 +57,8 @@ def prepare(work: Path) -> None:
 def evaluation(model, work: Path, blocks) -> dict:
     import numpy as np
 
-    from pipeline.classification.metrics import scores
-    from pipeline.classification.scoring import probabilities
+    from pipeline.tasks.classification.metrics import scores
+    from pipeline.tasks.classification.scoring import probabilities
 
     names = json.loads((work / "labels.json").read_text())
     predicted = probabilities(model, blocks, 64, "fp32").argmax(1)
@@ -97,9 +97,9 @@ def case_peer(work: Path) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, default_data_collator
 
-    from pipeline.classification.metrics import scores
-    from pipeline.classification.scoring import texts_of
     from pipeline.core.loading import load_tokenizer
+    from pipeline.tasks.classification.metrics import scores
+    from pipeline.tasks.classification.scoring import texts_of
 
     tokenizer = load_tokenizer(work / "tokenizer")  # pad = EOS, as users set it for GPT-2
     blocks = datasets.load_from_disk(str(work / "blocks"))

@@ -62,8 +62,8 @@ def run_side(side: str, shape: str, per_prompt: int, tokenizer_dir: Path) -> dic
 
     from pipeline.core.device import device
     from pipeline.core.loading import load_tokenizer
-    from pipeline.generate import score
     from pipeline.generation.sampling import sample
+    from pipeline.tasks.causal_lm.generate import score
     from tests.support import project_section
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -16,43 +16,17 @@ import click
 
 from pipeline.core.common import PipelineError, stage_command
 from pipeline.core.outputs import hold_workspace, outputs, write_json
+from pipeline.tasks import DEFAULT_TASK, TASKS, task_part
 
 
 def headline(train: dict, evaluation: dict, generation: dict) -> dict:
-    """The summary row, rounded to what a comparison needs: the task's own figures, then throughput and
-    MFU (the steady figures, after warm-up, without evaluations and saves, or the whole run's when the run
-    had no steady part), peak memory and training minutes."""
-    validation = evaluation["validation"]
-    steady = train["steady_tokens_per_second"] is not None
-    speed = {
-        "tokens_s": round(train["steady_tokens_per_second"] if steady else train["tokens_per_second"]),
-        "mfu": round(train["steady_mfu"] if steady else train["mfu"], 4),
-        "peak_gib": round(train["peak_memory_gib"], 2),
-        "train_min": round(train["wall_seconds"] / 60, 2),
-    }
-    if evaluation.get("task") == "classification":
-        return {
-            "macro_f1": round(validation["finetuned"]["macro_f1"], 4),
-            "accuracy": round(validation["finetuned"]["accuracy"], 4),
-            "f1_majority": round(validation["majority"]["macro_f1"], 4),  # the baselines fine-tuning must beat
-            "f1_zero_shot": round(validation["zero_shot"]["macro_f1"], 4),
-            "eval_loss": _rounded(train.get("eval_loss"), 4),
-            **speed,
-        }
-    base, tuned = validation["base"]["perplexity"], validation["finetuned"]["perplexity"]
-    return {
-        "ppl": round(tuned, 2),
-        "ppl_base": round(base, 2),
-        "ppl_gain": round(base / tuned, 2),  # how many times lower fine-tuning made perplexity
-        "eval_loss": round(validation["finetuned"]["loss"], 4),
-        **{k: speed[k] for k in ("tokens_s", "mfu", "peak_gib")},
-        "copied": _rounded(generation["finetuned"]["copied_8gram_fraction"], 3),
-        "train_min": speed["train_min"],
-    }
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
+    """The summary row of the task the evaluation was made for (pipeline.tasks.<task>.report), rounded to
+    what a comparison needs."""
+    task = evaluation.get("task", DEFAULT_TASK)
+    if task not in TASKS:
+        raise PipelineError(f"the evaluate stage's metrics name task {task!r}, not one of {', '.join(TASKS)}; re-run "
+                            "evaluate (dvc repro -f evaluate)")
+    return task_part(task, "report").headline(train, evaluation, generation)
 
 
 NEEDED = {"train": ("steady_tokens_per_second", "steady_mfu", "tokens_per_second", "mfu", "peak_memory_gib",

@@ -19,27 +19,24 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pipeline.classification.metrics import trainer_metrics
-from pipeline.classification.training import add_pad_token, classification_card, weighted_loss
 from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
 from pipeline.core.device import keep_freed_memory, take_gpus
-from pipeline.core.loading import context_length, load_saved_dataset, load_tokenizer, read_json, saved_labels
+from pipeline.core.loading import load_saved_dataset, load_tokenizer, read_json
 from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
 from pipeline.core.params import load_params
-from pipeline.generation.room import check_room
+from pipeline.tasks import DEFAULT_TASK, task_part
 from pipeline.training.arguments import bucket_view_gradients, training_arguments
 from pipeline.training.callbacks import (
     early_stopping,
     finite_weights,
-    leave_classifier_curves_empty,
     live_callback,
     progress_callback,
     samples_callback,
     stop_on_non_finite,
     trim_live_log,
 )
-from pipeline.training.card import git_commit, lock_hashes, model_card
+from pipeline.training.card import git_commit, lock_hashes
 from pipeline.training.checkpoints import (
     LIVE,
     checkpoint_step,
@@ -54,7 +51,7 @@ from pipeline.training.checkpoints import (
 from pipeline.training.launch import processes_per_node, run_under_torchrun
 from pipeline.training.memory import MemoryEstimate
 from pipeline.training.metrics import memory_metrics, run_metrics, summary_line
-from pipeline.training.model import causal_sdpa, count_parameters, prepare_model
+from pipeline.training.model import count_parameters
 from pipeline.training.peak import reset_peak
 from pipeline.training.plan import (
     Attention,
@@ -74,7 +71,9 @@ from pipeline.training.throughput import (
 )
 
 if TYPE_CHECKING:
-    from datasets import Dataset, DatasetDict
+    from types import ModuleType
+
+    from datasets import DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__"
@@ -85,7 +84,7 @@ log = logging.getLogger(__spec__.name)  # under python -m, __name__ is "__main__
 @dataclass(frozen=True)
 class Inputs:
     """What the stages before wrote: the blocks and the tokenizer, and the provenance of the base model and
-    of the blocks, for the model card; and, for a classifier, the label names the blocks' ids stand for."""
+    of the blocks, for the model card; and, where the task has labels, the names the blocks' ids stand for."""
 
     blocks: DatasetDict
     tokenizer: PreTrainedTokenizerBase
@@ -114,8 +113,9 @@ class RunFolder:
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything decided before the Trainer starts."""
+    """Everything decided before the Trainer starts, and the task's part of the train stage."""
 
+    task: ModuleType
     inputs: Inputs
     trainable: Trainable
     run: RunFolder
@@ -127,14 +127,15 @@ class Setup:
 
 
 def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) -> Setup:
-    t = params.train
+    t, task = params.train, task_part(params.task, "train")
     check_processes("train.dataloader_num_workers", t.dataloader_num_workers)
-    inputs = _setup_inputs(params, data_dir, base_dir)
+    inputs = _setup_inputs(params, data_dir, base_dir, task)
     train_blocks = inputs.blocks["train"]
     plan = make_plan(t, len(train_blocks), len(train_blocks[0]["input_ids"]))
-    trainable = _setup_model(params, base_dir, inputs)
+    trainable = _setup_model(params, base_dir, inputs, task)
     run = _setup_run_folder(params, data_dir, base_dir, checkpoints)  # every rank decides before rank 0 writes
-    args = training_arguments(params, plan, run.path, find_unused_parameters(trainable.model, plan, train_blocks))
+    args = training_arguments(params, plan, run.path, find_unused_parameters(trainable.model, plan, train_blocks),
+                              task.best_metric(params))
     # on the CPU the model is loaded on: CUDA needs no measuring, and the preflight must run before the
     # weights take their share of the GPU (the Trainer moves the model there)
     attention = choose_attention(trainable.model, t, plan, train_blocks,
@@ -147,40 +148,24 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
              f"{trainable.parameters[1]:,}", f"{trainable.parameters[0]:,}", plan.effective_batch,
              t.per_device_train_batch_size, t.gradient_accumulation_steps, plan.world_size, plan.tokens_per_step,
              plan.steps, f"; resuming from {run.resume_from}" if run.resume_from else "")
-    return Setup(inputs, trainable, run, plan, attention, memory, args, meter)
+    return Setup(task, inputs, trainable, run, plan, attention, memory, args, meter)
 
 
-def _setup_inputs(params: Params, data_dir: Path, base_dir: Path) -> Inputs:
+def _setup_inputs(params: Params, data_dir: Path, base_dir: Path, task: ModuleType) -> Inputs:
     blocks = load_saved_dataset(data_dir, "preprocess")
     tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code, "download")
     # read now, not after training: a damaged one stops the stage here
     sources = read_json(base_dir / "provenance.json", "download"), read_json(data_dir / "provenance.json",
                                                                                "preprocess")
-    made_for = sources[1].get("task", "causal_lm")
+    made_for = sources[1].get("task", DEFAULT_TASK)
     if made_for != params.task:
         raise PipelineError(f"{data_dir} was made for task: {made_for}, and task is {params.task}; re-run "
                             "preprocess (dvc repro -f preprocess)")
-    labels = saved_labels(sources[1], data_dir) if params.task == "classification" else None
-    return Inputs(blocks, tokenizer, sources, labels)
+    return Inputs(blocks, tokenizer, sources, task.labels(sources[1], data_dir))
 
 
-def _setup_model(params: Params, base_dir: Path, inputs: Inputs) -> Trainable:
-    t, tokenizer = params.train, inputs.tokenizer
-    if params.task == "classification":  # a pad token of its own, and a head over the data's labels
-        from transformers import set_seed
-
-        made = inputs.provenance[1]
-        set_seed(params.seed)  # the new head's initial weights: the same params, the same classifier
-        model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, add_pad_token(tokenizer),
-                                     inputs.labels)
-        model.config.text_blocks = {"block_size": made["preprocess"]["block_size"],  # how texts are read: its
-                                    "add_eos": made["preprocess"]["add_eos"],        # predictions read them so
-                                    "padding_side": made["classify"]["padding_side"]}
-        return Trainable(model, vocab, count_parameters(model, vocab))
-    model, vocab = prepare_model(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
-    if t.samples.every:
-        check_room(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens, context_length(model.config),
-                   "train.samples")
+def _setup_model(params: Params, base_dir: Path, inputs: Inputs, task: ModuleType) -> Trainable:
+    model, vocab = task.prepare_model(params, base_dir, inputs.tokenizer, inputs.provenance[1], inputs.labels)
     return Trainable(model, vocab, count_parameters(model, vocab))
 
 
@@ -219,43 +204,17 @@ def make_trainer(s: Setup, params: Params) -> Trainer:
     from transformers import PrinterCallback, Trainer, default_data_collator
 
     t, resume, live_dir = params.train, s.run.resume_from is not None, s.run.path / LIVE
-    causal_lm = params.task != "classification"
-    if causal_lm and s.attention.implementation == "sdpa":
-        causal_sdpa(s.trainable.model)
     callbacks = [meter_callback(s.meter), stop_on_non_finite(), progress_callback(s.plan.tokens_per_step),
                  live_callback(live_dir, resume), mark_complete_callback(),
                  *samples_callback(t.samples, s.inputs.tokenizer, live_dir, s.meter, resume),
                  *early_stopping(t.early_stopping_patience)]
-    train_blocks, eval_blocks = (trainer_blocks(s.inputs.blocks[split], causal_lm) for split in ("train", "validation"))
-    trainer = Trainer(model=s.trainable.model, args=s.args, train_dataset=train_blocks, eval_dataset=eval_blocks,
-                      data_collator=default_data_collator, processing_class=s.inputs.tokenizer, callbacks=callbacks,
-                      **classifier_options(s, params))
+    task = s.task.trainer_options(s.trainable.model, s.inputs.blocks, s.inputs.labels, params,
+                                  s.attention.implementation)
+    trainer = Trainer(model=s.trainable.model, args=s.args, data_collator=default_data_collator,
+                      processing_class=s.inputs.tokenizer, callbacks=callbacks, **task)
     trainer.remove_callback(PrinterCallback)  # its raw dicts: progress_callback says it in one line
     bucket_view_gradients(trainer)
     return trainer
-
-
-def trainer_blocks(blocks: Dataset, causal_lm: bool) -> Dataset:
-    """The blocks as the Trainer gets them: torch tensors, which default_data_collator stacks (from Python
-    lists it builds every batch anew); a causal LM's without their attention mask, which changes nothing of
-    its loss (its padding is on the right, after every real token, and out of the loss) and would make
-    transformers read every batch on the host (model.causal_sdpa)."""
-    if causal_lm and "attention_mask" in blocks.column_names:
-        blocks = blocks.remove_columns("attention_mask")
-    return blocks.with_format("torch")
-
-
-def classifier_options(s: Setup, params: Params) -> dict:
-    """The Trainer's accuracy and macro-F1 at every evaluation, and the weighted loss, for a classifier."""
-    if params.task != "classification":
-        return {}
-    options: dict = {"compute_metrics": trainer_metrics}
-    if params.classify.class_weights == "balanced":
-        from collections import Counter
-
-        seen = Counter(s.inputs.blocks["train"]["labels"])
-        options["compute_loss_func"] = weighted_loss([seen.get(i, 0) for i in range(len(s.inputs.labels))])
-    return options
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -284,15 +243,11 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
                     metrics["eval_loss"], params.lr)
     if trainer.is_world_process_zero():
         inputs, commit = lock_hashes([str(base_dir), str(data_dir)]), git_commit()
-        card = classification_card(params, *s.inputs.provenance, metrics, inputs, commit) \
-            if params.task == "classification" else model_card(
-                params.train, params.seed, params.lr, *s.inputs.provenance,
-                (metrics["base_eval_loss"], metrics["eval_loss"]), metrics, inputs, commit)
+        card = s.task.card(params, *s.inputs.provenance, metrics, inputs, commit)
         with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
             save(trainer, s.args, model_tmp, s.trainable.vocab, params.train.lora.enabled, card, weights)
             shutil.copytree(s.run.path / LIVE, live_tmp)
-            if params.task != "classification":
-                leave_classifier_curves_empty(live_tmp)
+            s.task.finish_live_log(live_tmp)
             write_json(metrics_tmp, metrics)
         mark_finished(s.run.path)
     return metrics

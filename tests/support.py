@@ -46,6 +46,6 @@ def gpt2_shape(size: str, vocab: int = 50304, lora_r: int = 0, positions: int = 
 def token_nll(model: PreTrainedModel, blocks: Dataset, batch_size: int, precision: str = "fp32") -> tuple[float, int]:
     """The evaluate stage's summed NLL over `blocks` and the tokens scored, for a freshly loaded model
     (its output matrix is padded in place)."""
-    from pipeline.evaluate import block_nll, make_scorer
+    from pipeline.tasks.causal_lm.evaluate import block_nll, make_scorer
 
     return block_nll(make_scorer(model, precision), blocks, batch_size)

@@ -16,15 +16,27 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS_CODE = {"core.config", "core.params"}
 
 
+def source(module: str) -> Path:
+    """The file of a pipeline module: "train" is pipeline/train.py, the package "tasks" pipeline/tasks/__init__.py."""
+    path = ROOT / "pipeline" / module.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def imported(module: str) -> set[str]:
-    """The pipeline modules `module` ("train", "training.plan") imports, at the top or inside functions."""
-    tree = ast.parse((ROOT / "pipeline" / f"{module.replace('.', '/')}.py").read_text())
+    """The pipeline modules `module` ("train", "training.plan") imports, at the top or inside functions; a
+    stage's `task_part(task, "<stage>")` imports that stage's module of every task (pipeline.tasks)."""
+    from pipeline.tasks import TASKS
+
+    tree = ast.parse(source(module).read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
             found.add(node.module.removeprefix("pipeline."))
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("pipeline.") for a in node.names if a.name.startswith("pipeline.")}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "task_part"
+              and isinstance(node.args[1], ast.Constant)):
+            found |= {f"tasks.{task}.{node.args[1].value}" for task in TASKS}
     return found
 
 
@@ -36,12 +48,17 @@ def runs(stage: str) -> set[str]:
         if module not in seen and module not in PARAMS_CODE:
             seen.add(module)
             todo += imported(module)
-    return {f"pipeline/{module.replace('.', '/')}.py" for module in seen}
+    return {str(source(module).relative_to(ROOT)) for module in seen}
 
 
 @pytest.mark.parametrize("stage", DVC["stages"])
 def test_a_stage_depends_on_exactly_the_code_it_runs(stage):
-    declared = {dep for dep in DVC["stages"][stage]["deps"] if dep.startswith("pipeline/")}
+    declared = set()
+    for dep in DVC["stages"][stage]["deps"]:  # a folder: every module in it, its package docstring aside
+        if dep.startswith("pipeline/"):
+            folder = ROOT / dep
+            declared |= ({str(p.relative_to(ROOT)) for p in folder.rglob("*.py") if p.name != "__init__.py"}
+                         if folder.is_dir() else {dep})
     code = runs(stage)
     assert declared == code, f"{stage}: add {sorted(code - declared)}, drop {sorted(declared - code)}"
 

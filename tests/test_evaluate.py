@@ -14,10 +14,10 @@ import torch
 from pipeline.core.common import IGNORE_INDEX
 from pipeline.core.loading import load_model, load_tokenizer
 from pipeline.core.outputs import write_manifest
-from pipeline.evaluate import (
+from pipeline.tasks.causal_lm.evaluate import (
     block_nll,
     compare,
-    evaluate,
+    evaluate_models,
     evaluate_split,
     make_scorer,
     perplexity_rows,
@@ -165,7 +165,8 @@ def test_base_and_finetuned_on_the_same_tokens_every_split(pipeline_outputs, tmp
     with_test = datasets.DatasetDict({**processed, "test": processed["validation"]})
     with_test.save_to_disk(str(tmp_path / "processed"))
     write_manifest(tmp_path / "processed")  # as preprocess leaves it: the stages check what they read
-    result = evaluate(out / "models/base", out / "models/finetuned", tmp_path / "processed", 4, False, "fp32", 16)
+    result = evaluate_models(out / "models/base", out / "models/finetuned", tmp_path / "processed", 4, False, "fp32",
+                             16)
     val, test = result["validation"], result["test"]
     assert result["stride"] == 16 and result["block_size"] == 32
     assert val["tokens"] == len(processed["validation"]) * 31

@@ -13,9 +13,9 @@ import pytest
 
 from pipeline.core.common import PipelineError
 from pipeline.core.loading import load_model, load_tokenizer
-from pipeline.generate import copied_fraction, distinct, training_ngrams
 from pipeline.generation.prompts import load_prompts
 from pipeline.generation.sampling import cut_at_stop, sample
+from pipeline.tasks.causal_lm.generate import copied_fraction, distinct, training_ngrams
 from tests.conftest import run_stage
 from tests.support import project_section
 

@@ -7,7 +7,8 @@ import datasets
 import pytest
 
 from pipeline.core.common import IGNORE_INDEX, PipelineError
-from pipeline.preprocess import build_blocks, pack, pad, split_documents, tokenize
+from pipeline.data.splits import split_documents
+from pipeline.tasks.causal_lm.preprocess import build_blocks, pack, pad, tokenize
 from tests.conftest import data_params, prep_params
 
 EOS = 50256
@@ -127,7 +128,7 @@ def test_long_documents_are_tokenized_in_pieces_to_the_same_tokens(tokenizer):
     input: a 50 MB one-line file took 6 GB), cut where GPT-2's pre-tokenizer starts a token anyway."""
     import random
 
-    from pipeline.preprocess import pieces
+    from pipeline.tasks.causal_lm.preprocess import pieces
 
     rng = random.Random(0)
     words = ["the", "river's", "  double", "x", "don't", "123", "4.5", "!!", "\n", "end.", "café", "日本", "  "]

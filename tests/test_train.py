@@ -199,7 +199,7 @@ def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.evaluate import evaluate
+    from pipeline.tasks.causal_lm.evaluate import evaluate_models as evaluate
 
     out = pipeline_outputs
     params = load_params(out / "params.yaml")
@@ -215,7 +215,7 @@ def test_same_params_give_identical_models_and_metrics(pipeline_outputs, tmp_pat
 
 def test_in_training_eval_loss_equals_the_evaluate_stage(pipeline_outputs):
     """The Trainer's eval loss counts the same targets as pipeline.evaluate (block_size - 1 per block)."""
-    from pipeline.evaluate import evaluate
+    from pipeline.tasks.causal_lm.evaluate import evaluate_models as evaluate
 
     out = pipeline_outputs
     logged = float((out / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()[-1].split("\t")[1])

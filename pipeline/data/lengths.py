@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.core.common import PipelineError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -27,3 +29,10 @@ def histogram_rows(split: str, counts: list[int]) -> list[dict]:
     """One row per length bin; bin_index keeps the plot's bins in order (.dvc/plots/lengths.json)."""
     return [{"split": split, "bin": str(edge) if edge else f">{HISTOGRAM_EDGES[-1]}", "bin_index": i, "documents": n}
             for i, (edge, n) in enumerate(zip([*HISTOGRAM_EDGES, None], counts, strict=True))]
+
+
+def check_block_size(block_size: int, max_positions: int | None) -> None:
+    """A block fits the model's context."""
+    if max_positions is not None and block_size > max_positions:
+        raise PipelineError(f"params: preprocess.block_size ({block_size}) exceeds the model's n_positions "
+                            f"({max_positions}); set block_size to at most {max_positions}")

@@ -168,7 +168,7 @@ def drop_bad_records(docs: Dataset, split: str, policy: str, key: str = "preproc
     """The records with nothing in their `bad` column, and how many were dropped per reason (`reasons`:
     the reason -> what the record lacks); with `policy` "refuse" (the param `key`), one line naming the
     first bad record instead. Shared by the language model (reasons from render) and the classifier
-    (and its labels: pipeline.classification.data)."""
+    (and its labels: pipeline.tasks.classification.preprocess)."""
     from collections import Counter
 
     seen = Counter(docs["bad"])

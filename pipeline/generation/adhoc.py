@@ -1,6 +1,6 @@
 """Sampling ad hoc from the command line (python -m pipeline.generate --model DIR --prompt ...): params.yaml's
 generate settings with the flags given over them, prompts from the flags, a file or standard input,
-printed, nothing written."""
+printed, nothing written; and a classifier's labels of the texts given (--text ...)."""
 
 from __future__ import annotations
 
@@ -63,3 +63,11 @@ def ad_hoc(model_dir: Path, prompts: list[str], prompts_file: Path | None, cfg: 
     if "-" in prompts:
         for prompt in stdin_prompts():
             print_samples(model, tokenizer, [prompt], cfg)
+
+
+def ad_hoc_texts(model_dir: Path, texts: list[str], params_path: str) -> None:
+    """A classifier's label and probabilities of each text given (then those of stdin where one is '-')."""
+    from pipeline.tasks.classification.generate import print_predictions
+
+    given = [t for t in texts if t != "-"] + (list(stdin_prompts()) if "-" in texts else [])
+    print_predictions(model_dir, given, ad_hoc_config(params_path, {})[1])

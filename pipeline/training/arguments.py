@@ -14,13 +14,14 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
 
 
-def training_arguments(params: Params, plan: Plan, checkpoints: Path, find_unused: bool = False) -> TrainingArguments:
+def training_arguments(params: Params, plan: Plan, checkpoints: Path, find_unused: bool = False, best: str = "loss"
+                       ) -> TrainingArguments:
     """TrainingArguments from params: the one place train.* meets the Trainer's names. `find_unused`: the
-    model has trainable parameters its loss does not use (plan.find_unused_parameters)."""
+    model has trainable parameters its loss does not use (plan.find_unused_parameters); `best`: the
+    evaluation metric the best checkpoint is chosen by (the task's)."""
     from transformers import TrainingArguments
 
     t, cuda = params.train, plan.device == "cuda"
-    best = params.classify.best_metric if params.task == "classification" else "loss"
     return TrainingArguments(
         output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, learning_rate=params.lr,
         num_train_epochs=t.epochs, max_steps=t.max_steps,

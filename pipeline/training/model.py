@@ -48,7 +48,7 @@ def prepare_model(t: TrainConfig, trust: bool, base_dir: Path, pad_token_id: int
     if t.gradient_checkpointing:
         model.config.use_cache = False
     if labels:
-        return model, vocab  # its own loss: cross-entropy over the labels (weighted: classification.training)
+        return model, vocab  # its own loss: cross-entropy over the labels (weighted: tasks.classification.train)
     base = without_adapters(model)
     # transformers 5 names no loss type for GPT2LMHeadModel; without "ForCausalLM" the Trainer counts position 0
     # of every block as a target and scales train and eval losses by (T-1)/T

@@ -1,4 +1,4 @@
-"""pipeline/classification/data.py: labels read from the data or given, bad records counted and dropped
+"""pipeline/tasks/classification/preprocess.py: labels read from the data or given, bad records counted and dropped
 or refused, a stratified validation split, one padded text per block with a pad token that is not EOS,
 and the classifier reading the last real token whatever the padding."""
 
@@ -8,8 +8,8 @@ import datasets
 import pytest
 import torch
 
-from pipeline.classification.data import build_examples, pad_token_id
 from pipeline.core.common import PipelineError
+from pipeline.tasks.classification.preprocess import build_examples, pad_token_id
 from tests.support import project_section
 
 EOS = 50256

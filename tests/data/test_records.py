@@ -11,7 +11,7 @@ import pytest
 from pipeline.core.common import IGNORE_INDEX, PipelineError
 from pipeline.core.loading import load_tokenizer
 from pipeline.data.records import check_columns, clean, dialogue_turns, template_fields
-from pipeline.preprocess import build_blocks, render, tokenize
+from pipeline.tasks.causal_lm.preprocess import build_blocks, render, tokenize
 from tests.conftest import data_params, prep_params
 
 RECIPES = [

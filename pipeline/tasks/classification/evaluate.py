@@ -9,8 +9,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from pipeline.classification.metrics import scores
-from pipeline.classification.scoring import probabilities, texts_of, zero_shot
 from pipeline.core.common import PipelineError
 from pipeline.core.config import Params
 from pipeline.core.loading import (
@@ -23,14 +21,16 @@ from pipeline.core.loading import (
     read_json,
     saved_labels,
 )
+from pipeline.tasks.classification.metrics import scores
+from pipeline.tasks.classification.scoring import probabilities, texts_of, zero_shot
 
 log = logging.getLogger(__name__)
 BASELINES = ("majority", "zero_shot")
 
 
-def evaluate_classifier(params: Params, base_dir: Path, finetuned_dir: Path, data_dir: Path, precision: str
-                        ) -> tuple[dict, list[dict]]:
-    """metrics/eval.json and the confusion plot's rows."""
+def evaluate(params: Params, base_dir: Path, finetuned_dir: Path, data_dir: Path, precision: str
+             ) -> tuple[dict, dict[str, list[dict]]]:
+    """metrics/eval.json and the confusion plot's rows (the stage's interface)."""
     import numpy as np
 
     for name, path in (("base", base_dir), ("finetuned", finetuned_dir)):  # both, before minutes on the first
@@ -66,4 +66,4 @@ def evaluate_classifier(params: Params, base_dir: Path, finetuned_dir: Path, dat
                  results[split]["majority"]["macro_f1"], results[split]["zero_shot"]["macro_f1"], len(actual))
         if split == "validation":
             rows = [{"actual": names[a], "predicted": names[p]} for a, p in zip(actual, predicted, strict=True)]
-    return results, rows
+    return results, {"confusion": rows}

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.common import PipelineError, digest
 from pipeline.core.config import ClassifyConfig, DataConfig, Params, PreprocessConfig
-from pipeline.data.lengths import histogram_rows, length_stats
+from pipeline.data.lengths import check_block_size, histogram_rows, length_stats
 from pipeline.data.records import check_columns, clean, drop_bad_records, renderer
+from pipeline.data.splits import split_documents
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -113,30 +114,6 @@ def encode(docs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: PreprocessCon
     return encoded.remove_columns("length"), encoded["length"]
 
 
-def split(raw: DatasetDict, data: DataConfig, names: list[str], val_fraction: float, seed: int
-          ) -> dict[str, Dataset]:
-    """The dataset's own validation split where it has one; else a seeded, stratified `val_fraction` of
-    train (each class in both parts in proportion)."""
-    import datasets
-
-    train = raw[data.train_split]
-    if data.validation_split and data.validation_split in raw:
-        splits = {"train": train, "validation": raw[data.validation_split]}
-    else:
-        counts = Counter(train["labels"])
-        if min(counts.values()) < 2:
-            rare = min(counts, key=counts.get)
-            raise PipelineError(f"label {names[rare]!r} has {counts[rare]} training record(s), too few to split a "
-                                "stratified validation set off; add records, drop the label from classify.labels, "
-                                "or give the data a validation split")
-        train = train.cast_column("labels", datasets.ClassLabel(names=names))
-        parts = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True, stratify_by_column="labels")
-        splits = {"train": parts["train"], "validation": parts["test"]}
-    if "test" in raw and data.train_split != "test":
-        splits["test"] = raw["test"]
-    return splits
-
-
 def build_examples(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data: DataConfig, cfg: PreprocessConfig,
                    c: ClassifyConfig, seed: int, csv: bool = False
                    ) -> tuple[DatasetDict, dict, list[str], dict[str, list[int]]]:
@@ -158,7 +135,8 @@ def build_examples(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data: D
         docs, bad = drop_bad_records(docs, name, c.bad_rows, "classify.bad_rows", BAD_REASONS)
         labelled_splits[name], stats[name] = docs.rename_column("label", "labels"), {**counts, **bad}
     processed, lengths = {}, {}
-    for name, docs in split(datasets.DatasetDict(labelled_splits), data, names, cfg.val_fraction, seed).items():
+    splits = split_documents(datasets.DatasetDict(labelled_splits), data, cfg.val_fraction, seed, names)
+    for name, docs in splits.items():
         if len(docs) == 0:
             raise PipelineError(f"the {name} split has no labelled text left ({stats.get(name, {})}); check "
                                 "data.dataset, classify.label_column and classify.labels")
@@ -172,11 +150,13 @@ def build_examples(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data: D
     return datasets.DatasetDict(processed), {**summary, **stats}, names, lengths
 
 
-def classification_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, params: Params, csv: bool
-                          ) -> tuple[DatasetDict, dict, list[dict]]:
-    """task: classification: one padded text per block and its label id (pipeline.classification.data)."""
+def blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, params: Params, context: int | None, csv: bool
+           ) -> tuple[DatasetDict, dict, list[dict]]:
+    """The task's blocks, stats and length histogram (the stage's interface): one padded text per block
+    and its label id."""
     import numpy as np
 
+    check_block_size(params.preprocess.block_size, context)
     processed, stats, names, lengths = build_examples(raw, tokenizer, params.data, params.preprocess, params.classify,
                                                       params.seed, csv)
     histogram = []

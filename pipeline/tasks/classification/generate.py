@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pipeline.classification.data import blocks_of
-from pipeline.classification.scoring import probabilities, zero_shot
 from pipeline.core.config import Params
 from pipeline.core.loading import MADE_BY, check_folder, context_length, load_model, load_tokenizer
 from pipeline.core.outputs import outputs, write_json, write_text
+from pipeline.generation.prompts import load_prompts
+from pipeline.tasks.classification.preprocess import blocks_of
+from pipeline.tasks.classification.scoring import probabilities, zero_shot
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -61,6 +62,13 @@ def predict(params: Params, texts: list[str], finetuned_dir: Path, base_dir: Pat
                            "agreement_with_finetuned": sum(r["label"] == r["base_zero_shot"] for r in records)
                            / max(1, len(records))}
     return records, metrics
+
+
+def generate(params: Params, model_dir: Path, base_dir: Path, data_dir: Path, out: Path, metrics_path: Path) -> None:
+    """The labels of generate.prompts (and prompts_file), written to `out` and `metrics_path` (the stage's
+    interface; `data_dir` is a language model's, for its copying check)."""
+    records, metrics = predict(params, load_prompts(params.generate), model_dir, base_dir)
+    write_predictions(records, metrics, out, metrics_path)
 
 
 def table(records: list[dict]) -> str:
