@@ -76,14 +76,14 @@ def local_files(pattern: str, inputs: Path | None = None) -> list[Path]:
         raise PipelineError(f"data.dataset: {pattern!r} mixes or contains unsupported file types "
                             f"({', '.join(sorted({suffix(f) or '(none)' for f in files}))}); use one of "
                             f"{', '.join(LOCAL_BUILDERS)}")
-    held = [f for f in files if f.stat().st_size > 0]  # an empty file holds no records (and stops json's reader)
-    if not held:
+    non_empty = [f for f in files if f.stat().st_size > 0]  # an empty file holds no records (and stops json's reader)
+    if not non_empty:
         raise PipelineError(f"data.dataset: {files[0] if len(files) == 1 else f'every file at {pattern!r}'} is empty; "
                             "put text in it")
-    if len(held) < len(files):
-        log.info("data.dataset: skipping %d empty file(s), e.g. %s", len(files) - len(held),
-                 next(f for f in files if f not in held))
-    return held
+    if len(non_empty) < len(files):
+        log.info("data.dataset: skipping %d empty file(s), e.g. %s", len(files) - len(non_empty),
+                 next(f for f in files if f not in non_empty))
+    return non_empty
 
 
 def file_sha256(path: Path) -> str:
@@ -96,21 +96,21 @@ def file_sha256(path: Path) -> str:
 
 def first_bad_byte(path: Path) -> tuple[int, int] | None:
     """(offset, byte) of the first byte that is not valid UTF-8, or None. Reads 64 MB at a time."""
-    offset, carry = 0, b""
+    offset, partial = 0, b""
     with open(path, "rb") as f:
         while chunk := f.read(1 << 26):
-            buffer = carry + chunk
+            buffer = partial + chunk
             try:
                 buffer.decode("utf-8")
-                carry = b""
+                partial = b""
             except UnicodeDecodeError as e:
                 if e.reason == "unexpected end of data" and len(buffer) - e.start < 4:
-                    carry = buffer[e.start:]  # a character split across reads: finish it with the next one
+                    partial = buffer[e.start:]  # a character split across reads: finish it with the next one
                     buffer = buffer[:e.start]
                 else:
                     return offset + e.start, buffer[e.start]
             offset += len(buffer)
-    return (offset, carry[0]) if carry else None
+    return (offset, partial[0]) if partial else None
 
 
 def utf8_files(files: list[Path], errors: str, scratch: Path) -> list[Path]:
@@ -298,8 +298,8 @@ def check_cached_commit(raw: DatasetDict, commit: str, cfg: DataConfig) -> None:
     cache folder names the commit it holds, which must be the one the revision resolved to."""
     for split in raw.values():
         for cache_file in split.cache_files:
-            held = re.search(r"/([0-9a-f]{40})/", cache_file["filename"])
-            if held and held.group(1) != commit:
+            cached = re.search(r"/([0-9a-f]{40})/", cache_file["filename"])
+            if cached and cached.group(1) != commit:
                 raise PipelineError(f"data.revision: offline, the cache holds {cfg.dataset!r} at commit "
-                                    f"{held.group(1)}, not {commit} ({cfg.revision or 'main'}); run download once "
+                                    f"{cached.group(1)}, not {commit} ({cfg.revision or 'main'}); run download once "
                                     "with the Hub reachable (unset HF_HUB_OFFLINE)")

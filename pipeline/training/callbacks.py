@@ -106,13 +106,14 @@ def progress_callback(tokens_per_step: int) -> TrainerCallback:
             eta = (total - step) * tokens_per_step / rate if rate else None
             log.info("step %d/%d (%.0f%%) | loss %.4f | lr %.3g | %s | %s elapsed, ETA %s", step, total,
                      100 * step / max(total, 1), logs["loss"], logs.get("learning_rate", float("nan")),
-                     f"{rate:,.0f} tokens/s" if rate else "- tokens/s", clock(time.perf_counter() - self.started),
-                     clock(eta) if eta is not None else "-")
+                     f"{rate:,.0f} tokens/s" if rate else "- tokens/s",
+                     hours_minutes_seconds(time.perf_counter() - self.started),
+                     hours_minutes_seconds(eta) if eta is not None else "-")
 
     return Progress()
 
 
-def clock(seconds: float) -> str:
+def hours_minutes_seconds(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
@@ -170,10 +171,10 @@ def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg
         for prompt in cfg.prompts:
             ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").to(next(model.parameters()).device)
             width = ids["input_ids"].shape[1]
-            room = (context_length(model.config) or cfg.max_new_tokens + width) - width
+            left_in_context = (context_length(model.config) or cfg.max_new_tokens + width) - width
             with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=min(room, cfg.max_new_tokens), do_sample=True, top_k=50,
-                                     temperature=0.8, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(**ids, max_new_tokens=min(left_in_context, cfg.max_new_tokens), do_sample=True,
+                                     top_k=50, temperature=0.8, pad_token_id=tokenizer.pad_token_id)
             texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
         return texts
     finally:

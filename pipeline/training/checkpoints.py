@@ -54,14 +54,14 @@ def resume_checkpoint(folder: Path, run_id: str) -> str | None:
     # not transformers' get_last_checkpoint: it returns the highest-numbered folder even where its save was cut short
     found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step, reverse=True)
     for path in found:
-        problem = damage(path)
+        problem = checkpoint_problem(path)
         if problem is None:
             return str(path)
         log.warning("skipping %s: %s", path, problem)
     return None
 
 
-def damage(checkpoint: Path) -> str | None:
+def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be resumed from, or None."""
     try:
         marker = json.loads((checkpoint / COMPLETE).read_text())

@@ -269,9 +269,9 @@ def agree_across_ranks(value: Any) -> Any:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    objects = [value]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
 
 
 # --- memory ----------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class Interval:
     first_step: int   # the step logged before it
     last_step: int
     seconds: float    # wall time, evaluations taken out
-    pure: bool        # no checkpoint was written in it, and it holds no short step
+    counted: bool     # no checkpoint was written in it, and it holds no short step
 
 
 @dataclass
@@ -142,18 +142,18 @@ class ThroughputMeter:
     devices: int = 1      # the processes of the run, a device each
     short_every: int = 0  # every epoch's last step is short (a smaller last batch) every this many steps; 0: none
     intervals: list[Interval] = field(default_factory=list)
-    origin: int = 0  # the step training (re)started from
+    start_step: int = 0  # the step training (re)started from
     _last: tuple[int, float] | None = None
     _paused: float = 0.0
-    _pure: bool = True
+    _counted: bool = True
 
     def begin(self, step: int, now: float) -> None:
         """Training starts (or resumes) at `step`: the warm-up counts from here."""
-        self.origin = step
+        self.start_step = step
         self._open(step, now)
 
     def _open(self, step: int, now: float) -> None:
-        self._last, self._paused, self._pure = (step, now), 0.0, True
+        self._last, self._paused, self._counted = (step, now), 0.0, True
 
     def exclude(self, seconds: float) -> None:
         """An evaluation (or sampling) of `seconds` ran in the open interval: not training time. (Both
@@ -163,15 +163,15 @@ class ThroughputMeter:
     def saved(self) -> None:
         """A checkpoint was written in the open interval. Its time is not known exactly (the save waits
         for the device first), so the interval is left out of the steady figure."""
-        self._pure = False
+        self._counted = False
 
     def log(self, step: int, now: float) -> dict[str, float]:
         """Close the interval at a training-loss log; its tokens/s and MFU (empty if no step ran)."""
         if self._last is None or step <= self._last[0]:
             self._open(step, now)
             return {}
-        first, pure = self._last[0], self._pure and not self._short(self._last[0], step)
-        interval = Interval(first, step, now - self._last[1] - self._paused, pure)
+        first, counted = self._last[0], self._counted and not self._short(self._last[0], step)
+        interval = Interval(first, step, now - self._last[1] - self._paused, counted)
         self.intervals.append(interval)
         self._open(step, now)
         rate = (interval.last_step - interval.first_step) * self.tokens_per_step / interval.seconds
@@ -189,7 +189,7 @@ class ThroughputMeter:
     def steady(self) -> dict[str, float | int | None]:
         """Tokens/s and MFU over the intervals after warm-up without a checkpoint save or a short step
         (evaluations taken out); None when the run had none."""
-        kept = [i for i in self.intervals if i.pure and i.first_step >= self.origin + self.warmup]
+        kept = [i for i in self.intervals if i.counted and i.first_step >= self.start_step + self.warmup]
         steps, seconds = sum(i.last_step - i.first_step for i in kept), sum(i.seconds for i in kept)
         rate = steps * self.tokens_per_step / seconds if seconds > 0 else None
         return {"steady_tokens_per_second": rate, "steady_mfu": self.mfu(rate) if rate else None,
