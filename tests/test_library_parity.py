@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-try:  # pipeline/classification/ is moving to pipeline/tasks/classification/
-    from pipeline.tasks.classification.metrics import scores
-except ImportError:
-    from pipeline.classification.metrics import scores
+from pipeline.tasks.classification.metrics import scores
 
 
 def random_labels(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
