@@ -115,3 +115,27 @@ def test_the_classifier_reads_the_last_real_token_whatever_the_padding(tokenizer
         for row, ids in zip(logits, batch["input_ids"], strict=True):
             index = 0 if EOS in ids.tolist() else 1
             assert torch.allclose(row, alone[index], atol=1e-5), side
+
+
+@pytest.mark.parametrize(("block_size", "add_eos", "padding_side"), [(32, False, "right"), (16, True, "left")])
+def test_the_saved_tokenizer_reads_texts_as_the_blocks_were_made(tokenizer_dir, tmp_path, block_size, add_eos,
+                                                                   padding_side):
+    """train keeps how texts were cut and padded in the tokenizer's own saved settings; generate reads them
+    back from the saved folder, and the tokenizer alone (as transformers' pipeline calls it) ends a text in
+    EOS exactly where preprocess did."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GPT2Config
+
+    from pipeline.tasks.classification.generate import text_shape
+    from pipeline.tasks.classification.train import read_as_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    read_as_blocks(tokenizer, block_size, add_eos, padding_side)
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    model = SimpleNamespace(config=GPT2Config(n_positions=64))
+    assert text_shape(model, again) == {"block_size": block_size, "add_eos": add_eos, "padding_side": padding_side}
+    ids = again("a text")["input_ids"]
+    assert (ids[-1] == EOS) == add_eos
+    assert text_shape(SimpleNamespace(config=GPT2Config(n_positions=8)), again)["block_size"] == 8  # the context

@@ -104,8 +104,12 @@ def test_the_predictions_are_those_of_transformers_pipeline(classified):
     for r in records:
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4)
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+    # the saved tokenizer says how texts are read (block_size 32, right padding): no private config field
+    saved = read(classified, "models/finetuned/tokenizer_config.json")
+    assert saved["model_max_length"] == 32 and saved["padding_side"] == "right"
+    assert "text_blocks" not in read(classified, "models/finetuned/config.json")
     classify = pipeline("text-classification", model=str(classified / "models/finetuned"), device="cpu")
-    for r, theirs in zip(records, classify(PROMPTS, top_k=None, truncation=True, max_length=32), strict=True):
+    for r, theirs in zip(records, classify(PROMPTS, top_k=None, truncation=True), strict=True):
         assert {d["label"]: d["score"] for d in theirs} == pytest.approx(r["probabilities"], abs=1e-4)
     assert "| text | label |" in (classified / "outputs/predictions.md").read_text()
 

@@ -25,18 +25,32 @@ if TYPE_CHECKING:
 def classify(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 32
              ) -> list[dict]:
     """One record per text: its label and every label's probability, texts cut and padded as preprocess
-    made the blocks the classifier learnt from (the train stage keeps that in its config: text_blocks)."""
+    made the blocks the classifier learnt from (text_shape)."""
     import datasets
 
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    shape = getattr(model.config, "text_blocks", None) or {"block_size": context_length(model.config) or 1024,
-                                                           "add_eos": False, "padding_side": "right"}
+    shape = text_shape(model, tokenizer)
+    tokenizer.model_max_length = int(1e30)  # texts are cut to the block size by blocks_of, not by the tokenizer
     encoded = blocks_of(texts, tokenizer, shape["block_size"], shape["add_eos"], shape["padding_side"])
     encoded.pop("length")
     rows = probabilities(model, datasets.Dataset.from_dict(encoded), batch_size, "fp32")
     return [{"text": text, "label": names[int(p.argmax())], "probabilities": {n: round(float(q), 6)
                                                                               for n, q in zip(names, p, strict=True)}}
             for text, p in zip(texts, rows, strict=True)]
+
+
+def text_shape(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """How the classifier's texts are read, from its tokenizer's settings (train.read_as_blocks): the block
+    size (model_max_length, at most the model's context), whether EOS ends a text (the post-processor adds
+    it), the padding side. A model trained before the tokenizer kept them has them in its config."""
+    legacy = getattr(model.config, "text_blocks", None)
+    if legacy:
+        return legacy
+    context = context_length(model.config) or 1024
+    eos = tokenizer.eos_token_id
+    with_special, plain = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (True, False))
+    return {"block_size": min(tokenizer.model_max_length, context),
+            "add_eos": eos is not None and with_special == [*plain, eos], "padding_side": tokenizer.padding_side}
 
 
 def predict(params: Params, texts: list[str], finetuned_dir: Path, base_dir: Path) -> tuple[list[dict], dict]:

@@ -36,16 +36,30 @@ def labels(made: dict, data_dir: Path) -> list[str]:
 def prepare_model(params: Params, base_dir: Path, tokenizer: PreTrainedTokenizerBase, made: dict,
                   names: list[str] | None) -> tuple[PreTrainedModel, int]:
     """A sequence classifier over `names`, its head new (seeded: the same params, the same classifier), a
-    pad token of its own; and its real vocabulary. Its config keeps how the texts were cut and padded, which
-    predictions read (generate.classify)."""
+    pad token of its own; and its real vocabulary. The tokenizer, saved beside it, reads texts as preprocess
+    cut and padded them (read_as_blocks)."""
     from transformers import set_seed
 
     set_seed(params.seed)  # the new head's initial weights
     model, vocab = prepare(params.train, params.model.trust_remote_code, base_dir, add_pad_token(tokenizer), names)
-    model.config.text_blocks = {"block_size": made["preprocess"]["block_size"],
-                                "add_eos": made["preprocess"]["add_eos"],
-                                "padding_side": made["classify"]["padding_side"]}
+    read_as_blocks(tokenizer, made["preprocess"]["block_size"], made["preprocess"]["add_eos"],
+                   made["classify"]["padding_side"])
     return model, vocab
+
+
+def read_as_blocks(tokenizer: PreTrainedTokenizerBase, block_size: int, add_eos: bool, padding_side: str) -> None:
+    """Keep how the classifier's texts were read in the tokenizer's own settings, which its saved config and
+    tokenizer.json carry and transformers' text-classification pipeline honours: at most `block_size` tokens
+    (model_max_length, with truncation=True), padded on `padding_side`, and EOS after each text where
+    `add_eos` (its post-processor). The generate stage reads them back (generate.text_shape)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = block_size
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = padding_side
+    if add_eos:
+        eos = tokenizer.eos_token
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"$A {eos}", special_tokens=[(eos, tokenizer.eos_token_id)])
 
 
 def trainer_options(model: PreTrainedModel, blocks: DatasetDict, names: list[str] | None, params: Params,
@@ -111,7 +125,7 @@ the label is predicted from its last real token.
 from transformers import pipeline
 
 classify = pipeline("text-classification", model="models/finetuned")
-print(classify("A text to label", top_k=None))
+print(classify("A text to label", top_k=None, truncation=True))
 ```
 
 ## Evaluation
