@@ -17,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipeline.core.common import PipelineError, params_option, stage_command
+from pipeline.core.cli import params_option, stage_command
 from pipeline.core.config import FLOAT32_TINY, DataConfig, ModelConfig
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import context_length, load_model, read_tokenizer
-from pipeline.core.outputs import hold_workspace, outputs, write_json
-from pipeline.core.params import check_heads, load_params
+from pipeline.core.locations import is_local
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.params import check_heads
+from pipeline.core.preamble import start_stage
 from pipeline.data.hub import resolve, snapshot
-from pipeline.data.sources import is_local, load_raw
+from pipeline.data.sources import load_raw
 
 if TYPE_CHECKING:
     from transformers import GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
@@ -216,8 +219,7 @@ def save_raw(cfg: DataConfig, out: Path) -> dict:
               help="Where the raw dataset is saved (datasets save_to_disk).")
 def main(params_path: str, model_out: Path, data_out: Path) -> None:
     """Download (or build) the base model and tokenizer, and the raw dataset."""
-    params = load_params(params_path)
-    hold_workspace("python -m pipeline.download")  # one run per workspace
+    params = start_stage("download", params_path)
     commits = hub_commits(params.model)  # a wrong id, revision or token fails before anything is fetched
     with outputs(model_out, data_out) as (model_tmp, data_tmp):  # in place together, or neither
         save_raw(params.data, data_tmp)  # data first: a bad path fails before a large model download

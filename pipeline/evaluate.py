@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.common import params_option, stage_command
-from pipeline.core.device import keep_freed_memory, resolve_precision, take_gpus
-from pipeline.core.outputs import hold_workspace, outputs, write_json
-from pipeline.core.params import load_params
+from pipeline.core.cli import params_option, stage_command
+from pipeline.core.device import keep_freed_memory, resolve_precision
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.preamble import start_stage
 from pipeline.tasks import task_part
 
 
@@ -39,9 +39,7 @@ def main(params_path: str, data_dir: Path, base_dir: Path, finetuned_dir: Path, 
     model on the same tokens, and the improvement; for a classifier, accuracy, macro-F1, the
     per-class figures and the confusion matrix beside the majority class and the base model zero-shot.
     Each task leaves the other's plot file empty."""
-    params = load_params(params_path)
-    hold_workspace("python -m pipeline.evaluate")  # one run per workspace
-    take_gpus(1)  # a GPU no other run beside this one holds
+    params = start_stage("evaluate", params_path, gpus=1)
     keep_freed_memory()
     precision = resolve_precision(params.evaluate.precision, "evaluate.precision")
     results, plots = task_part(params.task, "evaluate").evaluate(params, base_dir, finetuned_dir, data_dir, precision)

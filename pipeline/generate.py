@@ -17,10 +17,9 @@ from typing import Any
 
 import click
 
-from pipeline.core.common import PipelineError, params_option, stage_command
-from pipeline.core.device import take_gpus
-from pipeline.core.outputs import hold_workspace
-from pipeline.core.params import load_params
+from pipeline.core.cli import params_option, stage_command
+from pipeline.core.errors import PipelineError
+from pipeline.core.preamble import start_stage
 from pipeline.generation.adhoc import ad_hoc, ad_hoc_config, ad_hoc_texts
 from pipeline.tasks import task_part
 
@@ -75,9 +74,7 @@ def main(params_path: str, model_dir: Path, base_dir: Path, data_dir: Path, out:
         name = "--" + next(iter(flags)).replace("_", "-").replace("num-return-sequences", "num-samples")
         raise PipelineError(f"{name} is for ad hoc sampling (with --prompt or --prompts-file); the stage takes its "
                             "settings from generate.* in params.yaml")
-    params = load_params(params_path)
-    hold_workspace("python -m pipeline.generate")  # one run per workspace (ad hoc sampling above: any time)
-    take_gpus(1)  # a GPU no other run beside this one holds
+    params = start_stage("generate", params_path, gpus=1)  # (ad hoc sampling above: any time, no workspace)
     task_part(params.task, "generate").generate(params, model_dir, base_dir, data_dir, out, metrics_path)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.common import check_processes, params_option, stage_command
+from pipeline.core.cli import check_processes, params_option, stage_command
 from pipeline.core.config import Params
 from pipeline.core.loading import context_length, load_config, load_saved_dataset, load_tokenizer, read_json
-from pipeline.core.outputs import hold_workspace, outputs, write_json
-from pipeline.core.params import load_params
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.preamble import start_stage
 from pipeline.tasks import task_part
 
 RECORD_KEYS = ("train_split", "validation_split", "text_column", "template", "dialogue_column", "speakers",
@@ -50,8 +50,7 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     """Records to text, clean, tokenize, and cut into blocks (pack or pad); split train/validation."""
     import datasets
 
-    params = load_params(params_path)
-    hold_workspace("python -m pipeline.preprocess")  # one run per workspace
+    params = start_stage("preprocess", params_path)
     check_processes("preprocess.num_proc", params.preprocess.num_proc)
     datasets.disable_caching()  # map() would otherwise write cache files into data/raw, another stage's output
     raw = load_saved_dataset(raw_dir, "download")

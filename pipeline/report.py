@@ -14,8 +14,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.common import PipelineError, stage_command
-from pipeline.core.outputs import hold_workspace, outputs, write_json
+from pipeline.core.cli import stage_command
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import outputs, write_json
+from pipeline.core.workspace import hold_workspace
 from pipeline.tasks import DEFAULT_TASK, TASKS, task_part
 
 

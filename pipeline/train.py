@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pipeline.core.common import PipelineError, check_processes, is_main_process, params_option, stage_command
+from pipeline.core.cli import check_processes, is_main_process, params_option, stage_command
 from pipeline.core.config import Params
-from pipeline.core.device import keep_freed_memory, take_gpus
+from pipeline.core.device import keep_freed_memory
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import load_saved_dataset, load_tokenizer, read_json
-from pipeline.core.outputs import hold_workspace, outputs, write_json, write_text
-from pipeline.core.params import load_params
+from pipeline.core.outputs import outputs, write_json, write_text
+from pipeline.core.preamble import start_stage
 from pipeline.tasks import DEFAULT_TASK, task_part
 from pipeline.training.arguments import bucket_view_gradients, training_arguments
 from pipeline.training.callbacks import (
@@ -88,7 +89,8 @@ class Inputs:
 
     blocks: DatasetDict
     tokenizer: PreTrainedTokenizerBase
-    provenance: tuple[dict, dict]
+    base_made: dict  # models/base/provenance.json
+    data_made: dict  # data/processed/provenance.json
     labels: list[str] | None
 
 
@@ -99,7 +101,8 @@ class Trainable:
 
     model: PreTrainedModel
     vocab: int
-    parameters: tuple[int, int]
+    parameters: int
+    trainable_parameters: int
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
     meter = _setup_meter(trainable, plan)
     log.info("precision %s; %s of %s parameters trainable; effective batch %d blocks = %d per device x %d "
              "accumulation x %d devices (%d tokens); %d steps planned%s", plan.precision,
-             f"{trainable.parameters[1]:,}", f"{trainable.parameters[0]:,}", plan.effective_batch,
+             f"{trainable.trainable_parameters:,}", f"{trainable.parameters:,}", plan.effective_batch,
              t.per_device_train_batch_size, t.gradient_accumulation_steps, plan.world_size, plan.tokens_per_step,
              plan.steps, f"; resuming from {run.resume_from}" if run.resume_from else "")
     return Setup(task, inputs, trainable, run, plan, attention, memory, args, meter)
@@ -155,18 +158,18 @@ def _setup_inputs(params: Params, data_dir: Path, base_dir: Path, task: ModuleTy
     blocks = load_saved_dataset(data_dir, "preprocess")
     tokenizer = load_tokenizer(base_dir, params.model.trust_remote_code, "download")
     # read now, not after training: a damaged one stops the stage here
-    sources = read_json(base_dir / "provenance.json", "download"), read_json(data_dir / "provenance.json",
-                                                                               "preprocess")
-    made_for = sources[1].get("task", DEFAULT_TASK)
+    base_made = read_json(base_dir / "provenance.json", "download")
+    data_made = read_json(data_dir / "provenance.json", "preprocess")
+    made_for = data_made.get("task", DEFAULT_TASK)
     if made_for != params.task:
         raise PipelineError(f"{data_dir} was made for task: {made_for}, and task is {params.task}; re-run "
                             "preprocess (dvc repro -f preprocess)")
-    return Inputs(blocks, tokenizer, sources, task.labels(sources[1], data_dir))
+    return Inputs(blocks, tokenizer, base_made, data_made, task.labels(data_made, data_dir))
 
 
 def _setup_model(params: Params, base_dir: Path, inputs: Inputs, task: ModuleType) -> Trainable:
-    model, vocab = task.prepare_model(params, base_dir, inputs.tokenizer, inputs.provenance[1], inputs.labels)
-    return Trainable(model, vocab, count_parameters(model, vocab))
+    model, vocab = task.prepare_model(params, base_dir, inputs.tokenizer, inputs.data_made, inputs.labels)
+    return Trainable(model, vocab, *count_parameters(model, vocab))
 
 
 def _setup_run_folder(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) -> RunFolder:
@@ -233,7 +236,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
     metrics = {**run_metrics(trainer, result, seconds, checkpoint_step(s.run.resume_from), s.meter, s.plan),
                **memory, "device_peak_source": s.meter.peak_source, "precision": s.plan.precision,
                **s.attention.metrics(), "torch_compile": s.plan.compile, "world_size": s.args.world_size,
-               "parameters": s.trainable.parameters[0], "trainable_parameters": s.trainable.parameters[1]}
+               "parameters": s.trainable.parameters, "trainable_parameters": s.trainable.trainable_parameters}
     # sharded: every rank takes part in gathering the full weights; rank 0 saves them
     weights = gathered_weights(trainer.model) if s.plan.sharding != "none" else None
     finite_weights(trainer.model.named_parameters() if weights is None else weights.items())
@@ -243,7 +246,7 @@ def train(params: Params, data_dir: Path, base_dir: Path, out: Path, checkpoints
                     metrics["eval_loss"], params.lr)
     if trainer.is_world_process_zero():
         inputs, commit = lock_hashes([str(base_dir), str(data_dir)]), git_commit()
-        card = s.task.card(params, *s.inputs.provenance, metrics, inputs, commit)
+        card = s.task.card(params, s.inputs.base_made, s.inputs.data_made, metrics, inputs, commit)
         with outputs(out, live_dir, metrics_path) as (model_tmp, live_tmp, metrics_tmp):
             save(trainer, s.args, model_tmp, s.trainable.vocab, params.train.lora.enabled, card, weights)
             shutil.copytree(s.run.path / LIVE, live_tmp)
@@ -313,9 +316,7 @@ def save(trainer: Trainer, args: TrainingArguments, out: Path, vocab: int, lora:
 def main(params_path: str, data_dir: Path, base_dir: Path, out: Path, checkpoints: Path, live_dir: Path,
          metrics_path: Path) -> None:
     """Fine-tune the base model with the Hugging Face Trainer, resuming an interrupted run."""
-    params = load_params(params_path)
-    hold_workspace("python -m pipeline.train")  # one run per workspace; its torchrun workers inherit it
-    take_gpus(processes_per_node(dict(os.environ)))  # before CUDA starts
+    params = start_stage("train", params_path, gpus=processes_per_node(dict(os.environ)))
     if run_under_torchrun():
         return  # its workers trained and wrote the outputs
     keep_freed_memory()

@@ -107,7 +107,7 @@ def test_a_record_nested_100000_deep_is_one_line_not_a_crash(project):
 def test_a_dialogue_without_speakers_is_one_line(project):
     import yaml
 
-    from pipeline.core.common import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.core.params import from_dict
 
     params = yaml.safe_load((project / "params.yaml").read_text())

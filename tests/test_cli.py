@@ -36,7 +36,7 @@ def assert_clean_failure(result, project: Path, message: str, existing: tuple[st
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stopped_stage_says_what_running_it_again_does(project, monkeypatch, stage):
-    """SIGTERM as the stage's handler raises it (pipeline.core.common.stop), once its params are read."""
+    """SIGTERM as the stage's handler raises it (pipeline.core.cli.stop), once its params are read."""
     import importlib
 
     module = importlib.import_module(f"pipeline.{stage}")
@@ -44,7 +44,11 @@ def test_a_stopped_stage_says_what_running_it_again_does(project, monkeypatch, s
     def stopped(*_: object) -> None:
         raise KeyboardInterrupt("stopped by SIGTERM")
 
-    monkeypatch.setattr(module, "hold_workspace", stopped)
+    import pipeline.core.preamble as preamble
+
+    for holder in (module, preamble):  # the stage holds the workspace itself, or through start_stage
+        if hasattr(holder, "hold_workspace"):
+            monkeypatch.setattr(holder, "hold_workspace", stopped)
     result = in_process(module.main, [], project)
     assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]

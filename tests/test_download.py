@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.common import PipelineError
-from pipeline.data.sources import is_local, load_raw, local_files
+from pipeline.core.errors import PipelineError
+from pipeline.core.locations import is_local
+from pipeline.data.sources import load_raw, local_files
 from pipeline.download import save_base, save_raw
 from tests.conftest import CORPUS, ROOT, run_stage
 from tests.support import project_section

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import load_model, load_tokenizer
 from pipeline.generation.prompts import load_prompts
 from pipeline.generation.sampling import cut_at_stop, sample

@@ -6,7 +6,8 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from pipeline.core.common import IGNORE_INDEX, PipelineError
+from pipeline.core.common import IGNORE_INDEX
+from pipeline.core.errors import PipelineError
 from pipeline.data.splits import split_documents
 from pipeline.tasks.causal_lm.preprocess import build_blocks, pack, pad, tokenize
 from tests.conftest import data_params, prep_params

@@ -18,7 +18,7 @@ INTERFACE = {  # stage -> the functions its driver calls on the task's module
     "train": ["labels", "prepare_model", "trainer_options", "best_metric", "finish_live_log", "card"],
     "evaluate": ["evaluate"],
     "generate": ["generate"],
-    "report": ["headline"],
+    "report": ["headline", "summary_lines"],
 }
 
 
@@ -55,7 +55,7 @@ def test_the_stage_drivers_look_the_task_up_and_never_branch_on_it():
 
 def test_the_report_headline_is_the_tasks_own():
     """The evaluate stage's metrics name their task; the report stage reads the headline of that task."""
-    from pipeline.core.common import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.report import headline
 
     train = {"steady_tokens_per_second": None, "tokens_per_second": 100.4, "steady_mfu": None, "mfu": 0.01234,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import datasets
 import pytest
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import load_params
 from pipeline.train import train
 from pipeline.training.checkpoints import (

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import load_params
 from pipeline.train import train
 from pipeline.training.checkpoints import COMPLETE, FINISHED

@@ -201,7 +201,7 @@ class SamplesConfig:
 
 
 @dataclass(frozen=True, config=STRICT)
-class LoraConfig:
+class LoraSettings:
     enabled: StrictBool = doc(
         "Train peft LoRA adapters instead of all weights. models/finetuned/ gets the merged plain model (loads "
         "without peft) and adapter/ the adapter alone.")
@@ -258,7 +258,7 @@ class TrainConfig:
         "fine-tuning on 24 GB cards). none: plain DDP, every process holds everything. Needs 2 or more "
         "processes (NPROC_PER_NODE, NNODES); the saved model is the ordinary full one.")
     freeze: FreezeConfig = doc("Transfer learning: parts of the base model kept fixed.")
-    lora: LoraConfig = doc("Parameter-efficient fine-tuning with peft LoRA.")
+    lora: LoraSettings = doc("Parameter-efficient fine-tuning with peft LoRA.")
     memory_preflight: StrictBool = doc(
         "Estimate peak memory before training (calibrated per device, see pipeline/training/memory.py) and stop, "
         "with the batch size that fits, if it and allowances for the allocator and NCCL exceed the free memory.")

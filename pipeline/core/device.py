@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError, try_flock
+from pipeline.core.errors import PipelineError
+from pipeline.core.workspace import try_flock
 
 if TYPE_CHECKING:
     import torch

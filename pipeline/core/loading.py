@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import MANIFEST, size_problem
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.common import PipelineError, try_flock
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 JOURNAL = ".landing-{name}.json"  # beside the first output: the renames of a stage putting its outputs in place
@@ -44,35 +44,35 @@ def outputs(*paths: Path | str) -> Iterator[list[Path]]:
             raise PipelineError(f"output {final}: {blocked} is a file, not a folder; choose another output path")
     for final in finals:
         recover(final)
-    stand_ins = [final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}" for final in finals]
+    temporaries = [final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}" for final in finals]
     made = sorted({folder for final in finals for folder in (final.parent, *final.parent.parents)
                    if not folder.exists()}, key=lambda folder: len(folder.parts), reverse=True)
     for final in finals:
         final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        yield stand_ins
-        missing = [final for final, tmp in zip(finals, stand_ins, strict=True) if not tmp.exists()]
+        yield temporaries
+        missing = [final for final, tmp in zip(finals, temporaries, strict=True) if not tmp.exists()]
         if missing:
             raise RuntimeError(f"the stage did not write its output {missing[0]}")  # a bug, not a user error
-        for final, tmp in zip(finals, stand_ins, strict=True):
+        for final, tmp in zip(finals, temporaries, strict=True):
             if final.exists() and final.is_dir() != tmp.is_dir():  # never swap a folder of yours for a file
                 kinds = ("a folder", "a file") if final.is_dir() else ("a file", "a folder")
                 raise PipelineError(f"output {final} is {kinds[0]}, and the stage writes {kinds[1]} there; choose "
                                     "another output path or move it away")
-        for tmp in stand_ins:
+        for tmp in temporaries:
             if tmp.is_dir():
                 write_manifest(tmp)
     except BaseException:
-        for tmp in stand_ins:
+        for tmp in temporaries:
             remove(tmp)
         for folder in made:  # deepest first: the folders made for the outputs, if nothing else is in them
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-    land(list(zip(stand_ins, finals, strict=True)))
+    put_in_place(list(zip(temporaries, finals, strict=True)))
 
 
-def land(pairs: list[tuple[Path, Path]]) -> None:
+def put_in_place(pairs: list[tuple[Path, Path]]) -> None:
     """Rename every stand-in onto its output under a journal, with SIGINT and SIGTERM held until done."""
     journal = pairs[0][1].parent / JOURNAL.format(name=pairs[0][1].name)
     with signals_held():
@@ -86,7 +86,7 @@ def signals_held() -> Iterator[None]:
     rather than a signal mask: a mask holds only the calling thread's signals, and the kernel gives a
     process-wide signal to any thread that does not mask it (torch and datasets start threads)."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; stages land their outputs from it
+        yield  # only the main thread may set handlers; stages put their outputs in place from it
         return
     caught: list[int] = []
     previous = {number: signal.signal(number, lambda number, _frame: caught.append(number))
@@ -201,35 +201,5 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-# --- one run per workspace -------------------------------------------------------------------------------
-
-WORKSPACE_LOCK = ".pipeline.lock"  # beside the outputs, in the directory the stages run in
-_HELD: dict[str, int] = {}
 
 
-def hold_workspace(what: str, lock: Path | str = WORKSPACE_LOCK) -> int | None:
-    """Take the workspace for this stage (an flock on `lock`, held until the stage returns or its process
-    ends: stage_command lets go), or one line naming the run that holds it. None (nothing taken) in
-    torchrun's workers, whose agent holds it, and in a run across hosts, whose other hosts' stages share
-    the workspace on purpose."""
-    if "LOCAL_RANK" in os.environ or int(os.environ.get("NNODES") or os.environ.get("SLURM_NNODES") or "1") > 1:
-        return None
-    path = Path(lock)
-    key = str(path.resolve())
-    if key in _HELD:  # this process holds it already
-        return _HELD[key]
-    fd = try_flock(path)  # inheritable: torchrun's workers keep it held
-    if fd is None:
-        holder = path.read_text(encoding="utf-8", errors="replace")[:300].strip() or "another process"
-        raise PipelineError(f"{holder} is running in this workspace ({path.resolve().parent}); wait for it to "
-                            f"finish or stop it, then run {what} again") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
-    _HELD[key] = fd
-    return fd
-
-
-def release_workspaces() -> None:
-    """Let go of the workspaces this process holds (its stage returned: in-process runs, tests)."""
-    while _HELD:
-        os.close(_HELD.popitem()[1])

@@ -17,17 +17,13 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from pipeline.core.common import PipelineError, read_utf8
+from pipeline.core.common import template_fields
 from pipeline.core.config import TRACKERS, DataConfig, Params, TrainConfig
-from pipeline.data.records import template_fields
+from pipeline.core.errors import PipelineError, read_utf8
+from pipeline.core.locations import INPUTS, PROMPTS, REPO_ID, is_local, is_repo_id, is_url
 
 PARAMS_FILE = Path("params.yaml")
 PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # the project's own, with every key
-# Local inputs live where dvc.yaml declares them as dependencies, so an edit re-runs what it affects and
-# every experiment commit records them: datasets, models and tokenizers of the download stage, and the
-# generate stage's prompt files.
-INPUTS = Path("data/input")
-PROMPTS = Path("data/prompts")
 POLYNOMIAL_LR_END = 1e-7  # the Trainer's polynomial schedule decays to this
 TEMPLATE_WIDTH_MAX = 1000  # a field's width or precision in a template: {text:>1000000000} would allocate a GB
 
@@ -89,8 +85,6 @@ def check_model(p: Params) -> None:
 
 def check_source(d: DataConfig) -> None:
     """Settings that mean something for one kind of dataset source only are refused for the others."""
-    from pipeline.data.sources import is_local, is_url
-
     kind = "a URL" if is_url(d.dataset) else "a local path" if is_local(d.dataset) else "a Hub id"
     if d.sha256 is not None and kind != "a URL":
         fail("data.sha256", f"only checks a URL download, and data.dataset is {kind}; set it to null")
@@ -187,8 +181,6 @@ def check_template(key: str, template: str) -> None:
 def check_inputs(p: Params) -> None:
     """Local files that change a result must be where dvc.yaml tracks them (INPUTS, PROMPTS); the other
     sources are Hub ids that huggingface_hub takes (or, for data.dataset, URLs)."""
-    from pipeline.data.hub import REPO_ID, is_repo_id
-    from pipeline.data.sources import is_local, is_url
 
     local = [("data.dataset", p.data.dataset), ("model.tokenizer", p.model.tokenizer)]
     if not p.model.from_scratch:

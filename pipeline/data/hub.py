@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.core.common import PipelineError, one_line
+from pipeline.core.errors import PipelineError, one_line
 
 T = TypeVar("T")
 
@@ -27,24 +27,6 @@ T = TypeVar("T")
 TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 WEIGHTS = ["*.safetensors"]
 REMOTE_CODE_FILES = ["*.py"]  # only with trust_remote_code
-
-
-# What huggingface_hub takes as a repo id (validate_repo_id), in words for an error line
-REPO_ID = ("namespace/name (or a name alone), of letters, digits, '-', '_' and '.', at most 96 characters, not "
-           "starting or ending with '-' or '.'")
-
-
-def is_repo_id(name: str) -> bool:
-    """Whether huggingface_hub takes `name` as a repo id: it refuses blanks, control characters, '--', ... in
-    its own traceback, from whichever call gets the name first."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def endpoint() -> str:

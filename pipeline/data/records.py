@@ -8,12 +8,12 @@ Every shape becomes the columns `text` (and, for prompt/response, `prompt`: the 
 from __future__ import annotations
 
 import hashlib
-import string
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError
+from pipeline.core.common import template_fields
 from pipeline.core.config import DataConfig, PreprocessConfig
+from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -21,11 +21,6 @@ if TYPE_CHECKING:
 
 TURN_SPEAKER = ("speaker", "role", "from", "author")
 TURN_TEXT = ("text", "content", "utterance", "value", "message")
-
-
-def template_fields(template: str) -> list[str]:
-    """The field names a format string uses ("{title}" -> ["title"])."""
-    return [name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def required_columns(data: DataConfig) -> dict[str, list[str]]:

@@ -18,29 +18,16 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError
 from pipeline.core.config import DataConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.locations import INPUTS, LOCAL_BUILDERS, is_local, is_url
 from pipeline.data.hub import hub_call, resolve
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 log = logging.getLogger(__name__)
-INPUTS = Path("data/input")  # where dvc.yaml tracks local inputs (pipeline.core.params.INPUTS)
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
-                  ".parquet": "parquet"}
 TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".tsv"}  # read as UTF-8 text
-
-
-def is_url(name: str) -> bool:
-    return name.startswith(("http://", "https://"))
-
-
-def is_local(name: str) -> bool:
-    """A path on disk (or meant to be one) rather than a Hub id like `gpt2` or `Salesforce/wikitext`."""
-    return not is_url(name) and (
-        Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-        or any(c in name for c in "*?[") or Path(name).suffix in LOCAL_BUILDERS)
 
 
 # --- files -----------------------------------------------------------------------------------------

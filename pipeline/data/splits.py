@@ -8,8 +8,8 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError
 from pipeline.core.config import DataConfig
+from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict

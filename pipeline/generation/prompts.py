@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.common import PipelineError, read_utf8
 from pipeline.core.config import GenerateConfig
+from pipeline.core.errors import PipelineError, read_utf8
 
 
 def load_prompts(cfg: GenerateConfig) -> list[str]:

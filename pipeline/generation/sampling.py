@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.config import GenerateConfig
 from pipeline.core.device import autocast_dtype, device, resolve_precision
 from pipeline.core.loading import context_length
-from pipeline.generation.room import check_room
+from pipeline.generation.fit import check_prompts_fit
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +151,7 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     model.to(dev).eval()
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends where generation starts
     context = context_length(model.config)
-    check_room(tokenizer, prompts, cfg.max_new_tokens, context, "generate")
+    check_prompts_fit(tokenizer, prompts, cfg.max_new_tokens, context, "generate")
     rows = [(i, j) for i in range(len(prompts)) for j in range(cfg.num_return_sequences)]
     progress = Progress(label, len(rows), cfg.max_new_tokens)
     processors = LogitsProcessorList([progress] + ([SampleTopK(cfg.temperature, cfg.top_k, cfg.top_p)]
@@ -163,8 +163,8 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
         inputs = tokenizer([p if p else tokenizer.eos_token for p in batch], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(dev)
         width = inputs["input_ids"].shape[1]
-        room = context - width if context else cfg.max_new_tokens  # >= 1: check_room
-        settings = generation_config(cfg, tokenizer, min(room, cfg.max_new_tokens))
+        left = context - width if context else cfg.max_new_tokens  # >= 1: check_prompts_fit
+        settings = generation_config(cfg, tokenizer, min(left, cfg.max_new_tokens))
         stops = StoppingCriteriaList([StopStrings(tokenizer, list(cfg.stop), width)] if cfg.stop else [])
         torch.manual_seed(cfg.seed + start)
         began = time.perf_counter()

@@ -9,7 +9,8 @@ module offers the same small interface, which the stage calls:
                     finish_live_log(live_dir)
     evaluate.py     evaluate(params, base_dir, finetuned_dir, data_dir, precision) -> (metrics, plot rows)
     generate.py     generate(params, model_dir, base_dir, data_dir, out, metrics_path): writes the outputs
-    report.py       headline(train, evaluation, generation) -> the summary row
+    report.py       headline(train, evaluation, generation) -> the summary row; summary_lines(workspace,
+                    evaluation, train) -> the demo's closing lines, and where the outputs are
 
 A stage looks its task's part up once, `task_part(params.task, "train")`, and never asks which task it runs
 again; a new task is a new package with these modules (tests/test_tasks.py holds them to the interface).

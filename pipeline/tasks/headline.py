@@ -1,4 +1,5 @@
-"""What every task's headline (metrics/summary.json) shares: the training's speed, memory and minutes."""
+"""What every task's headline (metrics/summary.json) and summary (the demo's closing lines) share: the
+training's speed, memory and minutes."""
 
 from __future__ import annotations
 
@@ -17,3 +18,16 @@ def speed(train: dict) -> dict:
 
 def rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def training_line(train: dict) -> str:
+    """One line of the run: steps, tokens, speed, precision, attention, peak memory."""
+    whole = f"{train['tokens_per_second']:,.0f} tokens/s"
+    if train["steady_tokens_per_second"] is None:
+        speed_text = f"{whole} (MFU {train['mfu']:.1%})"
+    else:  # steady: after warm-up, without evaluations and saves
+        speed_text = (f"steady {train['steady_tokens_per_second']:,.0f} tokens/s (MFU {train['steady_mfu']:.1%}), "
+                      f"whole run {whole}")
+    return (f"training: {train['steps']} steps, {train['tokens_seen']:,} tokens, {speed_text}, {train['precision']}, "
+            f"{train['attention']} attention, peak memory {train['peak_memory_gib']:.1f} GiB "
+            f"({train['peak_memory_kind']})")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.common import stage_command
+from pipeline.core.cli import stage_command
 
 
 def write_gpt2_tokenizer(out: Path) -> None:

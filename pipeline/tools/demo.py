@@ -22,9 +22,11 @@ from pathlib import Path
 import click
 import yaml
 
-from pipeline.core.common import PipelineError, stage_command
-from pipeline.core.outputs import hold_workspace
-from pipeline.core.params import from_dict, merge
+from pipeline.core.cli import stage_command
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import from_dict, merge, read_yaml
+from pipeline.core.workspace import hold_workspace
+from pipeline.tasks import DEFAULT_TASK, task_part
 from pipeline.tools.corpora import write_gpt2_tokenizer, write_python_reference, write_stdlib_docstrings
 from pipeline.tools.plots import TEMPLATE, write_template
 
@@ -51,7 +53,7 @@ def run(cmd: list[str], cwd: Path, capture: bool = False) -> subprocess.Complete
 def make_workspace(dest: Path, overrides: dict) -> Path:
     """A fresh git + DVC repo at `dest` with this project's pipeline, params.yaml merged with
     `overrides`, and the offline assets. Validates the merged params before writing anything."""
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    params = merge(read_yaml(ROOT / "params.yaml"), overrides)  # read as DVC reads it, as the stages do
     from_dict(params)
     if dest.exists():
         shutil.rmtree(dest)
@@ -110,54 +112,14 @@ def dvc(workspace: Path, *args: str, capture: bool = False) -> subprocess.Comple
     return run([str(Path(sys.executable).parent / "dvc"), *args], workspace, capture)
 
 
-def speed(train: dict) -> str:
-    """Steady tokens/s and MFU (after warm-up, without evaluations and saves), and the whole run's."""
-    whole = f"{train['tokens_per_second']:,.0f} tokens/s"
-    if train["steady_tokens_per_second"] is None:
-        return f"{whole} (MFU {train['mfu']:.1%})"
-    steady = f"steady {train['steady_tokens_per_second']:,.0f} tokens/s (MFU {train['steady_mfu']:.1%})"
-    return f"{steady}, whole run {whole}"
-
-
 def report(workspace: Path) -> str:
-    """The base-vs-fine-tuned table, samples side by side (or, for a classifier, its figures beside the
-    baselines), and where the files are."""
-    ev = json.loads((workspace / "metrics/eval.json").read_text())
-    tr = json.loads((workspace / "metrics/train.json").read_text())
-    if ev.get("task") == "classification":
-        return classification_report(workspace, ev, tr)
-    val = ev["validation"]
-    gen = json.loads((workspace / "metrics/generate.json").read_text())
-    samples = [json.loads(line) for line in (workspace / "outputs/samples.jsonl").read_text().splitlines()]
-    rows = [("base (untrained tiny GPT-2)", val["base"]), ("fine-tuned", val["finetuned"])]
-    header = f"validation: {val['tokens']:,} tokens"
-    lines = ["", f"{header:<36}{'loss':>8}{'perplexity':>12}{'sliding':>10}{'bits/byte':>11}",
-             *[f"{name:<36}{m['loss']:>8.3f}{m['perplexity']:>12,.1f}{m['sliding_perplexity']:>10,.1f}"
-               f"{m['bits_per_byte']:>11.3f}" for name, m in rows],
-             f"perplexity {val['perplexity_relative_reduction']:.1%} lower after fine-tuning "
-             f"(sliding window: stride {ev['stride']} of {ev['block_size']})",
-             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {speed(tr)}, {tr['precision']}, "
-             f"{tr['attention']} attention, peak memory {tr['peak_memory_gib']:.1f} GiB ({tr['peak_memory_kind']})",
-             f"samples: copied 8-grams {gen['finetuned']['copied_8gram_fraction']:.2f} (fine-tuned), "
-             f"distinct-2 {gen['finetuned']['distinct_2']:.2f}", "", "samples (prompt | fine-tuned | base):"]
-    by_model = {name: [s for s in samples if s["model"] == name] for name in ("finetuned", "base")}
-    for tuned, base in list(zip(by_model["finetuned"], by_model["base"], strict=False))[:4]:
-        lines.append(f"  {tuned['prompt']} | {tuned['text'][:60]!r} | {base['text'][:40]!r}")
-    return "\n".join(lines + next_steps(workspace, "outputs/samples.md (side by side)"))
-
-
-def classification_report(workspace: Path, ev: dict, tr: dict) -> str:
-    """A classifier's validation figures beside the majority class and the base model zero-shot."""
-    val = ev["validation"]
-    rows = [("fine-tuned", val["finetuned"]), (f"majority class ({ev['majority_class']})", val["majority"]),
-            ("base zero-shot (untrained tiny GPT-2)", val["zero_shot"])]
-    lines = ["", f"{'validation: ' + format(val['finetuned']['examples'], ',') + ' texts':<40}{'accuracy':>10}"
-                 f"{'macro-F1':>10}",
-             *[f"{name:<40}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}" for name, m in rows],
-             f"labels: {', '.join(ev['labels'])}",
-             f"training: {tr['steps']} steps, {tr['tokens_seen']:,} tokens, {speed(tr)}, {tr['precision']}, "
-             f"{tr['attention']} attention, peak memory {tr['peak_memory_gib']:.1f} GiB ({tr['peak_memory_kind']})"]
-    return "\n".join(lines + next_steps(workspace, "outputs/predictions.md, the confusion matrix in dvc plots"))
+    """The run's figures as its task tells them (pipeline.tasks.<task>.report.summary_lines), and where the
+    files are."""
+    evaluation = json.loads((workspace / "metrics/eval.json").read_text())
+    train = json.loads((workspace / "metrics/train.json").read_text())
+    lines, outputs = task_part(evaluation.get("task", DEFAULT_TASK), "report").summary_lines(workspace, evaluation,
+                                                                                            train)
+    return "\n".join(["", *lines, *next_steps(workspace, outputs)])
 
 
 def next_steps(workspace: Path, outputs: str) -> list[str]:
@@ -179,7 +141,7 @@ def main(workdir: Path, overrides_path: Path) -> None:
     started = time.perf_counter()
     hold_workspace(f"make demo ({workdir})", lock=f"{workdir}.lock")  # a second demo here says so and stops
     keep_aside(workdir)
-    workspace = make_workspace(workdir.resolve(), yaml.safe_load(overrides_path.read_text()) or {})
+    workspace = make_workspace(workdir.resolve(), read_yaml(overrides_path) or {})
     try:
         dvc(workspace, "repro")
     except subprocess.CalledProcessError:

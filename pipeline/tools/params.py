@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from pipeline.core.common import params_option, stage_command
+from pipeline.core.cli import params_option, stage_command
 from pipeline.core.config import Params
 from pipeline.core.params import PROJECT_PARAMS, load_params, read_yaml
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.common import PipelineError, stage_command
+from pipeline.core.cli import stage_command
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text
 
 TEMPLATE = Path(".dvc/plots/offline.html")  # plots.html_template in .dvc/config is relative to .dvc/

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pipeline.core.common import PipelineError, params_option, stage_command
+from pipeline.core.cli import params_option, stage_command
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import check_folder, check_weights
+from pipeline.core.locations import REPO_ID, is_repo_id
 from pipeline.core.outputs import MANIFEST
 from pipeline.core.params import load_params
-from pipeline.data.hub import REPO_ID, fail, hub_call, is_repo_id
+from pipeline.data.hub import fail, hub_call
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo

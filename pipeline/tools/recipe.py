@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 import yaml
 
-from pipeline.core.common import PipelineError, params_option, stage_command
+from pipeline.core.cli import params_option, stage_command
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import PARAMS_FILE, from_dict, merge, read_yaml, yaml_reader
 
 

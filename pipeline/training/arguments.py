@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError
 from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
 from pipeline.training.plan import Plan
 from pipeline.training.sharding import deepspeed_config
 

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError, is_main_process, perplexity
+from pipeline.core.cli import is_main_process
+from pipeline.core.common import perplexity
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text
 from pipeline.training.throughput import ThroughputMeter
 

@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 RDZV_PORT = 29400

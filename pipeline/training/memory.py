@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from peft import PeftModel

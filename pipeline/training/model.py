@@ -9,8 +9,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError, one_line
 from pipeline.core.config import TrainConfig
+from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.loading import load_config, load_model
 from pipeline.core.params import shorten
 from pipeline.training.loss import causal_lm_loss, loss_without_logits, pad_vocab
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch.nn import Module
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from pipeline.core.config import LoraConfig as LoraSettings
+    from pipeline.core.config import LoraSettings
 
     Model = PreTrainedModel | PeftModel  # a transformers model, or one with LoRA adapters around it
 

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError
 from pipeline.core.config import TrainConfig
 from pipeline.core.device import autocast_dtype, resolve_precision
+from pipeline.core.errors import PipelineError
 from pipeline.training.memory import MemoryEstimate, RunShape, estimate_memory, model_shape, preflight
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
     import torch

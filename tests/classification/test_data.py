@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.tasks.classification.preprocess import build_examples, pad_token_id
 from tests.support import project_section
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import from_dict, load_params, merge
 from tests.conftest import ROOT, TINY, in_process, write_params
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.core import device
-from pipeline.core.common import PipelineError
 from pipeline.core.device import claim_gpus
+from pipeline.core.errors import PipelineError
 from tests.conftest import ROOT, in_process
 
 HOLD = """
 import fcntl, os, sys
 from pathlib import Path
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.device import claim_gpus
 if len(sys.argv) > 4:  # another user's run, with a umask that keeps what it creates to itself
     os.setgid(int(sys.argv[4]))

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.core.common import PipelineError, stage_command
+from pipeline.core.cli import stage_command
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import outputs
 
 
@@ -169,7 +170,7 @@ def test_a_long_error_is_cut_in_the_middle_keeping_the_fix():
 SIGTERMED = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pipeline.core.common import stage_command
+    from pipeline.core.cli import stage_command
     from pipeline.core.outputs import outputs
 
     @stage_command

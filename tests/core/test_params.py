@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import from_dict, load_params, merge
 from pipeline.tools.params import documented, help_lines, markdown_table
 from tests.support import ALIAS_BOMB

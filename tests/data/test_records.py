@@ -8,9 +8,10 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pipeline.core.common import IGNORE_INDEX, PipelineError
+from pipeline.core.common import IGNORE_INDEX, template_fields
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import load_tokenizer
-from pipeline.data.records import check_columns, clean, dialogue_turns, template_fields
+from pipeline.data.records import check_columns, clean, dialogue_turns
 from pipeline.tasks.causal_lm.preprocess import build_blocks, render, tokenize
 from tests.conftest import data_params, prep_params
 

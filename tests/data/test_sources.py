@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.data.sources import JSON_DEPTH_MAX, first_bad_byte, load_raw
 from tests.conftest import CORPUS
 from tests.support import project_section

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, in_process
 
 HOLD = """
 import sys
-from pipeline.core.outputs import hold_workspace
+from pipeline.core.workspace import hold_workspace
 hold_workspace("make demo (.demo)", lock=sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()

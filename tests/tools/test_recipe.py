@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import from_dict, merge
 from pipeline.tools.recipe import apply_set_params, set_args
 

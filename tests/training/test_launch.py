@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.training.launch import torchrun_arguments
 from tests.conftest import in_process
 

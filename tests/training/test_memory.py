@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.core.params import from_dict, merge
 from pipeline.training.loss import causal_lm_loss, pad_vocab
 from pipeline.training.memory import (

@@ -149,7 +149,7 @@ def test_planned_steps_count_as_the_trainer_does(epochs, max_steps, expected):
 
 
 def test_sharding_needs_processes_to_shard_over(monkeypatch):
-    from pipeline.core.common import PipelineError
+    from pipeline.core.errors import PipelineError
 
     t = train_params(sharding="zero3", precision="fp32", torch_compile="auto")
     with pytest.raises(PipelineError, match=r"train.sharding: zero3 splits the training state across processes, and "

@@ -97,7 +97,7 @@ def meter_of(model, vocab: int, monkeypatch, world: int = 1) -> ThroughputMeter:
     from pipeline.training.plan import Plan
 
     monkeypatch.setattr(pipeline.train, "peak_flops", lambda precision: (1e12, "test"))
-    trainable = pipeline.train.Trainable(model, vocab, count_parameters(model, vocab))
+    trainable = pipeline.train.Trainable(model, vocab, *count_parameters(model, vocab))
     return pipeline.train._setup_meter(trainable, Plan("fp32", "cpu", world, 64, 10, 4 * world, False))
 
 

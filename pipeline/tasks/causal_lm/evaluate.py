@@ -22,9 +22,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import IGNORE_INDEX, PipelineError, perplexity
+from pipeline.core.common import IGNORE_INDEX, perplexity
 from pipeline.core.config import Params
 from pipeline.core.device import autocast_dtype, device
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.training.loss import TENSOR_CORE_ROWS, pad_vocab, summed_nll
 

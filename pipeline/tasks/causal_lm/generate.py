@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError
 from pipeline.core.config import GenerateConfig
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import MADE_BY, check_folder, load_model, load_saved_dataset, load_tokenizer
 from pipeline.core.outputs import outputs, write_json, write_text
 from pipeline.generation.prompts import load_prompts

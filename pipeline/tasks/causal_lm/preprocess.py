@@ -21,8 +21,9 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import IGNORE_INDEX, PipelineError, digest
+from pipeline.core.common import IGNORE_INDEX, digest
 from pipeline.core.config import DataConfig, Params, PreprocessConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data.lengths import check_block_size, histogram_rows, length_stats
 from pipeline.data.records import check_columns, clean, drop_bad_records, renderer
 from pipeline.data.splits import split_documents

@@ -14,7 +14,7 @@ import yaml
 from pipeline.core.common import perplexity
 from pipeline.core.config import Params, TrainConfig
 from pipeline.core.loading import context_length
-from pipeline.generation.room import check_room
+from pipeline.generation.fit import check_prompts_fit
 from pipeline.training.callbacks import leave_classifier_curves_empty
 from pipeline.training.card import lineage
 from pipeline.training.model import causal_sdpa
@@ -38,7 +38,7 @@ def prepare_model(params: Params, base_dir: Path, tokenizer: PreTrainedTokenizer
     t = params.train
     model, vocab = prepare(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
     if t.samples.every:
-        check_room(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens, context_length(model.config),
+        check_prompts_fit(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens, context_length(model.config),
                    "train.samples")
     return model, vocab
 

@@ -9,8 +9,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from pipeline.core.common import PipelineError
 from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
 from pipeline.core.loading import (
     MADE_BY,
     check_folder,

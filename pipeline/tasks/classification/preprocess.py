@@ -16,8 +16,9 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.common import PipelineError, digest
+from pipeline.core.common import digest
 from pipeline.core.config import ClassifyConfig, DataConfig, Params, PreprocessConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data.lengths import check_block_size, histogram_rows, length_stats
 from pipeline.data.records import check_columns, clean, drop_bad_records, renderer
 from pipeline.data.splits import split_documents

@@ -3,7 +3,9 @@ beat, the eval loss, the training's speed."""
 
 from __future__ import annotations
 
-from pipeline.tasks.headline import rounded, speed
+from pathlib import Path
+
+from pipeline.tasks.headline import rounded, speed, training_line
 
 
 def headline(train: dict, evaluation: dict, generation: dict) -> dict:
@@ -17,3 +19,16 @@ def headline(train: dict, evaluation: dict, generation: dict) -> dict:
         "eval_loss": rounded(train.get("eval_loss"), 4),
         **speed(train),
     }
+
+
+def summary_lines(workspace: Path, evaluation: dict, train: dict) -> tuple[list[str], str]:
+    """The demo's closing lines: the classifier's validation figures beside the majority class and the base
+    model zero-shot; and where the predictions are."""
+    val = evaluation["validation"]
+    rows = [("fine-tuned", val["finetuned"]), (f"majority class ({evaluation['majority_class']})", val["majority"]),
+            ("base zero-shot (untrained tiny GPT-2)", val["zero_shot"])]
+    lines = [f"{'validation: ' + format(val['finetuned']['examples'], ',') + ' texts':<40}{'accuracy':>10}"
+             f"{'macro-F1':>10}",
+             *[f"{name:<40}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}" for name, m in rows],
+             f"labels: {', '.join(evaluation['labels'])}", training_line(train)]
+    return lines, "outputs/predictions.md, the confusion matrix in dvc plots"

@@ -60,11 +60,11 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts:
     before, after = prompt.split("{text}", 1)
     head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, after))
     choices = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in names]
-    room = (context or 10**9) - len(head) - len(tail) - max(map(len, choices))
+    left = (context or 10**9) - len(head) - len(tail) - max(map(len, choices))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = []  # (text index, label, ids, where the label starts)
     for i, text in enumerate(texts):
-        ids = head + tokenizer(text, add_special_tokens=False)["input_ids"][:max(room, 0)] + tail
+        ids = head + tokenizer(text, add_special_tokens=False)["input_ids"][:max(left, 0)] + tail
         sequences += [(i, j, ids + choice, len(ids)) for j, choice in enumerate(choices)]
     scores = np.full((len(texts), len(names)), -np.inf)
     keep = max(map(len, choices)) + 1  # the logits of the label's tokens only: left-padded, they end every row

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from pipeline.core.common import PipelineError
+from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_room(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, context: int | None,
+def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, context: int | None,
                key: str) -> None:
     """Prompts and max_new_tokens (of the params section `key`) that fit the model's context: an error
     where none can, a warning where a long prompt leaves fewer new tokens than asked."""
