@@ -290,7 +290,7 @@ def case_gpu_peer(work: Path, spec: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from pipeline.training.memory import GIB, RunShape, estimate_memory, model_shape
+    from pipeline.training.memory.estimate import GIB, RunShape, estimate_memory, model_shape
     from pipeline.training.throughput import ThroughputMeter, flops_per_token, meter_callback, peak_flops, warmup_steps
 
     batch, tuned = json.loads(spec)["batch"], json.loads(spec)["tuned"]

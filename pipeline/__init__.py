@@ -19,9 +19,11 @@ Their parts live in packages beside them:
                  (loading.py), device and precision (device.py), small shared values (common.py)
     data/        where text and models come from (sources.py, hub.py), how records become text (records.py),
                  the train/validation split (splits.py), text lengths (lengths.py)
-    training/    the train stage's task-free parts: plan.py (every run decision), model.py, loss.py, memory.py,
-                 peak.py, throughput.py, callbacks.py, checkpoints.py, arguments.py, metrics.py, card.py (the
-                 card's lineage), launch.py (torchrun: GPUs and hosts), sharding.py (DeepSpeed ZeRO)
+    training/    the train stage's task-free parts, one home per concept: plan.py (steps, precision, compile),
+                 attention.py, memory/ (estimate.py before the run, peak.py as it ran), throughput.py,
+                 distributed/ (launch.py: torchrun, GPUs and hosts; sharding.py: DeepSpeed ZeRO),
+                 checkpoints.py, callbacks.py, card.py (the card's lineage), model.py, loss.py, arguments.py
+                 (the Trainer's arguments), metrics.py (the run's figures)
     generation/  sampling a language model (sampling.py), prompts (prompts.py), whether they fit the context
                  (fit.py), ad hoc sampling and classifying (adhoc.py)
     tools/       commands beside the pipeline: params.py (check and describe params.yaml), recipe.py (override

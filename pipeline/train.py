@@ -3,8 +3,8 @@
 set_up (the inputs; the model with dropout, padding, freezing or LoRA and its own loss; this run's
 checkpoint folder; the plan: steps, precision, compile, attention, memory) -> run (the Trainer) -> save
 (merged, unpadded, safetensors, with its model card) and the metrics: steady and whole-run throughput, the
-training's peak memory beside its estimate. Several GPUs and hosts (torchrun: pipeline.training.launch),
-sharding (DeepSpeed ZeRO: pipeline.training.sharding) and mixed precision come through the Trainer.
+training's peak memory beside its estimate. Several GPUs and hosts (torchrun: pipeline.training.distributed.launch),
+sharding (DeepSpeed ZeRO: pipeline.training.distributed.sharding) and mixed precision come through the Trainer.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pipeline.core.outputs import outputs, write_json, write_text
 from pipeline.core.preamble import start_stage
 from pipeline.tasks import DEFAULT_TASK, task_part
 from pipeline.training.arguments import bucket_view_gradients, training_arguments
+from pipeline.training.attention import Attention, choose_attention
 from pipeline.training.callbacks import (
     early_stopping,
     finite_weights,
@@ -49,20 +50,13 @@ from pipeline.training.checkpoints import (
     start_fresh,
     started_with,
 )
-from pipeline.training.launch import processes_per_node, run_under_torchrun
-from pipeline.training.memory import MemoryEstimate
-from pipeline.training.metrics import memory_metrics, run_metrics, summary_line
+from pipeline.training.distributed.launch import processes_per_node, run_under_torchrun
+from pipeline.training.distributed.sharding import gathered_weights, plain_model
+from pipeline.training.memory.estimate import MemoryEstimate, estimated_memory
+from pipeline.training.memory.peak import memory_metrics, reset_peak
+from pipeline.training.metrics import run_metrics, summary_line
 from pipeline.training.model import count_parameters
-from pipeline.training.peak import reset_peak
-from pipeline.training.plan import (
-    Attention,
-    Plan,
-    choose_attention,
-    estimated_memory,
-    find_unused_parameters,
-    make_plan,
-)
-from pipeline.training.sharding import gathered_weights, plain_model
+from pipeline.training.plan import Plan, find_unused_parameters, make_plan
 from pipeline.training.throughput import (
     ThroughputMeter,
     meter_callback,

@@ -8,7 +8,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.params import project_params
-from pipeline.training.memory import ModelShape
+from pipeline.training.memory.estimate import ModelShape
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -260,7 +260,7 @@ class TrainConfig:
     freeze: FreezeConfig = doc("Transfer learning: parts of the base model kept fixed.")
     lora: LoraSettings = doc("Parameter-efficient fine-tuning with peft LoRA.")
     memory_preflight: StrictBool = doc(
-        "Estimate peak memory before training (calibrated per device, see pipeline/training/memory.py) and stop, "
+        "Estimate peak memory before training (calibrated per device, see pipeline/training/memory/) and stop, "
         "with the batch size that fits, if it and allowances for the allocator and NCCL exceed the free memory.")
     logging_steps: Whole = doc("Log training loss, learning rate and throughput every N optimizer steps.", ge=1,
                                le=STEPS_MAX)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
+from pipeline.training.distributed.sharding import deepspeed_config
 from pipeline.training.plan import Plan
-from pipeline.training.sharding import deepspeed_config
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments

@@ -7,21 +7,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.training.checkpoints import checkpoint_step
-from pipeline.training.memory import GIB, MemoryEstimate
-from pipeline.training.peak import peak_used
 from pipeline.training.plan import Plan
 from pipeline.training.throughput import ThroughputMeter
 
 if TYPE_CHECKING:
     from transformers import Trainer
     from transformers.trainer_utils import TrainOutput
-
-
-def memory_metrics(estimate: MemoryEstimate, since_reset: bool) -> dict:
-    """The training's peak beside its estimate (on CUDA the same measure: tensor memory; on a CPU the
-    peak is the whole process's resident memory, libraries and data included)."""
-    peak, kind = peak_used(since_reset)
-    return {"peak_memory_gib": peak / GIB, "peak_memory_kind": kind, "memory_estimate_gib": estimate.total / GIB}
 
 
 def run_metrics(trainer: Trainer, result: TrainOutput, seconds: float, start_step: int, meter: ThroughputMeter,

@@ -1,6 +1,6 @@
 """The model as it will train: dropout, padded vocabulary, frozen parts or LoRA adapters, the loss it
 computes (prepare_model), and what the rest of the stage asks of it (its layers, its parameters). How it
-will run (attention, compile, memory) is decided in pipeline.training.plan."""
+will run is decided in pipeline.training.plan, attention and memory."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_deepspeed_accumulates_and_reduces_gradients_in_fp32_with_its_own_defaul
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from pipeline.training.sharding import deepspeed_config
+    from pipeline.training.distributed.sharding import deepspeed_config
 
     args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, per_device_train_batch_size=2,
                              gradient_accumulation_steps=4, report_to="none")

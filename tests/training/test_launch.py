@@ -1,4 +1,4 @@
-"""pipeline/training/launch.py: the torchrun command the train stage becomes, from the environment as
+"""pipeline/training/distributed/launch.py: the torchrun command the train stage becomes, from the environment as
 torchrun and SLURM set it (one host, several hosts through a c10d rendezvous), and one line for a
 topology that cannot run. The runs themselves: tests/training/test_ddp.py (one host) and
 tests/scale/test_nodes.py (two hosts as two network namespaces)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.training.launch import torchrun_arguments
+from pipeline.training.distributed.launch import torchrun_arguments
 from tests.conftest import in_process
 
 STAGE = ["-m", "pipeline.train", "--out", "m"]

@@ -1,5 +1,5 @@
-"""pipeline/training/memory.py: the estimate against measured peaks (H100 figures, tensor memory of real steps on
-this CPU), the preflight's batch that fits, the GPU profiles against the cards they name."""
+"""pipeline/training/memory/estimate.py: the estimate against measured peaks (H100 figures, tensor memory
+of real steps on this CPU), the preflight's batch that fits, the GPU profiles against the cards they name."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import from_dict, merge
 from pipeline.training.loss import causal_lm_loss, pad_vocab
-from pipeline.training.memory import (
+from pipeline.training.memory.estimate import (
     GIB,
     RunShape,
     estimate_limit,
@@ -24,7 +24,7 @@ from pipeline.training.memory import (
     model_shape,
     preflight,
 )
-from pipeline.training.peak import PeakTensorMemory
+from pipeline.training.memory.peak import PeakTensorMemory
 from tests.conftest import ROOT
 from tests.support import gpt2_shape
 
@@ -167,7 +167,7 @@ def xl(batch: int, **changes) -> tuple:
 
 
 def test_a_run_that_does_not_fit_stops_with_the_batch_that_does(monkeypatch):
-    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (80 * GIB, "H100 (test)"))
+    monkeypatch.setattr("pipeline.training.memory.estimate.free_memory", lambda: (80 * GIB, "H100 (test)"))
     model, run = xl(16, accumulation=2)
     with pytest.raises(PipelineError) as error:
         preflight(model, run, lora=False)
@@ -198,21 +198,21 @@ def test_the_preflight_keeps_room_for_the_allocator_and_nccl(monkeypatch):
     NCCL takes its buffers outside it. An estimate at 90% of the free memory leaves neither."""
     model, run = gpt2_shape("gpt2"), RunShape("cuda", "bf16", 16, 8, 1024, compiled=True, shards=2)
     total = estimate_memory(model, run).total
-    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (total / 0.9 + 2**20, "H100 (test)"))
+    monkeypatch.setattr("pipeline.training.memory.estimate.free_memory", lambda: (total / 0.9 + 2**20, "H100 (test)"))
     with pytest.raises(PipelineError, match=r"training needs about [\d.]+ GiB .*NCCL.* but H100 \(test\) has"):
         preflight(model, run, lora=False)
     assert estimate_limit(80 * GIB, run) == pytest.approx((80 * GIB - GIB) / 1.1)
 
 
 def test_an_evaluation_batch_that_does_not_fit_is_named(monkeypatch):
-    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (24 * GIB, "A10 (test)"))
+    monkeypatch.setattr("pipeline.training.memory.estimate.free_memory", lambda: (24 * GIB, "A10 (test)"))
     model = gpt2_shape("gpt2")
     with pytest.raises(PipelineError, match=r"per_device_eval_batch_size: \d+"):
         preflight(model, RunShape("cuda", "bf16", 4, 256, 1024, compiled=True), lora=False)
 
 
 def test_states_that_cannot_fit_say_so_without_a_batch_size(monkeypatch):
-    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (16 * GIB, "T4 (test)"))
+    monkeypatch.setattr("pipeline.training.memory.estimate.free_memory", lambda: (16 * GIB, "T4 (test)"))
     with pytest.raises(PipelineError) as error:
         preflight(*xl(1), lora=True)
     assert "batch_size" not in str(error.value) and "gradient_checkpointing: true" in str(error.value)
@@ -282,7 +282,7 @@ def test_sharding_divides_the_state_and_is_offered_where_it_makes_a_run_fit(monk
     assert alone.states > 24 * GIB > two.total and four.states < two.states < alone.states / 1.9
     assert four.states < zero2.states < alone.states  # zero2 keeps the 16-bit weights whole on every process
     assert four.activations == alone.activations  # sharding splits state, not a micro-batch's activations
-    monkeypatch.setattr("pipeline.training.memory.free_memory", lambda: (23.5 * 1e9, "RTX 4090 (test)"))
+    monkeypatch.setattr("pipeline.training.memory.estimate.free_memory", lambda: (23.5 * 1e9, "RTX 4090 (test)"))
     with pytest.raises(PipelineError, match=r"train.sharding: zero3 across (\d) GPUs \(about [\d.]+ GiB each; "
                                             r"NPROC_PER_NODE=\1\)"):
         preflight(xl_shape, run, lora=False)

@@ -38,7 +38,7 @@ def bf16_step(model, ids):
     PeakTensorMemory: the loss, the bytes the forward's outputs hold when it returns, the step's peak."""
     from accelerate.utils import convert_outputs_to_fp32
 
-    from pipeline.training.peak import PeakTensorMemory
+    from pipeline.training.memory.peak import PeakTensorMemory
 
     forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     with PeakTensorMemory(*model.parameters(), ids) as tracked:

@@ -1,13 +1,15 @@
-"""pipeline/training/plan.py, the run's decisions: attention never measured at the training batch (never
-at all on CUDA), the compile decision, the steps planned."""
+"""pipeline/training/plan.py and attention.py, the run's decisions: attention never measured at the training
+batch (never at all on CUDA), the compile decision, the steps planned."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import pipeline.training.attention as attention_module
 import pipeline.training.plan as plan_module
-from pipeline.training.plan import Attention, Plan, choose_attention, make_plan, use_compile
+from pipeline.training.attention import Attention, choose_attention
+from pipeline.training.plan import Plan, make_plan, use_compile
 from tests.support import project_section
 
 
@@ -55,7 +57,7 @@ def cuda_plan(precision: str = "bf16", batch: int = 16) -> tuple:
 ])
 def test_auto_attention_on_cuda_runs_nothing(monkeypatch, flash_installed, precision, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(plan_module, "flash_attention_installed", lambda: flash_installed)
+    monkeypatch.setattr(attention_module, "flash_attention_installed", lambda: flash_installed)
     model = Recorder(runnable=False)
     t, run = cuda_plan(precision)
     monkeypatch.setattr(model, "set_attn_implementation", lambda name: setattr(model, "implementation", name))
@@ -123,9 +125,9 @@ class TimedModel(torch.nn.Module):
 ])
 def test_attention_probe_takes_each_ones_best_round(monkeypatch, cost, bursts, expected):
     clock = FakeClock()
-    monkeypatch.setattr(plan_module, "time", clock)
+    monkeypatch.setattr(attention_module, "time", clock)
     model = TimedModel(clock, cost, bursts).eval()  # calls 0, 1: warm-ups; then sdpa, eager, sdpa, eager
-    best, timings = plan_module.fastest_attention(model, {"x": torch.ones(1)}, "fp32")
+    best, timings = attention_module.fastest_attention(model, {"x": torch.ones(1)}, "fp32")
     assert best == expected
     assert timings == pytest.approx(cost)
     assert model.weight.grad is None and not model.training

@@ -10,6 +10,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from pipeline.training.memory.estimate import GIB, MemoryEstimate
+
 
 def reset_peak() -> bool:
     """Start counting the peak now, so the reported peak is the training's and not the setup's. On CPU
@@ -101,3 +103,10 @@ class PeakTensorMemory:
 
     def __exit__(self, *exc: Any) -> None:
         self.mode.__exit__(*exc)
+
+
+def memory_metrics(estimate: MemoryEstimate, since_reset: bool) -> dict:
+    """The training's peak beside its estimate (on CUDA the same measure: tensor memory; on a CPU the
+    peak is the whole process's resident memory, libraries and data included)."""
+    peak, kind = peak_used(since_reset)
+    return {"peak_memory_gib": peak / GIB, "peak_memory_kind": kind, "memory_estimate_gib": estimate.total / GIB}

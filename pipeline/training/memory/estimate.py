@@ -34,11 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.config import TrainConfig
 from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
+
+    from pipeline.training.plan import Plan
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -59,7 +62,7 @@ class Calibration:
 
 # What each coefficient was fitted to, on which machine and when, and how far the estimate is from what was
 # measured: docs/speed.md ("Memory"); `source` names the kind of measurement.
-_CPU_SOURCE = "pipeline.training.peak.PeakTensorMemory of real steps on a CPU"
+_CPU_SOURCE = "pipeline.training.memory.peak.PeakTensorMemory of real steps on a CPU"
 _H100_SOURCE = "torch.cuda.max_memory_allocated of the train stage on an H100"
 CALIBRATION: dict[tuple[str, str, bool], Calibration] = {
     # (device type, "16-bit" or "fp32", torch.compile)
@@ -309,3 +312,18 @@ def sharding_fix(model: ModelShape, run: RunShape, free: float) -> str:
             return (f"train.sharding: zero3 {where} {shards} GPUs (about {each / GIB:.1f} GiB each"
                     + (f"; NPROC_PER_NODE={shards})" if run.shards == 1 else ")"))
     return ""
+
+
+def estimated_memory(model: PreTrainedModel, t: TrainConfig, plan: Plan, attention: str) -> MemoryEstimate:
+    """The estimate of the training's peak; with memory_preflight checked against the free memory first
+    (a stop, with the batch that fits, when it would not)."""
+    shape, run = model_shape(model), run_shape(t, plan, attention, model)
+    return preflight(shape, run, t.lora.enabled) if t.memory_preflight else estimate_memory(shape, run)
+
+
+def run_shape(t: TrainConfig, plan: Plan, attention: str, model: PreTrainedModel) -> RunShape:
+    dropout = t.dropout if t.dropout is not None else max(
+        (m.p for m in model.modules() if type(m).__name__ == "Dropout"), default=0.0)
+    return RunShape(plan.device, plan.precision, t.per_device_train_batch_size, t.per_device_eval_batch_size,
+                    plan.block_size, t.gradient_accumulation_steps, attention, dropout, plan.compile,
+                    t.gradient_checkpointing, t.optimizer, plan.sharding, plan.world_size)
