@@ -113,7 +113,7 @@ def case_train_pipeline(work: Path, name: str) -> dict:
             "tokens": metrics["tokens_seen"],
             "setup": f"{metrics['precision']}, {metrics['attention']} attention "
                      f"({', '.join(f'{k} {v:,.0f} ms' for k, v in metrics.get('attention_timings_ms', {}).items())}), "
-                     f"{params.train.optimizer}, vocab padded to a multiple of {params.train.pad_vocab_multiple_of}"}
+                     f"{params.train.optim}, vocab padded to a multiple of {params.train.pad_vocab_multiple_of}"}
 
 
 def case_train_baseline(work: Path, name: str) -> dict:

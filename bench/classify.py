@@ -79,7 +79,7 @@ def case_pipeline(work: Path) -> dict:
 
     keep_freed_memory()
     params: Params = replace(project_params(), seed=SEED, lr=LR, task="classification")
-    params = replace(params, train=replace(params.train, epochs=EPOCHS, per_device_train_batch_size=BATCH,
+    params = replace(params, train=replace(params.train, num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
                                            eval_steps=0, save_steps=10**6, logging_steps=10))
     out = Path(tempfile.mkdtemp(dir=work))
     metrics = train(params, work / "blocks", work / "base", out / "model", out / "ckpt", out / "live",
@@ -87,7 +87,7 @@ def case_pipeline(work: Path) -> dict:
     model = load_model(out / "model", task="classification")
     return {"tokens_per_second": metrics["tokens_per_second"],
             **evaluation(model, work, datasets.load_from_disk(str(work / "blocks"))["validation"]),
-            "setup": f"{metrics['precision']}, {metrics['attention']} attention, {params.train.optimizer}, "
+            "setup": f"{metrics['precision']}, {metrics['attention']} attention, {params.train.optim}, "
                      "pad token of its own"}
 
 

@@ -32,7 +32,7 @@ TINY = {
               "config_overrides": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}},
     "data": {"dataset": "data/input/corpus", "config": None},
     "preprocess": {"block_size": 32, "add_eos": True, "val_fraction": 0.25},
-    "train": {"epochs": 1, "max_steps": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+    "train": {"num_train_epochs": 1, "max_steps": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
               "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "precision": "fp32",
               "attn_implementation": "sdpa"},  # pinned: `auto` measures, and timing must not steer exact tests
     "evaluate": {"batch_size": 8, "precision": "fp32"},

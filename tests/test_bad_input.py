@@ -147,7 +147,7 @@ LIBRARY: dict[str, list[tuple[Any, dict]]] = {
     "data.template": [("{nope}", {}), ("{0}", {}), ("{text!z}", {}), ("{text:>>>}", {}), ("no fields", {}),
                       ("{text.__class__}", {}), ("{text[0]}", {}), ("{text:>1000000000}", {}), ("{text:{text}}", {})],
     "data.validation_split": [("train", {})],
-    "lr": [(1e-8, {"train": {"lr_scheduler": "polynomial"}})],
+    "lr": [(1e-8, {"train": {"lr_scheduler_type": "polynomial"}})],
     "train.adam_epsilon": [(1e-40, {})],
     "train.adam_beta1": [(1e-40, {})],
     "train.samples.every": [(2, {"train": {"samples": {"prompts": []}}})],

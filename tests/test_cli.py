@@ -59,8 +59,8 @@ def test_a_stopped_stage_says_what_running_it_again_does(project, monkeypatch, s
 
 @pytest.mark.parametrize("override, message", [
     ({"lr": "fast"}, "params: lr must be a number; got 'fast'"),
-    ({"train": {"epochs": -1}}, "params: train.epochs must be > 0.0; got -1"),
-    ({"train": {"lr_scheduler": "exponential"}}, "params: train.lr_scheduler must be one of"),
+    ({"train": {"num_train_epochs": -1}}, "params: train.num_train_epochs must be > 0.0; got -1"),
+    ({"train": {"lr_scheduler_type": "exponential"}}, "params: train.lr_scheduler_type must be one of"),
     ({"train": {"learning_rate": 1e-3}}, "params: train.learning_rate is not a known parameter"),
     ({"preprocess": {"block_size": 128}}, "block_size (128) exceeds model.config_overrides.n_positions (64)"),
 ])

@@ -214,17 +214,18 @@ class LoraSettings:
 
 @dataclass(frozen=True, config=STRICT)
 class TrainConfig:
-    epochs: Number = doc("Training epochs (num_train_epochs); may be fractional.", gt=0.0, le=10_000)
-    max_steps: Whole = doc("If > 0, train exactly this many optimizer steps and ignore epochs.", ge=-1, le=STEPS_MAX)
+    num_train_epochs: Number = doc("Training epochs; may be fractional.", gt=0.0, le=10_000)
+    max_steps: Whole = doc("If > 0, train exactly this many optimizer steps and ignore num_train_epochs.", ge=-1,
+                           le=STEPS_MAX)
     per_device_train_batch_size: Whole = doc("Blocks per device per forward pass.", ge=1, le=BATCH_MAX)
     per_device_eval_batch_size: Whole = doc("Blocks per device per forward pass in in-training evaluation.", ge=1,
                                             le=BATCH_MAX)
     gradient_accumulation_steps: Whole = doc(
         "Forward passes per optimizer step. Effective batch = per-device batch x accumulation x devices (at most "
         "the training blocks).", ge=1, le=BATCH_MAX)
-    optimizer: Literal[OPTIMIZERS] = doc(
-        "Trainer optim name; adamw_torch_fused is AdamW with torch's fused kernel (CUDA and CPU).")
-    lr_scheduler: Literal[SCHEDULERS] = doc("Learning-rate schedule (Trainer lr_scheduler_type).")  # type: ignore[valid-type]
+    optim: Literal[OPTIMIZERS] = doc(
+        "The optimizer; adamw_torch_fused is AdamW with torch's fused kernel (CUDA and CPU).")
+    lr_scheduler_type: Literal[SCHEDULERS] = doc("Learning-rate schedule.")  # type: ignore[valid-type]
     warmup_steps: Whole = doc("Linear warmup steps (at most the planned steps).", ge=0, le=STEPS_MAX)
     weight_decay: Number = doc("AdamW weight decay.", ge=0.0, le=1.0)
     adam_beta1: Number = doc("Adam beta1.", ge=0.0, lt=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import re
 import string
 import typing
@@ -38,9 +39,9 @@ def check(p: Params) -> None:
     check_data(p.data)
     check_train(p.train)
     check_task(p)
-    if p.train.lr_scheduler == "polynomial" and p.lr <= POLYNOMIAL_LR_END:
+    if p.train.lr_scheduler_type == "polynomial" and p.lr <= POLYNOMIAL_LR_END:
         fail("lr", f"({p.lr:g}) is not above the polynomial schedule's end lr ({POLYNOMIAL_LR_END:g}, the Trainer's "
-                   "lr_end), so it would rise instead of decay; raise lr or use train.lr_scheduler: linear")
+                   "lr_end), so it would rise instead of decay; raise lr or use train.lr_scheduler_type: linear")
     if p.evaluate.stride is not None and p.evaluate.stride > p.preprocess.block_size:
         fail("evaluate.stride", f"({p.evaluate.stride}) exceeds preprocess.block_size ({p.preprocess.block_size}); "
                                 "windows would skip tokens")
@@ -273,12 +274,39 @@ def section(loc: list[str]) -> type:
     return cls
 
 
+# Keys renamed to the Trainer's own names (TrainingArguments), read under their old names until the next
+# release: old section.key -> new key
+RENAMED = {("train", "epochs"): "num_train_epochs", ("train", "optimizer"): "optim",
+           ("train", "lr_scheduler"): "lr_scheduler_type"}
+log = logging.getLogger(__name__)
+
+
+def renamed(raw: Any) -> Any:
+    """`raw` with the keys RENAMED under their new names, each old one named in a warning; both names of
+    one key in one line."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = dict(raw)
+    for (section_name, old), new in RENAMED.items():
+        part = raw.get(section_name)
+        if not (isinstance(part, dict) and old in part):
+            continue
+        if new in part:
+            raise PipelineError(f"params: {section_name}.{old} (the old name of {section_name}.{new}) and "
+                                f"{section_name}.{new} are both set; keep {section_name}.{new} alone "
+                                f"(dvc exp run -S {section_name}.{new}=...)")
+        log.warning("params: %s.%s is now %s.%s, as the Trainer names it; the old name is read until the next "
+                    "release", section_name, old, section_name, new)
+        raw[section_name] = {(new if key == old else key): value for key, value in part.items()}
+    return raw
+
+
 def from_dict(raw: Any) -> Params:
     """Validate a params mapping (as read from YAML) into Params."""
     if not isinstance(raw, dict):
         raise PipelineError("params: the file must be a YAML mapping of sections (seed, lr, model, data, ...)")
     try:
-        params = TypeAdapter(Params).validate_python(raw)
+        params = TypeAdapter(Params).validate_python(renamed(raw))
     except ValidationError as e:
         raise PipelineError(error_line(e.errors()[0])) from None
     check(params)
@@ -374,8 +402,13 @@ def project_params() -> Params:
 
 def merge(base: dict, override: dict) -> dict:
     """Deep-merge an override mapping (a recipe, the demo's overrides) onto a params mapping, as
-    `dvc exp run -S` would; an empty mapping replaces (`config_overrides: {}` clears it)."""
+    `dvc exp run -S` would; an empty mapping replaces (`config_overrides: {}` clears it). A key either
+    gives under its old name (RENAMED) is merged under its new one."""
+    return deep_merge(renamed(base), renamed(override))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out

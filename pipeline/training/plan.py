@@ -52,7 +52,7 @@ def make_plan(t: TrainConfig, train_blocks: int, block_size: int) -> Plan:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batches = math.ceil(train_blocks / (t.per_device_train_batch_size * world))
     per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
     if effective > train_blocks:
         raise PipelineError(f"params: the effective batch, train.per_device_train_batch_size x "

@@ -82,10 +82,10 @@ def test_integer_fields_take_whole_numbers():
     ({"lr": "fast"}, r"params: lr must be a number; got 'fast'"),
     ({"lr": -1e-4}, r"params: lr must be > 0.0; got -0.0001"),
     ({"lr": True}, r"params: lr must be a number"),
-    ({"train": {"epochs": -1}}, r"params: train.epochs must be > 0.0; got -1"),
+    ({"train": {"num_train_epochs": -1}}, r"params: train.num_train_epochs must be > 0.0; got -1"),
     ({"train": {"per_device_train_batch_size": 0}}, r"per_device_train_batch_size must be >= 1; got 0"),
-    ({"train": {"lr_scheduler": "exponential"}}, r"train.lr_scheduler must be one of linear, cosine"),
-    ({"train": {"epochz": 3}}, r"train.epochz is not a known parameter; did you mean train.epochs\?"),
+    ({"train": {"lr_scheduler_type": "exponential"}}, r"train.lr_scheduler_type must be one of linear, cosine"),
+    ({"train": {"max_stepz": 3}}, r"train.max_stepz is not a known parameter; did you mean train.max_steps\?"),
     ({"learning_rate": 1e-3}, r"learning_rate is not a known parameter"),
     ({"model": {"from_scratch": "yes"}}, r"model.from_scratch must be true or false"),
     ({"model": "gpt2"}, r"model must be a mapping"),
@@ -191,3 +191,40 @@ def read_yaml_text(tmp_path, text: str) -> dict:
 
     (tmp_path / "p.yaml").write_text(text)
     return read_yaml(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize(("old", "new", "value"), [("epochs", "num_train_epochs", 2.5), ("optimizer", "optim", "sgd"),
+                                                  ("lr_scheduler", "lr_scheduler_type", "cosine")])
+def test_a_renamed_key_is_read_under_its_old_name_for_a_release(caplog, old, new, value):
+    """train keys renamed to the Trainer's names: the old name still sets the value, with a warning that
+    names both; both names at once are one line; a recipe with the old name overrides the new one."""
+    raw = project_params()
+    raw["train"] = {(old if key == new else key): (value if key == new else v) for key, v in raw["train"].items()}
+    with caplog.at_level("WARNING"):
+        params = from_dict(raw)
+    assert getattr(params.train, new) == value
+    assert f"train.{old} is now train.{new}" in caplog.text
+    with pytest.raises(PipelineError, match=rf"train\.{old} \(the old name of train\.{new}\) and train\.{new} are "
+                                            "both set"):
+        from_dict({**raw, "train": {**raw["train"], new: value}})
+    assert getattr(from_dict(merge(project_params(), {"train": {old: value}})).train, new) == value
+
+
+def test_the_trainer_gets_the_keys_it_names_alike_as_they_are(tmp_path):
+    """The pass-through: every key handed over as it is exists, by the same name, on both sides."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from pipeline.core.config import TrainConfig
+    from pipeline.training.arguments import AS_THE_TRAINER_NAMES, training_arguments
+    from pipeline.training.plan import Plan
+
+    ours, theirs = set(TrainConfig.__pydantic_fields__), {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert set(AS_THE_TRAINER_NAMES) <= ours & theirs
+    params = from_dict(merge(project_params(), {"train": {"num_train_epochs": 2.5, "optim": "adamw_torch",
+                                                          "lr_scheduler_type": "cosine", "save_total_limit": 7}}))
+    args = training_arguments(params, Plan("fp32", "cpu", 1, 1024, 1, 1, False), tmp_path)
+    for name in AS_THE_TRAINER_NAMES:
+        assert str(getattr(args, name)) == str(getattr(params.train, name)) or getattr(args, name) == getattr(
+            params.train, name), name

@@ -141,11 +141,11 @@ def test_compile_auto_is_on_for_long_cuda_runs_only(requested, device, tokens, e
     assert use_compile(requested, device, tokens)[0] is expected
 
 
-@pytest.mark.parametrize("epochs, max_steps, expected", [(3.0, -1, 21), (1.5, -1, 11), (3.0, 5, 5)])
-def test_planned_steps_count_as_the_trainer_does(epochs, max_steps, expected):
+@pytest.mark.parametrize("num_train_epochs, max_steps, expected", [(3.0, -1, 21), (1.5, -1, 11), (3.0, 5, 5)])
+def test_planned_steps_count_as_the_trainer_does(num_train_epochs, max_steps, expected):
     # 100 blocks, 8 per batch -> 13 batches an epoch -> 7 optimizer steps with accumulation 2
-    t = train_params(epochs=epochs, max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                     precision="fp32")
+    t = train_params(num_train_epochs=num_train_epochs, max_steps=max_steps, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=2, precision="fp32")
     planned = make_plan(t, train_blocks=100, block_size=64)
     assert planned.steps == expected and planned.effective_batch == 16 and planned.tokens_per_step == 1024
 

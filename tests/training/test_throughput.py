@@ -165,7 +165,7 @@ def test_the_plan_knows_which_steps_are_short(blocks, batch, world, accumulation
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     t = project_section("train", per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                        max_steps=-1, epochs=3, warmup_steps=0)
+                        max_steps=-1, num_train_epochs=3, warmup_steps=0)
     assert make_plan(t, blocks, 64).short_every == short_every
 
 

@@ -77,7 +77,7 @@ def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, n
     also `labels`: -100 over the prompt's tokens."""
     eos = [tokenizer.eos_token_id] if add_eos else []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = getattr(backend, "encode_batch_fast", None)  # Rust, threaded, no character offsets: ~1.5x __call__
+    fast = getattr(backend, "encode_batch_fast", None)  # Rust, threaded, no character offsets: faster
     if backend is not None and (backend.padding or backend.truncation):
         # set to pad or cut (a tokenizer.json may say so; a call with padding=True leaves it so), the backend
         # would pad every document to the batch's longest: transformers' own call turns both off first
@@ -93,7 +93,7 @@ def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, n
         if max(map(len, texts), default=0) <= PIECE_CHARS:
             return encoded(texts)
         out = []
-        for text in texts:  # a long document a piece at a time: the tokenizer's memory is ~100x its input
+        for text in texts:  # a long document a piece at a time: the tokenizer's memory is many times its input
             ids: list[int] = []
             for piece in pieces(text, PIECE_CHARS):
                 ids += encoded([piece])[0]
@@ -110,8 +110,8 @@ def tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerBase, add_eos: bool, n
         labels = [[IGNORE_INDEX] * len(p) + r + eos for p, r in zip(prompts, responses, strict=True)]
         return {"input_ids": ids, "labels": labels}
 
-    # An explicit fingerprint: otherwise datasets hashes `encode` by pickling the whole tokenizer, which took
-    # 70% of the stage on a 1M-token corpus. The stage writes to a fresh directory and caching is off.
+    # An explicit fingerprint: otherwise datasets hashes `encode` by pickling the whole tokenizer, which was
+    # most of the stage's time. The stage writes to a fresh directory and caching is off.
     fingerprint = digest([docs._fingerprint, add_eos, len(tokenizer), tokenizer.name_or_path])
     return docs.map(encode, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
                     remove_columns=docs.column_names, desc="tokenize", new_fingerprint=fingerprint)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def deepspeed_config(sharding: str) -> dict | None:
     """The DeepSpeed config for train.sharding (None: no DeepSpeed). "auto" values are the Trainer's own
     (batch, accumulation, clipping, bf16/fp16 from the precision, bucket sizes from the model's width); the
-    optimizer and schedule stay the Trainer's (train.optimizer, train.lr_scheduler). Otherwise DeepSpeed's
+    optimizer and schedule stay the Trainer's (train.optim, train.lr_scheduler_type). Otherwise DeepSpeed's
     defaults (overlap_comm: on for ZeRO-3, off for ZeRO-2), except the gradients: under bf16/fp16 DeepSpeed
     would sum them over micro-batches and across processes in the 16-bit type; here in fp32, as DDP does.
     Under ZeRO-3 the Trainer's own saves (the model file of each checkpoint) need the full weights gathered

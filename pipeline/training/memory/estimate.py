@@ -326,4 +326,4 @@ def run_shape(t: TrainConfig, plan: Plan, attention: str, model: PreTrainedModel
         (m.p for m in model.modules() if type(m).__name__ == "Dropout"), default=0.0)
     return RunShape(plan.device, plan.precision, t.per_device_train_batch_size, t.per_device_eval_batch_size,
                     plan.block_size, t.gradient_accumulation_steps, attention, dropout, plan.compile,
-                    t.gradient_checkpointing, t.optimizer, plan.sharding, plan.world_size)
+                    t.gradient_checkpointing, t.optim, plan.sharding, plan.world_size)
