@@ -111,6 +111,7 @@ def test_partial_or_damaged_checkpoints_are_skipped_with_a_warning(tmp_path, cap
     (folder / "checkpoint-12/model.safetensors").write_bytes(b"wei")  # cut short since
     checkpoint(folder, 8, complete=True)
     (folder / "checkpoint-8/trainer_state.json").write_text("{")  # not JSON
+    (folder / "checkpoint-old").mkdir()  # a user's copy, named by hand: not the Trainer's
     with caplog.at_level("WARNING"):
         assert resume_checkpoint(folder, "run") == str(folder / "checkpoint-4")
     assert "checkpoint-16: incomplete" in caplog.text

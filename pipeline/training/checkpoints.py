@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
+CHECKPOINT = re.compile(r"checkpoint-\d+")  # the Trainer's folder names: checkpoint-<step>
 COMPLETE = "checkpoint-complete.json"  # written once the Trainer has finished a checkpoint
 FINISHED = "finished.json"  # written once the run's outputs are in place
 LIVE = "dvclive"  # the run's live log, copied to the stage's dvclive/ output when the run ends
@@ -52,7 +54,8 @@ def resume_checkpoint(folder: Path, run_id: str) -> str | None:
         log.info("this run finished before (%s); training it again from the start", folder)
         return None
     # not transformers' get_last_checkpoint: it returns the highest-numbered folder even where its save was cut short
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)),
+                   key=checkpoint_step, reverse=True)  # a folder of another name (checkpoint-old) is not one
     for path in found:
         problem = checkpoint_problem(path)
         if problem is None:
