@@ -1,10 +1,11 @@
 """Stage 3, train: fine-tune models/base on data/processed with the Hugging Face Trainer.
 
-set_up (the inputs; the model with dropout, padding, freezing or LoRA and its own loss; this run's
-checkpoint folder; the plan: steps, precision, compile, attention, memory) -> run (the Trainer) -> save
-(merged, unpadded, safetensors, with its model card) and the metrics: steady and whole-run throughput, the
-training's peak memory beside its estimate. Several GPUs and hosts (torchrun: pipeline.training.distributed.launch),
-sharding (DeepSpeed ZeRO: pipeline.training.distributed.sharding) and mixed precision come through the Trainer.
+set_up, a walk down _setup_* steps (the inputs; the task's model: head, padding, freezing or LoRA; the
+plan: steps, precision, compile; this run's checkpoint folder; attention; memory; the throughput meter)
+-> run (the Trainer) -> save (merged, unpadded, safetensors, with its task's model card) and the metrics:
+steady and whole-run throughput, the training's peak memory beside its estimate. Several GPUs and hosts
+(torchrun: pipeline.training.distributed.launch), sharding (DeepSpeed ZeRO: its sharding.py) and mixed
+precision come through the Trainer.
 """
 
 from __future__ import annotations
@@ -29,26 +30,16 @@ from pipeline.core.preamble import start_stage
 from pipeline.tasks import DEFAULT_TASK, task_part
 from pipeline.training.arguments import bucket_view_gradients, training_arguments
 from pipeline.training.attention import Attention, choose_attention
-from pipeline.training.callbacks import (
-    early_stopping,
-    finite_weights,
-    live_callback,
-    progress_callback,
-    samples_callback,
-    stop_on_non_finite,
-    trim_live_log,
-)
+from pipeline.training.callbacks import finite_weights, training_callbacks
 from pipeline.training.card import git_commit, lock_hashes
 from pipeline.training.checkpoints import (
     LIVE,
+    RunFolder,
     checkpoint_step,
-    fingerprint,
-    mark_complete_callback,
     mark_finished,
-    note_other_runs,
-    resume_checkpoint,
-    start_fresh,
+    open_run,
     started_with,
+    this_run,
 )
 from pipeline.training.distributed.launch import processes_per_node, run_under_torchrun
 from pipeline.training.distributed.sharding import gathered_weights, plain_model
@@ -57,13 +48,7 @@ from pipeline.training.memory.peak import memory_metrics, reset_peak
 from pipeline.training.metrics import run_metrics, summary_line
 from pipeline.training.model import count_parameters
 from pipeline.training.plan import Plan, find_unused_parameters, make_plan
-from pipeline.training.throughput import (
-    ThroughputMeter,
-    meter_callback,
-    model_flops_per_token,
-    peak_flops,
-    warmup_steps,
-)
+from pipeline.training.throughput import ThroughputMeter, run_meter
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -100,15 +85,6 @@ class Trainable:
 
 
 @dataclass(frozen=True)
-class RunFolder:
-    """This run's checkpoints and live log (checkpoints/<fingerprint>), and the checkpoint it resumes."""
-
-    path: Path
-    fingerprint: str
-    resume_from: str | None
-
-
-@dataclass(frozen=True)
 class Setup:
     """Everything decided before the Trainer starts, and the task's part of the train stage."""
 
@@ -130,7 +106,7 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
     train_blocks = inputs.blocks["train"]
     plan = make_plan(t, len(train_blocks), len(train_blocks[0]["input_ids"]))
     trainable = _setup_model(params, base_dir, inputs, task)
-    run = _setup_run_folder(params, data_dir, base_dir, checkpoints)  # every rank decides before rank 0 writes
+    run = this_run(params, data_dir, base_dir, checkpoints)  # every rank decides before rank 0 writes
     args = training_arguments(params, plan, run.path, find_unused_parameters(trainable.model, plan, train_blocks),
                               task.best_metric(params))
     # on the CPU the model is loaded on: CUDA needs no measuring, and the preflight must run before the
@@ -139,7 +115,7 @@ def set_up(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) ->
                                  started_with(run.path).get("attention") if run.resume_from else None)
     memory = estimated_memory(trainable.model, t, plan, attention.implementation)
     _setup_checkpoints(args, checkpoints, run, attention)
-    meter = _setup_meter(trainable, plan)
+    meter = run_meter(trainable.model, trainable.vocab, plan)
     log.info("precision %s; %s of %s parameters trainable; effective batch %d blocks = %d per device x %d "
              "accumulation x %d devices (%d tokens); %d steps planned%s", plan.precision,
              f"{trainable.trainable_parameters:,}", f"{trainable.parameters:,}", plan.effective_batch,
@@ -166,21 +142,11 @@ def _setup_model(params: Params, base_dir: Path, inputs: Inputs, task: ModuleTyp
     return Trainable(model, vocab, *count_parameters(model, vocab))
 
 
-def _setup_run_folder(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) -> RunFolder:
-    run_id = fingerprint(params, data_dir, base_dir)
-    folder = checkpoints / run_id
-    return RunFolder(folder, run_id, resume_checkpoint(folder, run_id))
-
-
 def _setup_checkpoints(args: TrainingArguments, checkpoints: Path, run: RunFolder, attention: Attention) -> None:
-    """Rank 0 starts the run's folder (or trims its live log back to the checkpoint it resumes)."""
+    """Rank 0 opens the run's folder (the others wait for it), and the arguments that depend on resuming."""
     with args.main_process_first(desc="prepare checkpoints"):
         if is_main_process():
-            note_other_runs(checkpoints, run.path)
-            if run.resume_from is None:
-                start_fresh(run.path, run.fingerprint, attention.implementation)
-            else:
-                trim_live_log(run.path / LIVE, checkpoint_step(run.resume_from))
+            open_run(run, checkpoints, attention.implementation)
     args.eval_on_start = run.resume_from is None  # step 0: the base model's validation loss, for plot and card
     if args.torch_compile:  # a new shape (an epoch's last, smaller batch) compiles its own static graph
         import torch._dynamo
@@ -188,23 +154,11 @@ def _setup_checkpoints(args: TrainingArguments, checkpoints: Path, run: RunFolde
         torch._dynamo.config.automatic_dynamic_shapes = False
 
 
-def _setup_meter(trainable: Trainable, plan: Plan) -> ThroughputMeter:
-    """The meter of this run's throughput: the FLOPs per token this model really does as it trains (frozen
-    parts and LoRA included), one device's peak, and the run's devices (MFU is per device)."""
-    peak, source = peak_flops(plan.precision)
-    flops = model_flops_per_token(trainable.model, trainable.vocab, plan.block_size)
-    return ThroughputMeter(plan.tokens_per_step, flops, peak, warmup=warmup_steps(plan.steps), peak_source=source,
-                           devices=plan.world_size, short_every=plan.short_every)
-
-
 def make_trainer(s: Setup, params: Params) -> Trainer:
     from transformers import PrinterCallback, Trainer, default_data_collator
 
-    t, resume, live_dir = params.train, s.run.resume_from is not None, s.run.path / LIVE
-    callbacks = [meter_callback(s.meter), stop_on_non_finite(), progress_callback(s.plan.tokens_per_step),
-                 live_callback(live_dir, resume), mark_complete_callback(),
-                 *samples_callback(t.samples, s.inputs.tokenizer, live_dir, s.meter, resume),
-                 *early_stopping(t.early_stopping_patience)]
+    callbacks = training_callbacks(params.train, s.inputs.tokenizer, s.run.path / LIVE, s.meter,
+                                   s.plan.tokens_per_step, s.run.resume_from is not None)
     task = s.task.trainer_options(s.trainable.model, s.inputs.blocks, s.inputs.labels, params,
                                   s.attention.implementation)
     trainer = Trainer(model=s.trainable.model, args=s.args, data_collator=default_data_collator,

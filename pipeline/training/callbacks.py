@@ -14,7 +14,8 @@ from pipeline.core.cli import is_main_process
 from pipeline.core.common import perplexity
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text
-from pipeline.training.throughput import ThroughputMeter
+from pipeline.training.checkpoints import mark_complete_callback
+from pipeline.training.throughput import ThroughputMeter, meter_callback
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
         TrainingArguments,
     )
 
-    from pipeline.core.config import SamplesConfig
+    from pipeline.core.config import SamplesConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 NOT_PLOTTED = {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
@@ -55,20 +56,6 @@ def live_callback(live_dir: Path, resume: bool) -> TrainerCallback:
 
     live = Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False) if is_main_process() else None
     return StepCallback(live=live)
-
-
-def trim_live_log(live_dir: Path, step: int) -> None:
-    """Before resuming at `step`: drop what the stopped run logged after its checkpoint (those steps are
-    trained again), so every step has one row in the plots and one section in samples.md."""
-    for tsv in live_dir.glob("plots/**/*.tsv"):
-        header, *rows = tsv.read_text().splitlines(keepends=True)
-        column = header.rstrip("\n").split("\t").index("step")
-        write_text(tsv, header + "".join(r for r in rows if int(r.split("\t")[column]) <= step))
-    samples = live_dir / "samples.md"
-    if samples.exists():
-        sections = samples.read_text().split("## step ")
-        kept = [s for s in sections[1:] if int(s.split("\n", 1)[0]) <= step]
-        write_text(samples, sections[0] + "".join("## step " + s for s in kept))
 
 
 def leave_classifier_curves_empty(live_dir: Path) -> None:
@@ -222,3 +209,13 @@ def early_stopping(patience: int) -> list:
     from transformers import EarlyStoppingCallback
 
     return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []
+
+
+def training_callbacks(t: TrainConfig, tokenizer: PreTrainedTokenizerBase, live_dir: Path, meter: ThroughputMeter,
+                       tokens_per_step: int, resume: bool) -> list[TrainerCallback]:
+    """The train stage's callbacks, in the order they run: the throughput meter, the stop on a non-finite
+    loss, the progress line, the live log, the checkpoint marker, the samples, early stopping."""
+    return [meter_callback(meter), stop_on_non_finite(), progress_callback(tokens_per_step),
+            live_callback(live_dir, resume), mark_complete_callback(),
+            *samples_callback(t.samples, tokenizer, live_dir, meter, resume),
+            *early_stopping(t.early_stopping_patience)]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.common import digest
 from pipeline.core.config import Params
-from pipeline.core.outputs import file_sizes, remove, size_problem, write_json
+from pipeline.core.outputs import file_sizes, remove, size_problem, write_json, write_text
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -42,6 +42,31 @@ def fingerprint(params: Params, data_dir: Path, base_dir: Path) -> str:
 
 def run_folder(checkpoints: Path, run_id: str) -> Path:
     return checkpoints / run_id
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """This run's checkpoints and live log (checkpoints/<fingerprint>), and the checkpoint it resumes."""
+
+    path: Path
+    fingerprint: str
+    resume_from: str | None
+
+
+def this_run(params: Params, data_dir: Path, base_dir: Path, checkpoints: Path) -> RunFolder:
+    """The run these params, data and base model make, and the checkpoint of it to resume, if any."""
+    run_id = fingerprint(params, data_dir, base_dir)
+    folder = run_folder(checkpoints, run_id)
+    return RunFolder(folder, run_id, resume_checkpoint(folder, run_id))
+
+
+def open_run(run: RunFolder, checkpoints: Path, attention: str) -> None:
+    """Start the run's folder, or trim its live log back to the checkpoint it resumes (rank 0's job)."""
+    note_other_runs(checkpoints, run.path)
+    if run.resume_from is None:
+        start_fresh(run.path, run.fingerprint, attention)
+    else:
+        trim_live_log(run.path / LIVE, checkpoint_step(run.resume_from))
 
 
 def resume_checkpoint(folder: Path, run_id: str) -> str | None:
@@ -107,6 +132,20 @@ def note_other_runs(checkpoints: Path, folder: Path) -> None:
         size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
         log.info("%s also holds checkpoints of %d other run(s), %.2f GB, kept to resume them; delete the folders "
                  "you will not resume", checkpoints, len(others), size / 1e9)
+
+
+def trim_live_log(live_dir: Path, step: int) -> None:
+    """Before resuming at `step`: drop what the stopped run logged after its checkpoint (those steps are
+    trained again), so every step has one row in the plots and one section in samples.md."""
+    for tsv in live_dir.glob("plots/**/*.tsv"):
+        header, *rows = tsv.read_text().splitlines(keepends=True)
+        column = header.rstrip("\n").split("\t").index("step")
+        write_text(tsv, header + "".join(r for r in rows if int(r.split("\t")[column]) <= step))
+    samples = live_dir / "samples.md"
+    if samples.exists():
+        sections = samples.read_text().split("## step ")
+        kept = [s for s in sections[1:] if int(s.split("\n", 1)[0]) <= step]
+        write_text(samples, sections[0] + "".join("## step " + s for s in kept))
 
 
 def checkpoint_step(checkpoint: str | Path | None) -> int:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
     from pipeline.training.model import Model
+    from pipeline.training.plan import Plan
 
 # Dense (not sparse) bf16/fp16 tensor-core peaks with fp32 accumulation, FLOP/s, from the vendors' data sheets,
 # keyed by the tokens of the name torch and nvidia-smi give the device: the entry with the most tokens that
@@ -219,3 +220,12 @@ def meter_callback(meter: ThroughputMeter) -> TrainerCallback:
             meter.saved()
 
     return Meter()
+
+
+def run_meter(model: Model, vocab: int, plan: Plan) -> ThroughputMeter:
+    """The meter of this run's throughput: the FLOPs per token this model really does as it trains (frozen
+    parts and LoRA included), one device's peak, and the run's devices (MFU is per device)."""
+    peak, source = peak_flops(plan.precision)
+    flops = model_flops_per_token(model, vocab, plan.block_size)
+    return ThroughputMeter(plan.tokens_per_step, flops, peak, warmup=warmup_steps(plan.steps), peak_source=source,
+                           devices=plan.world_size, short_every=plan.short_every)

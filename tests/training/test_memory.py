@@ -148,7 +148,7 @@ def test_the_stage_estimates_the_peak_of_its_own_trainer(pipeline_outputs, tmp_p
         def on_train_end(self, args, state, control, **kwargs):
             tracked["memory"].__exit__(None, None, None)
 
-    monkeypatch.setattr(pipeline.train, "early_stopping", lambda patience: [Track()])
+    monkeypatch.setattr("pipeline.training.callbacks.early_stopping", lambda patience: [Track()])
     params = load_params(pipeline_outputs / "params.yaml")
     params = replace(params, train=replace(params.train, max_steps=4, save_steps=100))
     metrics = pipeline.train.train(params, pipeline_outputs / "data/processed", pipeline_outputs / "models/base",

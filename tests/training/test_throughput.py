@@ -92,13 +92,11 @@ def tiny_gpt2(n_layer: int = 2):
 
 def meter_of(model, vocab: int, monkeypatch, world: int = 1) -> ThroughputMeter:
     """The train stage's meter of `model` at block 64, the device's peak not measured."""
-    import pipeline.train
-    from pipeline.training.model import count_parameters
+    import pipeline.training.throughput as throughput
     from pipeline.training.plan import Plan
 
-    monkeypatch.setattr(pipeline.train, "peak_flops", lambda precision: (1e12, "test"))
-    trainable = pipeline.train.Trainable(model, vocab, *count_parameters(model, vocab))
-    return pipeline.train._setup_meter(trainable, Plan("fp32", "cpu", world, 64, 10, 4 * world, False))
+    monkeypatch.setattr(throughput, "peak_flops", lambda precision: (1e12, "test"))
+    return throughput.run_meter(model, vocab, Plan("fp32", "cpu", world, 64, 10, 4 * world, False))
 
 
 def weights(model, vocab: int) -> int:
