@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import typing
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from pipeline.core.config import FLOAT32_TINY, DataConfig, ModelConfig
 from pipeline.core.errors import PipelineError
 from pipeline.core.loading import context_length, load_model, read_tokenizer
 from pipeline.core.locations import is_local
-from pipeline.core.outputs import outputs, write_json
+from pipeline.core.outputs import outputs, save_dataset, write_json
 from pipeline.core.params import check_heads
 from pipeline.core.preamble import start_stage
 from pipeline.data.hub import resolve, snapshot
@@ -203,8 +204,7 @@ def save_base(cfg: ModelConfig, seed: int, out: Path, commits: dict[str, str] | 
 def save_raw(cfg: DataConfig, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="download-") as scratch:  # URL downloads, repaired or streamed files
         raw, provenance = load_raw(cfg, Path(scratch))
-        raw.save_to_disk(str(out))
-        write_json(out / "provenance.json", provenance)
+        save_dataset(raw, out, provenance, asdict(cfg))
     log.info("dataset: %s %s", cfg.dataset, provenance["splits"])
     return provenance
 

@@ -17,7 +17,7 @@ import click
 from pipeline.core.cli import check_processes, params_option, stage_command
 from pipeline.core.config import Params
 from pipeline.core.loading import context_length, load_config, load_saved_dataset, load_tokenizer, read_json
-from pipeline.core.outputs import outputs, write_json
+from pipeline.core.outputs import outputs, save_dataset, write_json
 from pipeline.core.preamble import start_stage
 from pipeline.tasks import task_part
 
@@ -62,8 +62,7 @@ def main(params_path: str, raw_dir: Path, model_dir: Path, out: Path, stats_path
     processed, stats, histogram = task.blocks(raw, tokenizer, params, context, csv)
     labels = stats.get("labels")
     with outputs(out, stats_path, lengths_path) as (out_tmp, stats_tmp, lengths_tmp):
-        processed.save_to_disk(str(out_tmp))
-        write_json(out_tmp / "provenance.json", data_provenance(provenance, params, labels))
+        save_dataset(processed, out_tmp, data_provenance(provenance, params, labels), params.seed)
         write_json(stats_tmp, stats)
         write_json(lengths_tmp, histogram)
 

@@ -139,3 +139,35 @@ def test_long_documents_are_tokenized_in_pieces_to_the_same_tokens(tokenizer):
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert [t for p in parts for t in tokenizer(p, add_special_tokens=False)["input_ids"]] == whole
     assert list(pieces("x" * 5000, 1000)) == ["x" * 5000]  # no safe cut: kept whole, never cut mid-token
+
+
+def test_the_same_inputs_write_the_same_bytes_so_dvc_records_the_same_hash(project, tmp_path):
+    """download and preprocess run twice on the same inputs and params write byte-identical folders, state.json
+    (datasets' fingerprint) included: DVC's hash of data/raw and data/processed, and with it the run-cache's
+    match for train, does not change from run to run or machine to machine."""
+    import filecmp
+    import shutil
+    from pathlib import Path
+
+    from pipeline.download import main as download_main
+    from pipeline.preprocess import main as preprocess_main
+    from tests.conftest import in_process
+
+    other = tmp_path / "again"
+    shutil.copytree(project, other)
+    for root in (project, other):
+        for command in (download_main, preprocess_main):
+            result = in_process(command, [], root)
+            assert result.returncode == 0, result.stderr[-2000:]
+
+    def differing(a: Path, b: Path) -> list[str]:
+        cmp = filecmp.dircmp(a, b)
+        found = [str(a / name) for name in cmp.diff_files + cmp.left_only + cmp.right_only]
+        _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+        found += [str(a / name) for name in mismatch + errors]
+        return sorted(set(found)) + [f for sub in cmp.common_dirs for f in differing(a / sub, b / sub)]
+
+    for folder in ("data/raw", "data/processed"):
+        assert differing(project / folder, other / folder) == [], folder
+    state = (project / "data/processed/train/state.json").read_text()
+    assert '"_fingerprint"' in state

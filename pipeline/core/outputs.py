@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.common import digest
 from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,17 @@ def recover(final: Path) -> None:
              *final.parent.glob("." + JOURNAL.format(name="*") + ".tmp-*")]  # a journal never put in place
     for path in stale:
         remove(path)
+
+
+def save_dataset(dataset: Any, out: Path, provenance: dict, made_with: Any) -> None:
+    """A DatasetDict saved to `out` (save_to_disk) beside its provenance.json. Each split's fingerprint, which
+    state.json keeps, is a digest of the provenance and `made_with` (the params that shaped it), not the
+    random one datasets gives a table read back from a temporary file: the same inputs and params write the
+    same bytes, so DVC records the same hash on every machine and its run-cache matches."""
+    for split, part in dataset.items():
+        part._fingerprint = digest([provenance, made_with, split, part.num_rows])
+    dataset.save_to_disk(str(out))
+    write_json(out / "provenance.json", provenance)
 
 
 def write_manifest(folder: Path) -> None:
