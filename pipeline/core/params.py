@@ -23,6 +23,7 @@ from pipeline.core.config import TRACKERS, DataConfig, Params, TrainConfig
 from pipeline.core.errors import PipelineError, read_utf8
 from pipeline.core.locations import INPUTS, PROMPTS, REPO_ID, is_local, is_repo_id, is_url
 
+log = logging.getLogger(__name__)
 PARAMS_FILE = Path("params.yaml")
 PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # the project's own, with every key
 POLYNOMIAL_LR_END = 1e-7  # the Trainer's polynomial schedule decays to this
@@ -278,7 +279,6 @@ def section(loc: list[str]) -> type:
 # release: old section.key -> new key
 RENAMED = {("train", "epochs"): "num_train_epochs", ("train", "optimizer"): "optim",
            ("train", "lr_scheduler"): "lr_scheduler_type"}
-log = logging.getLogger(__name__)
 
 
 def renamed(raw: Any) -> Any:

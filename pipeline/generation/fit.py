@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, context: int | None,
-               key: str) -> None:
+def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                      context: int | None, key: str) -> None:
     """Prompts and max_new_tokens (of the params section `key`) that fit the model's context: an error
     where none can, a warning where a long prompt leaves fewer new tokens than asked."""
     if context is None:

@@ -215,4 +215,3 @@ def count_parameters(model: Model, vocab: int) -> tuple[int, int]:
     embeddings = model.get_input_embeddings().weight
     padding = (embeddings.shape[0] - vocab) * embeddings.shape[1]
     return total - padding, trainable - (padding if embeddings.requires_grad else 0)
-

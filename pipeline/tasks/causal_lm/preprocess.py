@@ -286,4 +286,3 @@ def _source(data: DataConfig) -> str:
     if data.dialogue_column:
         return f"dialogue column {data.dialogue_column!r}"
     return f"column {data.text_column!r}"
-

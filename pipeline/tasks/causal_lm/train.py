@@ -38,8 +38,8 @@ def prepare_model(params: Params, base_dir: Path, tokenizer: PreTrainedTokenizer
     t = params.train
     model, vocab = prepare(t, params.model.trust_remote_code, base_dir, tokenizer.pad_token_id)
     if t.samples.every:
-        check_prompts_fit(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens, context_length(model.config),
-                   "train.samples")
+        check_prompts_fit(tokenizer, list(t.samples.prompts), t.samples.max_new_tokens,
+                          context_length(model.config), "train.samples")
     return model, vocab
 
 

@@ -115,4 +115,3 @@ def run_under_torchrun() -> bool:
                             "says why (out of memory: lower train.per_device_train_batch_size); run again to resume "
                             "from the last checkpoint") from None
     return True
-
