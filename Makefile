@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-venv demo demo-classify test test-scale lint bench repro plots params publish clean docker-build docker-train \
+.PHONY: help setup check-venv demo demo-classify test test-scale lint bench repro plots params publish compare verify-remote clean docker-build docker-train \
 	docker-shell docker-test docker-demo docker-check docker-gpu-locks
 
 help: ## List the targets
@@ -36,8 +36,8 @@ demo-classify: setup ## The same, as a text classifier: standard library docstri
 test: setup lint ## Run the linter and the test suite, offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
 
-test-scale: setup ## Runs past one process: ZeRO-3, two hosts (network namespaces, root), real kills, queued experiments
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m scale
+test-scale: setup ## Runs past one process or machine: ZeRO-3, two hosts, real kills, queued experiments, DVC remotes (sshd, S3)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "scale or remote"
 
 lint: setup ## ruff over pipeline/ and tests/, hadolint over the Dockerfile
 	$(BIN)/ruff check pipeline tests
@@ -58,6 +58,12 @@ plots: setup ## dvc plots show, rendered offline (the page: dvc_plots/index.html
 params: setup ## Check params.yaml and print every parameter with its help
 	$(BIN)/python -m pipeline.tools.params --help-params
 	$(BIN)/python -m pipeline.tools.params
+
+compare: setup ## Markdown report of the workspace (or EXP=name) against REV (default HEAD, or the experiment's baseline): compare/report.md
+	$(BIN)/python -m pipeline.tools.compare $(if $(REV),--rev $(REV)) $(if $(EXP),--exp $(EXP)) $(if $(OUT),--out $(OUT))
+
+verify-remote: setup ## Check the DVC remote's (REMOTE=name) copies of the outputs byte for byte; DELETE=1 removes damaged ones
+	$(BIN)/python -m pipeline.tools.remote $(if $(REMOTE),--remote $(REMOTE)) $(if $(filter 1,$(DELETE)),--delete)
 
 publish: setup ## Push models/finetuned to the Hub repo publish.repo_id (needs HF_TOKEN; never part of dvc repro)
 	$(BIN)/python -m pipeline.tools.publish
@@ -120,8 +126,10 @@ docker-train docker-shell docker-test docker-demo: export GIT_COMMITTER_NAME  ?=
 docker-train docker-shell docker-test docker-demo: export GIT_AUTHOR_EMAIL    ?= $(shell git config user.email 2>/dev/null)
 docker-train docker-shell docker-test docker-demo: export GIT_COMMITTER_EMAIL ?= $(shell git config user.email 2>/dev/null)
 # Passed by name only (`-e NAME`: docker reads the value from this environment), and only when set, so a
-# value never shows on the command line and HF_TOKEN never enters the image.
-PASS_ENV = $(strip $(foreach v,HF_TOKEN GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COMMITTER_NAME GIT_COMMITTER_EMAIL,$(if $($(v)),-e $(v))))
+# value never shows on the command line and no token or key enters the image. The AWS_* variables are an
+# S3-compatible DVC remote's credentials (docs/sharing.md), for dvc push/pull in the container.
+SECRETS  = HF_TOKEN AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_DEFAULT_REGION
+PASS_ENV = $(strip $(foreach v,$(SECRETS) GIT_AUTHOR_NAME GIT_AUTHOR_EMAIL GIT_COMMITTER_NAME GIT_COMMITTER_EMAIL,$(if $($(v)),-e $(v))))
 
 # The flags every docker target shares. The repo is mounted where the image expects it (DVC needs .git)
 # and the container runs as you, so what it writes there is yours; models and datasets from the Hub

@@ -16,11 +16,12 @@ OUTPUTS = ["data/raw", "models/base", "data/processed", "metrics", "models/finet
 
 
 @pytest.mark.parametrize("stage", STAGES + ["tools.params", "tools.recipe", "tools.plots", "tools.demo",
-                                            "tools.publish"])
+                                            "tools.publish", "tools.compare", "tools.remote"])
 def test_help(stage):
     result = run_stage(stage, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout
-    assert {"tools.demo": "--workdir", "tools.plots": "--out", "tools.recipe": "--run", "report": "--train"}.get(
+    assert {"tools.demo": "--workdir", "tools.plots": "--out", "tools.recipe": "--run", "report": "--train",
+            "tools.compare": "--rev", "tools.remote": "--remote"}.get(
         stage, "--params") in result.stdout
 
 

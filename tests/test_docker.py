@@ -23,6 +23,7 @@ TORCH_CUDA = {"2.13.0": "13.0"}
 # outer make's command line (through MAKEFLAGS): cleared so the caller cannot change what these tests render.
 MAKE_ENV_VARS = ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV", "SKIP_SETUP", "PYTHON", "DOCKER", "IMAGE", "VERSION",
                  "GIT_SHA", "TAG", "CACHE_VOLUME", "DOCKER_USER", "GPU_FLAGS", "GPUS", "EXP", "RECIPE", "HF_TOKEN",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "GPU_LOCK_DIR",
                  "INFINIBAND", "NODES", "NODE_RANK", "RDZV_ENDPOINT"]
 # The per-GPU locks' folder of a run on the bare host (pipeline.core.device.gpu_lock_dir, TMPDIR unset)
@@ -395,13 +396,14 @@ def test_docker_test_and_shell_share_the_train_flags():
     assert shell[-1] == "bash" and run_flags(shell) == train + ["-it"], shell
 
 
-def test_hf_token_is_passed_by_name_only_when_set():
-    secret = "hf_not_a_real_token_123"
-    out = make("-n", "docker-train", env={"HF_TOKEN": secret}).stdout
+@pytest.mark.parametrize("name", ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])
+def test_tokens_and_remote_keys_are_passed_by_name_only_when_set(name):
+    secret = "not_a_real_secret_123"
+    out = make("-n", "docker-train", env={name: secret}).stdout
     argv = docker_line(out, "run")
-    assert argv[argv.index("HF_TOKEN") - 1] == "-e", argv
-    assert secret not in out, "the token's value is on the command line"
-    assert "HF_TOKEN" not in make("-n", "docker-train").stdout
+    assert argv[argv.index(name) - 1] == "-e", argv
+    assert secret not in out, "the value is on the command line"
+    assert name not in make("-n", "docker-train").stdout
 
 
 def test_the_host_git_identity_is_passed_for_dvc_exp_run():
