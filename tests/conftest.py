@@ -164,3 +164,63 @@ def prep_params(**changes: object):
     from tests.support import project_section
 
     return project_section("preprocess", **changes)
+
+
+# --- the real pipeline through DVC from a loopback Hub, run once for the session (tests/test_e2e.py, and
+# tests/tools/test_compare.py reports on it) ---------------------------------------------------------------
+
+EXPERIMENT = "lower-lr"  # the experiment `experimented` runs: lr 5e-4
+
+
+def e2e_params() -> dict:
+    from pipeline.core.params import merge
+    from tests.hub_repos import HUB_PARAMS
+
+    return merge(merge(TINY, HUB_PARAMS), {"generate": {"prompts_file": "data/prompts/extra.txt"}})
+
+
+@pytest.fixture(scope="session")
+def hub(hub_repos):
+    from tests.hub_repos import serve
+
+    server = serve(hub_repos)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def online(hub, tmp_path_factory) -> dict[str, str]:
+    """The environment of DVC and its stages with the loopback Hub switched on."""
+    from tests.hub_repos import hub_env
+
+    return hub_env(hub, tmp_path_factory.mktemp("hf-home"))
+
+
+def workspace_for(root: Path) -> Path:
+    from pipeline.tools.demo import make_workspace
+
+    workspace = make_workspace(root / "ws", e2e_params())
+    (workspace / "data/prompts/extra.txt").write_text("The mountain\n")
+    return workspace
+
+
+def repro(workspace: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    ran = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", *args], cwd=workspace, env=env,
+                         text=True, capture_output=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    return ran
+
+
+@pytest.fixture(scope="session")
+def experimented(tmp_path_factory, online) -> Path:
+    """A workspace where `dvc repro` ran from the Hub, was committed as the baseline, and `dvc exp run -n
+    lower-lr -S lr=5e-4` followed (its results left in the workspace, as DVC leaves them). Tests that change a
+    file put it back."""
+    from pipeline.tools.demo import commit_baseline, dvc
+
+    workspace = workspace_for(tmp_path_factory.mktemp("e2e"))
+    repro(workspace, online)
+    commit_baseline(workspace)
+    ran = dvc(workspace, "exp", "run", "-n", EXPERIMENT, "-S", "lr=5e-4", capture=True)
+    workspace.joinpath("exp-run.log").write_text(ran.stdout + ran.stderr)
+    return workspace

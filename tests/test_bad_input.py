@@ -42,7 +42,8 @@ def declared_leaves(stage: str) -> list[str]:
 
 
 def declared_outputs() -> list[str]:
-    return [next(iter(out)) if isinstance(out, dict) else out for stage in PIPELINE.values() for out in stage["outs"]]
+    return [next(iter(out)) if isinstance(out, dict) else out for stage in PIPELINE.values()
+            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
 
 
 def stage_main(stage: str) -> tuple[Any, list[str]]:

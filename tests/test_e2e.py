@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.params import merge
-from pipeline.tools.demo import commit_baseline, dvc, make_workspace
-from tests.conftest import TINY
-from tests.hub_repos import DATASET, HUB_PARAMS, MODEL, commit_of, hub_env, jsonl, sentences, serve, tiny_gpt2
+from pipeline.tools.demo import dvc
+from tests.conftest import TINY, repro, workspace_for
+from tests.hub_repos import DATASET, MODEL, commit_of, jsonl, sentences, tiny_gpt2
 
 pytestmark = pytest.mark.e2e
 
@@ -48,47 +47,6 @@ def exp_rows(workspace) -> dict[str, dict]:
                 rows[params.get("lr")] = {"name": run_.get("name") or run_.get("rev"), "detail": set(metrics),
                                           "metrics": metrics["metrics/summary.json"]["data"]}
     return rows
-
-
-PARAMS = merge(merge(TINY, HUB_PARAMS), {"generate": {"prompts_file": "data/prompts/extra.txt"}})
-
-
-@pytest.fixture(scope="module")
-def hub(hub_repos):
-    server = serve(hub_repos)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def online(hub, tmp_path_factory) -> dict[str, str]:
-    """The environment of DVC and its stages with the loopback Hub switched on."""
-    return hub_env(hub, tmp_path_factory.mktemp("hf-home"))
-
-
-def workspace_for(root) -> Path:
-    workspace = make_workspace(root / "ws", PARAMS)
-    (workspace / "data/prompts/extra.txt").write_text("The mountain\n")
-    return workspace
-
-
-def repro(workspace, env: dict, *args: str) -> subprocess.CompletedProcess:
-    ran = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", *args], cwd=workspace, env=env,
-                         text=True, capture_output=True, timeout=600)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    return ran
-
-
-@pytest.fixture(scope="module")
-def experimented(tmp_path_factory, online):
-    """A workspace where `dvc repro` ran from the Hub, was committed as the baseline, and `dvc exp run -S
-    lr=5e-4` followed."""
-    workspace = workspace_for(tmp_path_factory.mktemp("e2e"))
-    repro(workspace, online)
-    commit_baseline(workspace)
-    ran = dvc(workspace, "exp", "run", "-S", "lr=5e-4", capture=True)
-    workspace.joinpath("exp-run.log").write_text(ran.stdout + ran.stderr)
-    return workspace
 
 
 def test_repro_writes_every_declared_output_and_a_clean_lock(experimented):

@@ -4,10 +4,11 @@
     python -m pipeline.tools.compare --rev main           # the workspace against a branch, tag or commit
     python -m pipeline.tools.compare --exp lower-lr       # an experiment (dvc exp show) against its baseline commit
 
-compare/report.md holds the params that differ (DVC's params diff), the headline metrics (dvc.yaml's top-level
-`metrics:`, DVC's metrics diff) old, new and change, and a PNG per plot beside it: DVC fills its Vega-Lite
-templates for both revisions as `dvc plots diff` does, and vl-convert renders them offline. The folder is
-written whole, then renamed into place over the earlier report (never over a folder holding anything else).
+compare/report.md holds the params that differ (DVC's params diff), the headline metrics (the metrics dvc.yaml
+declares: metrics/summary.json; DVC's metrics diff) old, new and change, and a PNG per plot beside it: DVC
+fills its Vega-Lite templates for both revisions as `dvc plots diff` does, and vl-convert renders them offline.
+The folder is written whole, then renamed into place over the earlier report (never over a folder holding
+anything else).
 """
 
 from __future__ import annotations

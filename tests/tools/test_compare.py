@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 import subprocess
 import zlib
@@ -18,25 +17,18 @@ import pytest
 
 from pipeline.core.outputs import write_manifest
 from pipeline.tools.compare import main
-from pipeline.tools.demo import commit_baseline, dvc, make_workspace
-from tests.conftest import CORPUS, TINY, in_process, run_stage
+from tests.conftest import EXPERIMENT, TINY, in_process, run_stage
 
 pytestmark = pytest.mark.e2e
 
 LOWER_LR = 5e-4
-EXPERIMENT = "lower-lr"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """The baseline run committed at HEAD, then experiment lower-lr (lr 5e-4), which DVC leaves applied in
-    the workspace."""
-    workspace = make_workspace(tmp_path_factory.mktemp("compare") / "ws", TINY)
-    shutil.copytree(CORPUS, workspace / "data/input/corpus")  # TINY's data.dataset
-    dvc(workspace, "repro", capture=True)
-    commit_baseline(workspace)
-    dvc(workspace, "exp", "run", "-S", f"lr={LOWER_LR}", "-n", EXPERIMENT, capture=True)
-    return workspace
+def workspace(experimented) -> Path:
+    """The e2e run (tests/conftest.py): the baseline committed at HEAD, then experiment lower-lr (lr 5e-4),
+    which DVC leaves applied in the workspace. The report goes to compare/, which the workspace git-ignores."""
+    return experimented
 
 
 @pytest.fixture(scope="module")
