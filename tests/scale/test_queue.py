@@ -39,8 +39,12 @@ def test_two_queued_experiments_at_once_give_the_metrics_of_two_in_turn(tmp_path
     shutil.copytree(CORPUS, workspace / "data/input/corpus")
     run(["dvc", "repro", "-q"], workspace, capture=True)
     commit_baseline(workspace)
+    # In turn in a copy of the workspace: run here, DVC's run-cache would restore the queued ones instead of
+    # running them
+    in_turn = tmp_path / "in-turn"
+    shutil.copytree(workspace, in_turn, symlinks=True)
     for name, setting in EXPERIMENTS.items():
-        dvc(workspace, "exp", "run", "-q", "-n", f"turn-{name}", "-S", setting, capture=True)
+        dvc(in_turn, "exp", "run", "-q", "-n", f"turn-{name}", "-S", setting, capture=True)
     for name, setting in EXPERIMENTS.items():
         dvc(workspace, "exp", "run", "--queue", "-n", f"queued-{name}", "-S", setting, capture=True)
     started = time.monotonic()
@@ -52,7 +56,7 @@ def test_two_queued_experiments_at_once_give_the_metrics_of_two_in_turn(tmp_path
         time.sleep(2)
     assert status.count("Success") == 2, status
     print(f"two queued experiments at once: {time.monotonic() - started:.0f} s\n{status}")
-    found = summaries(workspace)
+    found = {**summaries(workspace), **summaries(in_turn)}
     for name in EXPERIMENTS:
         assert found[f"queued-{name}"] == found[f"turn-{name}"], name
     assert found["queued-a"] != found["queued-b"]  # two experiments, not one run shown twice
